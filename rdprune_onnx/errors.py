@@ -1,0 +1,26 @@
+"""Error types.
+
+``UserError`` is for mistakes the user can fix (bad path, bad ratio, mismatched data,
+unsupported model). The command line prints it as one line without a traceback. Any other
+exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in the user's input: the message names the problem and the fix."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} ({self.hint})"
+        return self.message
+
+
+class InfeasibleError(UserError):
+    """The requested budget cannot be met under the given constraints."""
