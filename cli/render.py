@@ -1,0 +1,103 @@
+"""Console tables for results (the library never prints; this module does)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from rdprune_onnx.inspect import ModelSummary
+from rdprune_onnx.pipeline import PruneResult
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    align = align or "l" * len(headers)
+
+    def fmt(row: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if a == "r" else c.ljust(w)
+            for c, w, a in zip(row, widths, align, strict=True)
+        ).rstrip()
+
+    lines = [fmt(cells[0]), "  ".join("-" * w for w in widths)]
+    lines += [fmt(row) for row in cells[1:]]
+    return "\n".join(lines)
+
+
+def _shape(shape: Sequence[int] | None) -> str:
+    return "x".join(map(str, shape)) if shape else "-"
+
+
+def show_summary(summary: ModelSummary) -> None:
+    click.echo(f"model: {summary.path}  ({summary.producer or 'unknown producer'})")
+    click.echo("opsets: " + ", ".join(f"{k} {v}" for k, v in summary.opsets.items()))
+    click.echo("inputs: " + "; ".join(i.describe() for i in summary.inputs))
+    click.echo("outputs: " + ", ".join(summary.outputs))
+    rows = [
+        (
+            r["layer"],
+            r["op"],
+            _shape(r["shape"]),
+            r["params"] if r["params"] is not None else "-",
+            f"{r['sparsity']:.1%}" if r["sparsity"] is not None else "-",
+            "yes" if r["prunable"] else f"no: {r['reason']}",
+        )
+        for r in summary.rows()
+    ]
+    click.echo()
+    click.echo(
+        table(["layer", "op", "weight shape", "params", "sparsity", "prunable"], rows, "lllrrl")
+    )
+    click.echo()
+    click.echo(
+        f"{len(summary.scan.layers)} prunable layers, {summary.prunable_weights:,} weights; "
+        f"{len(summary.scan.skipped)} skipped"
+    )
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def show_prune(result: PruneResult) -> None:
+    rows = [
+        (r.name, "/".join(r.op_types), r.size, f"{r.ratio:.2%}", _num(r.predicted))
+        for r in result.layers
+    ]
+    click.echo(table(["layer", "op", "params", "ratio", "predicted"], rows, "llrrr"))
+    click.echo()
+    total = sum(r.size for r in result.layers)
+    pruned = sum(r.pruned for r in result.layers)
+    s = result.settings
+    click.echo(
+        f"method {s.method}, metric {s.metric}, {s.levels} levels, provider {result.provider}, "
+        f"{result.samples} calibration samples"
+    )
+    click.echo(
+        f"pruned {pruned:,} of {total:,} prunable weights: {result.achieved_ratio:.4%} "
+        f"(target {result.target_ratio:.4%})"
+    )
+    click.echo(
+        f"distortion ({s.metric}): predicted {_num(result.predicted_distortion)}, "
+        f"measured {_num(result.measured_distortion)}"
+    )
+    if result.evaluation is not None:
+        ev = result.evaluation
+        for out in ev.outputs:
+            agree = (
+                "" if out.top1_agreement is None else f", top-1 agreement {out.top1_agreement:.2%}"
+            )
+            click.echo(f"eval {out.name}: mse {out.mse:.4g}, cosine {out.cosine:.5f}{agree}")
+        if ev.pruned_accuracy is not None and ev.dense_accuracy is not None:
+            click.echo(
+                f"accuracy on {ev.samples} samples: dense {ev.dense_accuracy:.2%}, "
+                f"pruned {ev.pruned_accuracy:.2%}"
+            )
+    if result.skipped:
+        click.echo(f"{len(result.skipped)} layers skipped (see `rdprune-onnx inspect`)")
+    click.echo(f"time {result.timings['total']:.1f} s")
+    if result.output:
+        click.echo(f"wrote {result.output}")

@@ -1,0 +1,181 @@
+"""Loading ONNX models safely, and writing them atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper
+
+from rdprune_onnx.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Protobuf refuses to serialise a single message over 2 GiB; models larger than this are
+# written with their tensors in an external data file.
+_PROTOBUF_LIMIT = 2**31 - 1
+# Tensors at least this large go to the external data file when one is written.
+_EXTERNAL_THRESHOLD = 1024
+
+
+def _iter_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    graphs = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                graphs.extend(_iter_graphs(attr.g))
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    graphs.extend(_iter_graphs(sub))
+    return graphs
+
+
+def iter_all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Every initializer and Constant-node tensor in the model, subgraphs included."""
+    tensors: list[onnx.TensorProto] = []
+    for graph in _iter_graphs(model.graph):
+        tensors.extend(graph.initializer)
+        for node in graph.node:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                        tensors.append(attr.t)
+    return tensors
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(external_data_helper.uses_external_data(t) for t in iter_all_tensors(model))
+
+
+def _check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
+    root = folder.resolve()
+    for tensor in iter_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = info.location
+        target = (folder / location).resolve()
+        if Path(location).is_absolute() or not target.is_relative_to(root):
+            raise UserError(
+                f"tensor {tensor.name!r} points to external data outside the model's folder "
+                f"({location!r})",
+                "external data must sit in the model's folder; move it there and fix the path",
+            )
+        if not target.is_file():
+            raise UserError(
+                f"external data file {location!r} for tensor {tensor.name!r} is missing",
+                f"put it next to the model in {folder}",
+            )
+
+
+def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model from a path, with its external data, and run onnx's checker.
+
+    External data must live in the model's folder (no absolute paths, no escapes through
+    ``..`` or symbolic links).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"model file {str(p)!r} does not exist", "check the path")
+    if p.is_dir():
+        raise UserError(f"{str(p)!r} is a directory, not an ONNX file", "pass the .onnx file")
+    if p.stat().st_size == 0:
+        raise UserError(f"model file {str(p)!r} is empty", "re-export or re-download the model")
+    try:
+        model = onnx.load_model(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise UserError(
+            f"cannot parse {str(p)!r} as an ONNX model ({type(exc).__name__})",
+            "the file is corrupt, truncated or not ONNX; re-export it",
+        ) from None
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise UserError(
+            f"{str(p)!r} holds no ONNX graph", "the file is not an ONNX model; re-export it"
+        )
+    _check_external_locations(model, p.parent)
+    if uses_external_data(model):
+        external_data_helper.load_external_data_for_model(model, str(p.parent))
+    if check:
+        try:
+            if model.ByteSize() < _PROTOBUF_LIMIT:
+                onnx.checker.check_model(model)
+            else:
+                onnx.checker.check_model(str(p))
+        except onnx.checker.ValidationError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+            raise UserError(
+                f"{str(p)!r} fails the ONNX checker: {first}", "fix or re-export the model"
+            ) from None
+    return model
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    force: bool = False,
+    protect: tuple[str | os.PathLike[str], ...] = (),
+) -> list[Path]:
+    """Write ``model`` to ``path`` atomically and return the files written.
+
+    Everything is written into a temporary folder beside the target and moved into place
+    only when complete, so an interrupted or failed write leaves no partial output. With
+    external data (chosen automatically for models over 2 GiB, or forced by
+    ``external_data``) a fresh data file ``<name>.data`` is written beside the output.
+    ``protect`` lists paths that must never be overwritten (the input model and its data).
+    """
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path()
+    if not folder.is_dir():
+        raise UserError(
+            f"output folder {str(folder)!r} does not exist", "create it or choose another -o"
+        )
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"output folder {str(folder)!r} is not writable", "choose another -o")
+    data_name = out.name + ".data"
+    if external_data is None:
+        external_data = uses_external_data(model) or model.ByteSize() >= _PROTOBUF_LIMIT
+    targets = [out] + ([folder / data_name] if external_data else [])
+    protected = {Path(p).resolve() for p in protect}
+    for target in targets:
+        if target.resolve() in protected:
+            raise UserError(
+                f"refusing to overwrite the input file {str(target)!r}", "choose another -o"
+            )
+        if target.exists() and not force:
+            raise UserError(f"output {str(target)!r} already exists", "pass --force to replace it")
+    tmp = Path(tempfile.mkdtemp(prefix=".rdprune-", dir=folder))
+    try:
+        tmp_model = tmp / out.name
+        if external_data:
+            onnx.save_model(
+                model,
+                str(tmp_model),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=_EXTERNAL_THRESHOLD,
+            )
+        else:
+            onnx.save_model(model, str(tmp_model))
+        for target in reversed(targets):  # data file first, the model last
+            src = tmp / target.name
+            with open(src, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(src, target)
+    except OSError as exc:
+        raise UserError(
+            f"could not write {str(out)!r}: {exc.strerror or exc}",
+            "free disk space or choose another -o",
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+    log.info("wrote %s", ", ".join(str(t) for t in targets))
+    return targets

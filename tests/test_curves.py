@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from rdprune_onnx.calibration import model_inputs, synthesize
+from rdprune_onnx.curves import grid, measure_curves, measure_distortion, run_reference
+from rdprune_onnx.errors import UserError
+from rdprune_onnx.graph.layers import find_layers, read_weight
+from rdprune_onnx.graph.surgery import replace_weights
+from rdprune_onnx.masks import apply_mask, prune_count
+from rdprune_onnx.runtime import Session, SessionConfig
+from tests import graphs
+
+
+def _data(model: onnx.ModelProto, n: int = 12) -> dict[str, np.ndarray]:
+    specs = model_inputs(model)
+    ranges = {"cond": (1.0, 2.0)} if any(s.name == "cond" for s in specs) else {}
+    return synthesize(specs, n, seed=1, ranges=ranges)
+
+
+@pytest.mark.parametrize("build", [graphs.cnn, graphs.mlp_forms, graphs.loop_model])
+@pytest.mark.parametrize("metric", ["mse", "worst"])
+def test_curves_equal_full_model_runs(build, metric: str) -> None:  # type: ignore[no-untyped-def]
+    """Each curve point must equal pruning that layer for real and running the model."""
+    model = build()
+    layers = find_layers(model).layers
+    reference = run_reference(model, _data(model), 5, SessionConfig())
+    ratios = grid(5)
+    curves = measure_curves(model, layers, reference, ratios=ratios, metric=metric)
+    for layer in layers:
+        weight = read_weight(model, layer.name)
+        for i, ratio in enumerate(ratios):
+            pruned = apply_mask(weight, prune_count(float(ratio), weight.size))
+            session = Session(replace_weights(model, {layer.name: pruned}))
+            expected = measure_distortion(session, reference, metric)
+            got = curves[layer.name].distortion[i]
+            assert got == pytest.approx(expected, rel=1e-4, abs=1e-9), (layer.name, ratio)
+        assert curves[layer.name].distortion[0] == pytest.approx(0.0, abs=1e-9)
+        assert curves[layer.name].distortion[-1] > 0
+
+
+def test_curves_resume_from_done() -> None:
+    model = graphs.cnn()
+    layers = find_layers(model).layers
+    reference = run_reference(model, _data(model), 6, SessionConfig())
+    first = measure_curves(model, layers[:2], reference, ratios=grid(3))
+    seen: list[str] = []
+    full = measure_curves(
+        model,
+        layers,
+        reference,
+        ratios=grid(3),
+        done=first,
+        on_curve=lambda name, curve: seen.append(name),
+    )
+    assert seen == ["w3", "w4"]
+    assert full["w1"] is first["w1"]
+
+
+def test_worst_is_at_least_mse() -> None:
+    model = graphs.cnn()
+    layers = find_layers(model).layers
+    reference = run_reference(model, _data(model), 4, SessionConfig())
+    mse = measure_curves(model, layers, reference, ratios=grid(3), metric="mse")
+    worst = measure_curves(model, layers, reference, ratios=grid(3), metric="worst")
+    for name in mse:
+        assert np.all(worst[name].distortion >= mse[name].distortion - 1e-12)
+
+
+def test_grid_and_no_float_output() -> None:
+    np.testing.assert_allclose(grid(101)[:3], [0, 0.01, 0.02])
+    with pytest.raises(UserError):
+        grid(1)
