@@ -9,6 +9,7 @@ import click
 
 from rdprune_onnx import UserError, inspect_model, prune
 from rdprune_onnx.allocate import METHODS
+from rdprune_onnx.cache import default_cache_dir
 from rdprune_onnx.distortion import METRICS
 from rdprune_onnx.pipeline import PruneSettings
 from rdprune_onnx.report import to_json
@@ -88,6 +89,13 @@ def inspect_command(model: str, as_json: bool) -> None:
 @click.option("--labels", metavar="KEY", help="Array of labels in --eval-data.")
 @click.option("--report", type=click.Path(), help="Write a JSON report here.")
 @click.option("--force", is_flag=True, help="Replace existing output and report files.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    help="Where measured curves are kept for reuse and resume [$RDPRUNE_CACHE_DIR or "
+    "~/.cache/rdprune-onnx].",
+)
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the curve cache.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def prune_command(model: str, **kwargs: Any) -> None:
     """Prune MODEL to --ratio and write the sparsified ONNX file."""
@@ -102,7 +110,12 @@ def prune_command(model: str, **kwargs: Any) -> None:
         allow_layer_removal=kwargs.pop("allow_layer_removal"),
     )
     progress = not kwargs.pop("no_progress")
-    show_prune(prune(model, settings, calibration, progress=progress, **kwargs))
+    cache_dir = kwargs.pop("cache_dir") or default_cache_dir()
+    if kwargs.pop("no_cache"):
+        cache_dir = None
+    show_prune(
+        prune(model, settings, calibration, progress=progress, cache_dir=cache_dir, **kwargs)
+    )
 
 
 def main() -> None:

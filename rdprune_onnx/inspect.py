@@ -44,7 +44,8 @@ class ModelSummary:
         ]
         rows += [
             {
-                "layer": s.tensor or s.node,
+                "layer": s.node,
+                "tensor": s.tensor,
                 "op": s.op_type,
                 "node": s.node,
                 "shape": list(s.shape) if s.shape else None,

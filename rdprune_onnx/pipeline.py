@@ -18,7 +18,14 @@ import onnx
 
 from rdprune_onnx import calibration as calib
 from rdprune_onnx.allocate import METHODS, AllocationProblem, Curve, LayerSpec, get_allocator
-from rdprune_onnx.curves import grid, measure_curves, measure_distortion, run_reference
+from rdprune_onnx.cache import CurveCache, CurveFile, data_fingerprint, model_fingerprint
+from rdprune_onnx.curves import (
+    Reference,
+    grid,
+    measure_curves,
+    measure_distortion,
+    run_reference,
+)
 from rdprune_onnx.distortion import METRICS
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import Evaluation, compare
@@ -219,9 +226,13 @@ def prune(
     report: str | os.PathLike[str] | None = None,
     eval_data: str | os.PathLike[str] | None = None,
     labels: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
 ) -> PruneResult:
-    """Prune ``model_path`` to ``settings.ratio`` and (unless ``write`` is False) write it."""
+    """Prune ``model_path`` to ``settings.ratio`` and (unless ``write`` is False) write it.
+
+    Curves are cached in ``cache_dir`` (resumable; ``None`` disables the cache).
+    """
     timings: dict[str, float] = {}
     start = time.perf_counter()
     settings.check()
@@ -252,14 +263,8 @@ def prune(
     reference = run_reference(model, data, batch_size, config)
     curves = None
     if settings.method == "rd":
-        curves = measure_curves(
-            model,
-            layers,
-            reference,
-            ratios=grid(settings.levels),
-            metric=settings.metric,
-            config=config,
-            progress=progress,
+        curves = _curves_with_cache(
+            model, layers, data, reference, settings, config, batch_size, cache_dir, progress
         )
     timings["curves"] = time.perf_counter() - t
 
@@ -362,6 +367,63 @@ def prune(
     if report is not None:
         write_json(result.to_dict(), report, force=force)
     return result
+
+
+def curve_entry(
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    data: Mapping[str, np.ndarray],
+    settings: PruneSettings,
+    provider: str,
+    batch_size: int,
+) -> CurveFile:
+    """The identity of a set of curves: model, data and every setting that changes them."""
+    return CurveFile(
+        model=model_fingerprint(model),
+        data=data_fingerprint(data),
+        settings={
+            "metric": settings.metric,
+            "levels": settings.levels,
+            "provider": provider,
+            "batch_size": batch_size,
+            "engine": "per-layer-session/1",
+        },
+        layers={layer.name: layer.size for layer in layers},
+    )
+
+
+def _curves_with_cache(
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    data: Mapping[str, np.ndarray],
+    reference: Reference,
+    settings: PruneSettings,
+    config: SessionConfig,
+    batch_size: int,
+    cache_dir: str | os.PathLike[str] | None,
+    progress: bool,
+) -> dict[str, Curve]:
+    entry = curve_entry(model, layers, data, settings, config.provider, batch_size)
+    cache = CurveCache(cache_dir) if cache_dir is not None else None
+    done = cache.load(entry) if cache is not None else {}
+
+    def save(name: str, curve: Curve) -> None:
+        entry.curves[name] = curve
+        if cache is not None:
+            cache.store(entry)
+
+    entry.curves.update(done)
+    return measure_curves(
+        model,
+        layers,
+        reference,
+        ratios=grid(settings.levels),
+        metric=settings.metric,
+        config=config,
+        progress=progress,
+        done=done,
+        on_curve=save,
+    )
 
 
 def _input_had_external_data(model_path: str | os.PathLike[str]) -> bool:

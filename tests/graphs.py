@@ -177,3 +177,94 @@ def conv_transpose(seed: int = 0) -> onnx.ModelProto:
         [init("w_ct", w)],
     )
     return _model(graph)
+
+
+def residual(seed: int = 0) -> onnx.ModelProto:
+    """Two branches and a skip connection that reuses the input after the first layer."""
+    rng = _rng(seed)
+    f32 = TensorProto.FLOAT
+    wa = (rng.standard_normal((8, 8)) * 0.4).astype(np.float32)
+    wb = (rng.standard_normal((8, 8)) * 0.4).astype(np.float32)
+    wc = (rng.standard_normal((8, 8)) * 0.4).astype(np.float32)
+    wd = (rng.standard_normal((8, 3)) * 0.4).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "wa"], ["a"], name="mm_a"),
+        helper.make_node("Relu", ["a"], ["ar"]),
+        helper.make_node("MatMul", ["ar", "wb"], ["b"], name="mm_b"),  # branch 1
+        helper.make_node("MatMul", ["ar", "wc"], ["c"], name="mm_c"),  # branch 2
+        helper.make_node("Tanh", ["c"], ["ct"]),
+        helper.make_node("Add", ["b", "ct"], ["bc"]),
+        helper.make_node("Add", ["bc", "x"], ["skip"]),  # the input again
+        helper.make_node("MatMul", ["skip", "wd"], ["y"], name="mm_d"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "residual",
+        [helper.make_tensor_value_info("x", f32, ["N", 8])],
+        [
+            helper.make_tensor_value_info("y", f32, ["N", 3]),
+            helper.make_tensor_value_info("ar", f32, ["N", 8]),  # an early second output
+        ],
+        [init("wa", wa), init("wb", wb), init("wc", wc), init("wd", wd)],
+    )
+    return _model(graph)
+
+
+def attention(seed: int = 0, hidden: int = 8, heads: int = 2) -> onnx.ModelProto:
+    """One self-attention block as exporters write it: Q/K/V projections, shape arithmetic
+    (Shape, Gather, Concat, Reshape), Softmax over activation x activation MatMuls, an
+    output projection and a residual LayerNorm."""
+    rng = _rng(seed)
+    f32 = TensorProto.FLOAT
+    d = hidden // heads
+
+    def w(name: str) -> onnx.TensorProto:
+        return init(name, (rng.standard_normal((hidden, hidden)) * 0.3).astype(np.float32))
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "i0"], ["batch"], axis=0),
+        helper.make_node("Gather", ["shape", "i1"], ["seq"], axis=0),
+        helper.make_node("Concat", ["batch", "seq", "heads", "dhead"], ["split_shape"], axis=0),
+        helper.make_node("Concat", ["batch", "seq", "hid"], ["merge_shape"], axis=0),
+    ]
+    for p in ("q", "k", "v"):
+        nodes += [
+            helper.make_node("MatMul", ["x", f"w{p}"], [f"{p}0"], name=f"proj_{p}"),
+            helper.make_node("Reshape", [f"{p}0", "split_shape"], [f"{p}1"]),
+            helper.make_node(
+                "Transpose", [f"{p}1"], [f"{p}2"], perm=[0, 2, 3, 1] if p == "k" else [0, 2, 1, 3]
+            ),
+        ]
+    nodes += [
+        helper.make_node("MatMul", ["q2", "k2"], ["scores"], name="qk"),
+        helper.make_node("Div", ["scores", "scale"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "v2"], ["ctx"], name="pv"),
+        helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ctx_t", "merge_shape"], ["merged"]),
+        helper.make_node("MatMul", ["merged", "wo"], ["attn"], name="proj_o"),
+        helper.make_node("Add", ["attn", "x"], ["res"]),
+        helper.make_node("LayerNormalization", ["res", "gamma", "beta"], ["y"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        [helper.make_tensor_value_info("x", f32, ["N", "T", hidden])],
+        [helper.make_tensor_value_info("y", f32, ["N", "T", hidden])],
+        [
+            w("wq"),
+            w("wk"),
+            w("wv"),
+            w("wo"),
+            init("i0", np.array([0], np.int64)),
+            init("i1", np.array([1], np.int64)),
+            init("heads", np.array([heads], np.int64)),
+            init("dhead", np.array([d], np.int64)),
+            init("hid", np.array([hidden], np.int64)),
+            init("scale", np.array(np.sqrt(d), np.float32)),
+            init("gamma", np.ones(hidden, np.float32)),
+            init("beta", np.zeros(hidden, np.float32)),
+        ],
+    )
+    return _model(graph)

@@ -7,8 +7,8 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-
 from rdprune_onnx_cli.main import cli
+
 from tests import graphs
 
 
@@ -38,8 +38,19 @@ def test_prune_writes_model_and_report(cnn_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.onnx"
     report = tmp_path / "r.json"
     code, text = run(
-        "prune", str(cnn_file), "--ratio", "0.6", "--synthetic", "16", "--levels", "11",
-        "-o", str(out), "--report", str(report), "--no-progress",
+        "prune",
+        str(cnn_file),
+        "--ratio",
+        "0.6",
+        "--synthetic",
+        "16",
+        "--levels",
+        "11",
+        "-o",
+        str(out),
+        "--report",
+        str(report),
+        "--no-progress",
     )
     assert code == 0, text
     assert "predicted" in text and "measured" in text
@@ -60,8 +71,17 @@ def test_prune_writes_model_and_report(cnn_file: Path, tmp_path: Path) -> None:
 
 
 def test_default_output_name_and_force(cnn_file: Path) -> None:
-    args = ["prune", str(cnn_file), "--ratio", "0.5", "--synthetic", "8", "--method",
-            "uniform", "--no-progress"]
+    args = [
+        "prune",
+        str(cnn_file),
+        "--ratio",
+        "0.5",
+        "--synthetic",
+        "8",
+        "--method",
+        "uniform",
+        "--no-progress",
+    ]
     code, _ = run(*args)
     assert code == 0
     assert (cnn_file.parent / "cnn.pruned.onnx").is_file()
@@ -94,7 +114,14 @@ def test_user_errors_are_one_line(cnn_file: Path, extra: list[str], needle: str)
 def test_refuses_to_overwrite_input(cnn_file: Path) -> None:
     before = cnn_file.read_bytes()
     code, text = run(
-        "prune", str(cnn_file), "--ratio", "0.5", "--synthetic", "4", "-o", str(cnn_file),
+        "prune",
+        str(cnn_file),
+        "--ratio",
+        "0.5",
+        "--synthetic",
+        "4",
+        "-o",
+        str(cnn_file),
         "--force",
     )
     assert code == 1 and "overwrite the input" in text

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import rdprune_onnx.curves as curves_module
+from rdprune_onnx import CalibrationSpec, PruneSettings, UserError, prune
+from rdprune_onnx.graph.layers import find_layers
+from rdprune_onnx.graph.load import iter_all_tensors
+from tests import graphs
+
+BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
+    "cnn": graphs.cnn,
+    "cnn_fp16": lambda: graphs.cnn(dtype=np.float16),
+    "forms": graphs.mlp_forms,
+    "loop": graphs.loop_model,
+    "conv_transpose": graphs.conv_transpose,
+}
+
+
+def _save(model: onnx.ModelProto, folder: Path, name: str = "m.onnx") -> Path:
+    path = folder / name
+    onnx.save_model(model, str(path))
+    return path
+
+
+def _calibration(model: onnx.ModelProto) -> CalibrationSpec:
+    ranges = {"cond": (1.0, 2.0)} if any(i.name == "cond" for i in model.graph.input) else {}
+    return CalibrationSpec(synthetic=16, input_ranges=ranges, batch_size=8, seed=0)
+
+
+def _tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in iter_all_tensors(model)}
+
+
+@pytest.mark.parametrize("method", ["rd", "uniform"])
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_prune_every_layer_kind(tmp_path: Path, kind: str, method: str) -> None:
+    model = BUILDERS[kind]()
+    path = _save(model, tmp_path)
+    out = tmp_path / "out.onnx"
+    result = prune(
+        path,
+        PruneSettings(ratio=0.5, method=method, levels=11),
+        _calibration(model),
+        output=out,
+        cache_dir=None,
+    )
+    written = onnx.load_model(str(out))
+    onnx.checker.check_model(written)
+    # Only the prunable weights changed, and only by zeroing.
+    before, after = _tensors(model), _tensors(written)
+    layers = {layer.name for layer in find_layers(model).layers}
+    assert set(before) == set(after)
+    for name, value in before.items():
+        if name in layers:
+            changed = value != after[name]
+            assert np.all(after[name][changed] == 0)
+        else:
+            np.testing.assert_array_equal(value, after[name])
+    assert [n.op_type for n in written.graph.node] == [n.op_type for n in model.graph.node]
+    # The ratio is met to the whole weight.
+    total = sum(int(before[name].size) for name in layers)
+    zeros = sum(int(np.count_nonzero(after[name] == 0)) for name in layers)
+    assert zeros == int(np.ceil(0.5 * total))
+    assert result.achieved_ratio == pytest.approx(zeros / total)
+    # It runs in ONNX Runtime.
+    ort.InferenceSession(out.read_bytes())
+    assert result.measured_distortion >= 0
+
+
+def test_same_inputs_same_bytes(tmp_path: Path) -> None:
+    path = _save(graphs.cnn(), tmp_path)
+    settings = PruneSettings(ratio=0.7, levels=11)
+    for name in ("a.onnx", "b.onnx"):
+        prune(path, settings, CalibrationSpec(synthetic=8, seed=5), output=tmp_path / name)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_predicted_and_measured_are_reported(tmp_path: Path) -> None:
+    path = _save(graphs.cnn(), tmp_path)
+    result = prune(
+        path, PruneSettings(ratio=0.3, levels=21), CalibrationSpec(synthetic=16), write=False
+    )
+    assert result.output is None
+    assert result.predicted_distortion is not None and result.predicted_distortion > 0
+    assert result.measured_distortion > 0
+    assert sum(layer.predicted or 0 for layer in result.layers) == pytest.approx(
+        result.predicted_distortion
+    )
+    report = result.to_dict()
+    assert report["distortion"]["predicted"] == result.predicted_distortion
+    assert set(report["curves"]) == {"w1", "w2", "w3", "w4"}
+
+
+class _SessionCounter:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_after: int | None = None) -> None:
+        self.count = 0
+        self.fail_after = fail_after
+        real = curves_module.Session
+
+        def counting(*args: object, **kwargs: object) -> object:
+            self.count += 1
+            if self.fail_after is not None and self.count > self.fail_after:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(curves_module, "Session", counting)
+
+
+def test_cache_reuse_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _save(graphs.cnn(), tmp_path)
+    cache = tmp_path / "cache"
+    settings = PruneSettings(ratio=0.6, levels=11)
+    data = CalibrationSpec(synthetic=8)
+    # The first run is killed while measuring the third layer (two curves done).
+    counter = _SessionCounter(monkeypatch, fail_after=3)  # the reference, then 2 layers
+    with pytest.raises(KeyboardInterrupt):
+        prune(path, settings, data, output=tmp_path / "a.onnx", cache_dir=cache)
+    assert not (tmp_path / "a.onnx").exists()
+    # The resumed run measures only the two layers left (plus its reference run).
+    counter = _SessionCounter(monkeypatch)
+    first = prune(path, settings, data, output=tmp_path / "a.onnx", cache_dir=cache)
+    assert counter.count == 1 + 2
+    # A third run measures nothing at all and gives the same file.
+    counter = _SessionCounter(monkeypatch)
+    second = prune(path, settings, data, output=tmp_path / "b.onnx", cache_dir=cache)
+    assert counter.count == 1
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert first.curves is not None and second.curves is not None
+    # Other data: the cache is not used.
+    counter = _SessionCounter(monkeypatch)
+    prune(path, settings, CalibrationSpec(synthetic=8, seed=1), write=False, cache_dir=cache)
+    assert counter.count == 1 + 4
+
+
+def test_no_calibration_and_no_layers(tmp_path: Path) -> None:
+    path = _save(graphs.cnn(), tmp_path)
+    with pytest.raises(UserError, match="no calibration data"):
+        prune(path, PruneSettings(ratio=0.5), CalibrationSpec(), write=False)
+    with pytest.raises(UserError, match="no prunable layer"):
+        prune(
+            path,
+            PruneSettings(ratio=0.5, exclude=("w*",)),
+            CalibrationSpec(synthetic=4),
+            write=False,
+        )
