@@ -165,7 +165,7 @@ class _LayerMeasurer:
 
     def measure(
         self, weight: np.ndarray, ratios: np.ndarray, metric: str, budget: int, bar: tqdm
-    ) -> np.ndarray:  # type: ignore[type-arg]
+    ) -> np.ndarray:
         order = magnitude_order(weight)
         meters = [DistortionMeter(metric) for _ in ratios]
         ref = self.reference
