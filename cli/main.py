@@ -80,6 +80,7 @@ def inspect_command(model: str, as_json: bool) -> None:
 @click.option("--metric", type=click.Choice(METRICS), default="mse", show_default=True)
 @click.option("--levels", default=101, show_default=True, help="Grid points from 0 to 1.")
 @click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True)
+@click.option("--steps", default=1, show_default=True, help="Iterative rd: re-measure K times.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Keep matching layers dense.")
 @click.option(
     "--allow-layer-removal", is_flag=True, help="Let the allocator prune a layer entirely."
@@ -108,6 +109,7 @@ def prune_command(model: str, **kwargs: Any) -> None:
         provider=kwargs.pop("provider"),
         exclude=kwargs.pop("exclude"),
         allow_layer_removal=kwargs.pop("allow_layer_removal"),
+        steps=kwargs.pop("steps"),
     )
     progress = not kwargs.pop("no_progress")
     cache_dir = kwargs.pop("cache_dir") or default_cache_dir()

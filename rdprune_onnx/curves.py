@@ -56,11 +56,22 @@ def float_outputs(model: onnx.ModelProto) -> list[str]:
 
 @dataclass
 class Reference:
-    """The dense model's float outputs on the calibration batches."""
+    """The dense model's float outputs on the calibration batches (the distortion targets).
+
+    ``base`` holds the outputs of the model being measured when it is not the dense one
+    (iterative pruning measures a partly pruned model against the dense outputs).
+    """
 
     outputs: list[str]
     batches: list[dict[str, np.ndarray]]
     values: list[list[np.ndarray]]
+    base: list[list[np.ndarray]] | None = None
+
+    def rebased(self, model: onnx.ModelProto, config: SessionConfig) -> Reference:
+        """The same targets, with ``base`` from running ``model`` on the same batches."""
+        session = Session(model, config)
+        base = [session.run(feeds, self.outputs) for feeds in self.batches]
+        return Reference(self.outputs, self.batches, self.values, base)
 
 
 def run_reference(
@@ -185,7 +196,8 @@ class _LayerMeasurer:
                         feeds = dict(crossing[j])
                         feeds[self.layer.name] = pruned
                         got = self.session.run(feeds, self.cut.outputs)
-                        outs = list(ref.values[b])  # outputs the layer cannot affect
+                        # Outputs the layer cannot affect keep the measured model's values.
+                        outs = list((ref.base or ref.values)[b])
                         for position, value in zip(positions, got, strict=True):
                             outs[position] = value
                     meters[i].add(ref.values[b], outs)

@@ -60,6 +60,7 @@ class PruneSettings:
     provider: str = "auto"
     allow_layer_removal: bool = False
     exclude: Sequence[str] = ()
+    steps: int = 1  # iterative rd: reach the target in this many re-measured steps
 
     def check(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -76,6 +77,12 @@ class PruneSettings:
                 f"unknown metric {self.metric!r}", f"choose one of {', '.join(METRICS)}"
             )
         grid(self.levels)
+        if self.steps < 1:
+            raise UserError(f"--steps must be at least 1, got {self.steps}", "e.g. --steps 3")
+        if self.steps > 1 and self.method != "rd":
+            raise UserError(
+                f"--steps applies to --method rd only (got {self.method})", "drop --steps"
+            )
 
 
 @dataclass
@@ -261,34 +268,68 @@ def prune(
 
     t = time.perf_counter()
     reference = run_reference(model, data, batch_size, config)
-    curves = None
-    if settings.method == "rd":
-        curves = _curves_with_cache(
-            model, layers, data, reference, settings, config, batch_size, cache_dir, progress
+    pruned_weights = {layer.name: read_weight(model, layer.name) for layer in layers}
+    current = model
+    curves: dict[str, Curve] | None = None
+    steps = []
+    for step in range(1, settings.steps + 1):
+        step_ratio = settings.ratio * step / settings.steps
+        if settings.method == "rd":
+            step_reference = reference if step == 1 else reference.rebased(current, config)
+            t = time.perf_counter()
+            curves = _curves_with_cache(
+                current,
+                layers,
+                data,
+                step_reference,
+                settings,
+                config,
+                batch_size,
+                cache_dir,
+                progress,
+            )
+            timings["curves"] = timings.get("curves", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        problem = AllocationProblem(
+            layers=[
+                LayerSpec(
+                    layer.name,
+                    layer.shape,
+                    # Weights already zero stay zero: a layer's ratio never decreases
+                    # (between iterative steps, or below its sparsity before pruning).
+                    min_ratio=(
+                        float(np.count_nonzero(pruned_weights[layer.name] == 0)) / layer.size
+                    ),
+                )
+                for layer in layers
+            ],
+            target_ratio=step_ratio,
+            curves=curves,
+            magnitudes=(
+                {n: np.abs(w.astype(np.float64)).ravel() for n, w in pruned_weights.items()}
+                if settings.method in ("global", "lamp")
+                else None
+            ),
+            options={"allow_layer_removal": settings.allow_layer_removal},
         )
-    timings["curves"] = time.perf_counter() - t
+        allocation = get_allocator(settings.method).allocate(problem)
+        timings["allocate"] = timings.get("allocate", 0.0) + time.perf_counter() - t
+        pruned_weights = {
+            name: apply_mask(pruned_weights[name], int(allocation.counts[name]))
+            for name in pruned_weights
+        }
+        current = replace_weights(model, pruned_weights)
+        steps.append(
+            {
+                "step": step,
+                "target_ratio": step_ratio,
+                "ratios": allocation.ratios(problem.layers),
+                **dict(allocation.info),
+            }
+        )
 
     t = time.perf_counter()
-    weights = {layer.name: read_weight(model, layer.name) for layer in layers}
-    problem = AllocationProblem(
-        layers=[LayerSpec(layer.name, layer.shape) for layer in layers],
-        target_ratio=settings.ratio,
-        curves=curves,
-        magnitudes=(
-            {name: np.abs(w.astype(np.float64)).ravel() for name, w in weights.items()}
-            if settings.method in ("global", "lamp")
-            else None
-        ),
-        options={"allow_layer_removal": settings.allow_layer_removal},
-    )
-    allocation = get_allocator(settings.method).allocate(problem)
-    timings["allocate"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    pruned_weights = {
-        name: apply_mask(weights[name], int(allocation.counts[name])) for name in weights
-    }
-    pruned_model = replace_weights(model, pruned_weights)
+    pruned_model = current
     measured = measure_distortion(Session(pruned_model, config), reference, settings.metric)
     timings["verify"] = time.perf_counter() - t
 
@@ -359,7 +400,7 @@ def prune(
         predicted_distortion=predicted_total,
         measured_distortion=measured,
         timings=timings,
-        allocation_info=dict(allocation.info),
+        allocation_info=dict(allocation.info) | ({"steps": steps} if len(steps) > 1 else {}),
         curves=curves,
         evaluation=evaluation,
         model=pruned_model,

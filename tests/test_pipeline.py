@@ -10,8 +10,7 @@ import pytest
 
 import rdprune_onnx.curves as curves_module
 from rdprune_onnx import CalibrationSpec, PruneSettings, UserError, prune
-from rdprune_onnx.graph.layers import find_layers
-from rdprune_onnx.graph.load import iter_all_tensors
+from rdprune_onnx.graph.layers import ConstantIndex, find_layers
 from tests import graphs
 
 BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
@@ -35,7 +34,11 @@ def _calibration(model: onnx.ModelProto) -> CalibrationSpec:
 
 
 def _tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: onnx.numpy_helper.to_array(t) for t in iter_all_tensors(model)}
+    """Every constant tensor, keyed by the name its consumers use."""
+    return {
+        name: onnx.numpy_helper.to_array(entry.tensor)
+        for name, entry in ConstantIndex(model).constants.items()
+    }
 
 
 @pytest.mark.parametrize("method", ["rd", "uniform"])
@@ -98,19 +101,22 @@ def test_predicted_and_measured_are_reported(tmp_path: Path) -> None:
     assert set(report["curves"]) == {"w1", "w2", "w3", "w4"}
 
 
-class _SessionCounter:
+_REAL_MEASURER = curves_module._LayerMeasurer
+
+
+class _MeasureCounter:
+    """Counts the layers whose curves get measured; can kill the run after some."""
+
     def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_after: int | None = None) -> None:
         self.count = 0
-        self.fail_after = fail_after
-        real = curves_module.Session
 
         def counting(*args: object, **kwargs: object) -> object:
-            self.count += 1
-            if self.fail_after is not None and self.count > self.fail_after:
+            if fail_after is not None and self.count >= fail_after:
                 raise KeyboardInterrupt
-            return real(*args, **kwargs)  # type: ignore[arg-type]
+            self.count += 1
+            return _REAL_MEASURER(*args, **kwargs)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(curves_module, "Session", counting)
+        monkeypatch.setattr(curves_module, "_LayerMeasurer", counting)
 
 
 def test_cache_reuse_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,25 +124,58 @@ def test_cache_reuse_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     cache = tmp_path / "cache"
     settings = PruneSettings(ratio=0.6, levels=11)
     data = CalibrationSpec(synthetic=8)
-    # The first run is killed while measuring the third layer (two curves done).
-    counter = _SessionCounter(monkeypatch, fail_after=3)  # the reference, then 2 layers
+    # The first run is killed when it starts the third layer (two curves done).
+    _MeasureCounter(monkeypatch, fail_after=2)
     with pytest.raises(KeyboardInterrupt):
         prune(path, settings, data, output=tmp_path / "a.onnx", cache_dir=cache)
     assert not (tmp_path / "a.onnx").exists()
-    # The resumed run measures only the two layers left (plus its reference run).
-    counter = _SessionCounter(monkeypatch)
-    first = prune(path, settings, data, output=tmp_path / "a.onnx", cache_dir=cache)
-    assert counter.count == 1 + 2
-    # A third run measures nothing at all and gives the same file.
-    counter = _SessionCounter(monkeypatch)
-    second = prune(path, settings, data, output=tmp_path / "b.onnx", cache_dir=cache)
-    assert counter.count == 1
+    # The resumed run measures only the two layers left.
+    counter = _MeasureCounter(monkeypatch)
+    prune(path, settings, data, output=tmp_path / "a.onnx", cache_dir=cache)
+    assert counter.count == 2
+    # A third run measures nothing and writes the same bytes.
+    counter = _MeasureCounter(monkeypatch)
+    prune(path, settings, data, output=tmp_path / "b.onnx", cache_dir=cache)
+    assert counter.count == 0
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
-    assert first.curves is not None and second.curves is not None
-    # Other data: the cache is not used.
-    counter = _SessionCounter(monkeypatch)
+    # Without the cache the same file comes out too.
+    counter = _MeasureCounter(monkeypatch)
+    prune(path, settings, data, output=tmp_path / "c.onnx", cache_dir=None)
+    assert counter.count == 4
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "c.onnx").read_bytes()
+    # Other calibration data: the cache is not used.
+    counter = _MeasureCounter(monkeypatch)
     prune(path, settings, CalibrationSpec(synthetic=8, seed=1), write=False, cache_dir=cache)
-    assert counter.count == 1 + 4
+    assert counter.count == 4
+
+
+def test_iterative_steps_never_decrease_a_layer(tmp_path: Path) -> None:
+    path = _save(graphs.cnn(), tmp_path)
+    result = prune(
+        path,
+        PruneSettings(ratio=0.8, levels=21, steps=3),
+        CalibrationSpec(synthetic=16),
+        write=False,
+    )
+    steps = result.allocation_info["steps"]
+    assert [round(s["target_ratio"], 6) for s in steps] == [
+        round(0.8 / 3, 6),
+        round(1.6 / 3, 6),
+        0.8,
+    ]
+    for before, after in zip(steps, steps[1:], strict=False):
+        for name, ratio in before["ratios"].items():
+            assert after["ratios"][name] >= ratio
+    assert {layer.name: layer.ratio for layer in result.layers} == steps[-1]["ratios"]
+    assert result.achieved_ratio >= 0.8
+    assert result.achieved_ratio == pytest.approx(0.8, abs=1e-3)
+    with pytest.raises(UserError, match="--steps"):
+        prune(
+            path,
+            PruneSettings(ratio=0.5, method="global", steps=2),
+            CalibrationSpec(synthetic=4),
+            write=False,
+        )
 
 
 def test_no_calibration_and_no_layers(tmp_path: Path) -> None:
