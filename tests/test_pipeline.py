@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def test_iterative_steps_never_decrease_a_layer(tmp_path: Path) -> None:
         round(1.6 / 3, 6),
         0.8,
     ]
-    for before, after in zip(steps, steps[1:], strict=False):
+    for before, after in itertools.pairwise(steps):
         for name, ratio in before["ratios"].items():
             assert after["ratios"][name] >= ratio
     assert {layer.name: layer.ratio for layer in result.layers} == steps[-1]["ratios"]

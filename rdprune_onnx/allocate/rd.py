@@ -270,10 +270,12 @@ def repair_counts(
         moves += more
     movable = [o.unit_cost for o in options if o.lower < o.upper and o.unit_cost > 0]
     step = math.gcd(*movable) if movable else 0
+    at_floor = all(c == o.lower for c, o in zip(k, options, strict=True) if o.unit_cost > 0)
     return k, {
         "excess_cost": int(excess),
-        # Every achievable total is congruent to this one modulo `step`.
-        "excess_minimal": bool(excess == 0 or (step > 0 and excess < step)),
+        # Provably the smallest achievable: nothing left to un-prune, or (every achievable
+        # total being congruent to this one modulo `step`) an excess below `step`.
+        "excess_minimal": bool(excess == 0 or at_floor or (step > 0 and excess < step)),
         "repair_moves": int(moves),
         "repair_exchanges": int(exchanges),
     }
