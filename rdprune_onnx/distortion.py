@@ -65,3 +65,30 @@ class DistortionMeter:
         if self.metric == "worst":
             return self.worst
         return self.total / self.count if self.count else 0.0
+
+
+def check_metric(metric: str, names: Sequence[str], outputs: Sequence[np.ndarray]) -> None:
+    """Refuse softmax-based metrics on outputs that are not class scores.
+
+    ``prob-mse`` and ``kl`` apply a softmax over the last axis, which only makes sense for
+    logits: an output needs at least two classes on its last axis, and rows that are
+    already probabilities or unit-norm embeddings are refused.
+    """
+    from rdprune_onnx.errors import UserError
+
+    if metric not in ("prob-mse", "kl"):
+        return
+    for name, value in zip(names, outputs, strict=True):
+        rows = value.reshape(-1, value.shape[-1]).astype(np.float64) if value.ndim else None
+        if value.ndim < 2 or rows is None or rows.shape[1] < 2:
+            reason = "it has no class axis (rank < 2 or a last axis of size 1)"
+        elif np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-3):
+            reason = "its rows are unit-norm embeddings, not class scores"
+        elif (rows >= 0).all() and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3):
+            reason = "it already holds probabilities"
+        else:
+            continue
+        raise UserError(
+            f"--metric {metric} needs class scores (logits), but output {name!r}: {reason}",
+            "use --metric mse or worst",
+        )

@@ -26,7 +26,7 @@ from rdprune_onnx.curves import (
     measure_distortion,
     run_reference,
 )
-from rdprune_onnx.distortion import METRICS
+from rdprune_onnx.distortion import METRICS, check_metric
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import Evaluation, compare
 from rdprune_onnx.graph.layers import Layer, LayerScan, Skipped, find_layers, read_weight
@@ -268,6 +268,7 @@ def prune(
 
     t = time.perf_counter()
     reference = run_reference(model, data, batch_size, config)
+    check_metric(settings.metric, reference.outputs, reference.values[0])
     pruned_weights = {layer.name: read_weight(model, layer.name) for layer in layers}
     current = model
     curves: dict[str, Curve] | None = None

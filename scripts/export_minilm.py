@@ -11,6 +11,7 @@ Outputs (in ``--out``, default ``models/minilm/``):
   (batch, seq), both axes dynamic), output ``embedding`` (batch, 384): the attention-mask mean
   pooled, L2-normalised sentence embedding (what sentence-transformers produces).
 * ``calib.npz``          - 128 tokenised calibration texts from docstrings not used in evaluation.
+* ``calib_small.npz``    - the first 32 of them at 64 tokens, for quick curves on a CPU.
 * ``eval_queries.npz``   - 300 tokenised queries; row i matches row i of ``eval_docs.npz``.
 * ``eval_docs.npz``      - 300 tokenised documents.
 * ``pairs.json``         - the raw texts, sources and the dense model's retrieval figures.
@@ -117,6 +118,8 @@ STDLIB_MODULES: tuple[str, ...] = (
 )
 N_EVAL = 300
 N_CALIB = 128
+N_CALIB_SMALL = 32
+SMALL_SEQ_LEN = 64
 SEQ_LEN = 128
 OPSET = 17
 INPUT_NAMES: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
@@ -308,12 +311,12 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     uses_token_types = "token_type_ids" in tokenizer.model_input_names
 
-    def tokenize(texts: list[str]) -> dict[str, np.ndarray]:
+    def tokenize(texts: list[str], length: int = SEQ_LEN) -> dict[str, np.ndarray]:
         enc = tokenizer(
             texts,
             padding="max_length",
             truncation=True,
-            max_length=SEQ_LEN,
+            max_length=length,
             return_tensors="np",
         )
         names = INPUT_NAMES if uses_token_types else INPUT_NAMES[:2]
@@ -323,6 +326,12 @@ def main() -> None:
     query_tok = tokenize([p["query"] for p in eval_pairs])
     doc_tok = tokenize([p["doc"] for p in eval_pairs])
     save_arrays(out_dir / "calib.npz", calib_tok)
+    # A smaller calibration set (32 texts, 64 tokens) for measuring curves on 2 CPU cores:
+    # one pass over calib.npz costs about 16x more.
+    save_arrays(
+        out_dir / "calib_small.npz",
+        tokenize([c["text"] for c in calib[:N_CALIB_SMALL]], SMALL_SEQ_LEN),
+    )
     save_arrays(out_dir / "eval_queries.npz", query_tok)
     save_arrays(out_dir / "eval_docs.npz", doc_tok)
     input_names = list(calib_tok)

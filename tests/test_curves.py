@@ -122,3 +122,37 @@ def test_grid_and_no_float_output() -> None:
     np.testing.assert_allclose(grid(101)[:3], [0, 0.01, 0.02])
     with pytest.raises(UserError):
         grid(1)
+
+
+def test_softmax_metrics_refuse_embeddings_and_probabilities() -> None:
+    from rdprune_onnx.distortion import check_metric
+
+    logits = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]])
+    check_metric("kl", ["y"], [logits])  # fine
+    embedding = logits / np.linalg.norm(logits, axis=1, keepdims=True)
+    with pytest.raises(UserError, match="embeddings"):
+        check_metric("kl", ["y"], [embedding])
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    with pytest.raises(UserError, match="probabilities"):
+        check_metric("prob-mse", ["y"], [probs])
+    with pytest.raises(UserError, match="class axis"):
+        check_metric("kl", ["y"], [np.ones((4, 1))])
+    check_metric("mse", ["y"], [embedding])  # mse applies to anything
+
+
+def test_softmax_metric_values() -> None:
+    from rdprune_onnx.distortion import DistortionMeter
+
+    ref = np.array([[1.0, 0.0], [0.0, 0.0]])
+    out = np.array([[0.0, 0.0], [0.0, 0.0]])
+    p = np.exp(ref) / np.exp(ref).sum(axis=1, keepdims=True)
+    q = np.full((2, 2), 0.5)
+    kl = DistortionMeter("kl")
+    kl.add([ref], [out])
+    assert kl.value() == pytest.approx(float((p * np.log(p / q)).sum(axis=1).mean()))
+    pm = DistortionMeter("prob-mse")
+    pm.add([ref], [out])
+    assert pm.value() == pytest.approx(float(((p - q) ** 2).mean()))
+    worst = DistortionMeter("worst")
+    worst.add([ref], [out])
+    assert worst.value() == pytest.approx(0.5)  # sample 0: (1 + 0) / 2

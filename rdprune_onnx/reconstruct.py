@@ -1,0 +1,967 @@
+"""One-shot weight reconstruction: refit the kept weights of each layer after masking.
+
+After the masks are chosen, each prunable layer is visited in graph order and its kept
+weights (and its bias, where the node has one) are refit by least squares so that the
+layer, fed with the activations of the already masked-and-refit upstream model (X̂),
+reproduces the dense layer's output on the dense activations (Y = dense layer(X)):
+
+    minimise  || X̂ W' + b' - Y ||²   over the kept entries of W' (pruned entries stay 0).
+
+Every layer is written as a matrix product in an *effective* layout ``X̂ (n, d) @ W (d, r)``
+per group: ``d`` inputs, ``r`` output rows (output channels / columns), ``n`` calibration
+rows. MatMul ``x @ W`` flattens the leading dimensions of x; ``W @ x`` is handled as
+``xᵀ @ Wᵀ``; Gemm folds alpha into the weight and beta into the bias; Conv uses im2col
+patches (:func:`im2col`), one problem per group. A weight shared by several nodes is refit
+once against all its uses stacked.
+
+Statistics stream over the calibration batches in float64: ``H = X̂ᵀX̂`` (d x d),
+``G = X̂ᵀY`` (d x r) and ``ΣY²``; the layer's calibration error of any candidate weight
+follows from them exactly (``tr(WᵀHW) - 2 tr(WᵀG) + ΣY²``), so the error before and after
+the refit costs no extra pass. Activations come from ONNX Runtime: the layer's input and
+output tensors are added as graph outputs of the type-inferred model and the graph is cut
+to the nodes that compute them.
+
+Solvers (the damped Hessian is ``H + λI`` with ``λ = damping * mean(diag(H))``):
+
+- ``exact``: for every output row, the least-squares solution restricted to the kept
+  inputs of that row. A row with k kept and p pruned inputs solves either the k x k system
+  on the kept set, or (when p < k) the equivalent p x p system on the pruned set through
+  the inverse Hessian (``w = w* - H⁻¹[:, P] (H⁻¹[P, P])⁻¹ w*[P]``). Time
+  ``O(Σ_rows min(k, p)³)`` (plus ``O(d³)`` for the inverse), memory ``O(d²)`` plus a
+  bounded chunk of gathered systems.
+- ``sparsegpt``: the blockwise OBS update of SparseGPT (Frantar & Alistarh, 2023) with
+  the FIXED mask given (no mask re-selection): starting from the unconstrained optimum
+  ``W* = (H + λI)⁻¹ G``, columns are eliminated in order using the upper Cholesky factor of
+  the inverse Hessian, 128 columns per block with lazy batch updates. Time
+  ``O(d³ + r d²)``, memory ``O(d² + r d)``. It is an approximation of ``exact`` (each
+  elimination assumes the later columns are free), usually close.
+- ``auto``: ``exact`` when the layer's input width ``d <= EXACT_MAX_WIDTH`` (2048) and its
+  estimated exact flop count is at most ``EXACT_MAX_FLOPS`` (2e10, a few seconds on two
+  cores) or at most ``EXACT_FLOP_FACTOR`` (4) times the SparseGPT estimate; else
+  ``sparsegpt``.
+
+Guarantee: after solving, the refit weight (cast back to the weight's dtype) is scored on
+the calibration statistics; if it does not lower the layer's error below plain masking,
+the plain masked weight (and the original bias) are kept. Pruned positions are exactly
+zero and every kept position stays nonzero, so each layer's count of zeros is unchanged.
+
+Not supported (reported as ``skipped`` with the reason): ConvTranspose, weights used inside
+If/Loop/Scan subgraphs, MatMul weights of rank above 2, nodes whose activation operand is a
+constant, Gemm with a computed (non-constant) C, Conv with a computed bias, and weights
+shared by nodes that use them in different layouts. A bias is refit only when it is a
+float constant used by this node alone and the weight has a single use: Conv input 2, Gemm
+C of shape (N,) or (1, N) (beta != 0), or a constant (N,)-shaped operand of the Add that is
+the sole consumer of a ``x @ W`` MatMul's output.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from numpy.lib.stride_tricks import sliding_window_view
+from onnx import helper, numpy_helper
+from tqdm import tqdm
+
+from rdprune_onnx.calibration import batches
+from rdprune_onnx.curves import infer_types
+from rdprune_onnx.errors import UserError
+from rdprune_onnx.graph.cut import node_inputs, with_outputs
+from rdprune_onnx.graph.layers import ConstantIndex, Layer
+from rdprune_onnx.graph.surgery import replace_weights
+from rdprune_onnx.runtime import Session, SessionConfig
+
+log = logging.getLogger(__name__)
+
+SOLVERS = ("auto", "exact", "sparsegpt")
+EXACT_MAX_WIDTH = 2048  # auto: exact only for layers with at most this many inputs (per group)
+EXACT_MAX_FLOPS = 2e10  # auto: exact when its estimated cost is below this ...
+EXACT_FLOP_FACTOR = 4.0  # ... or below this multiple of the SparseGPT estimate
+BLOCK_SIZE = 128  # SparseGPT columns per lazy-update block
+_CHUNK_BYTES = 64 * 2**20  # working memory for one chunk of gathered systems / float64 rows
+_PATCH_ELEMENTS = 2**24  # im2col elements materialised at once (per chunk of samples)
+
+Array = np.ndarray
+
+
+@dataclass
+class LayerRefit:
+    """What the refit did to one layer."""
+
+    name: str
+    method: str  # "exact" | "sparsegpt" | "skipped"
+    # Mean squared error of the layer's output (X̂ inputs) against the dense layer's output
+    # on the dense inputs, per output element, over the calibration data: plain masking ...
+    error_before: float
+    # ... and after the refit (equal to error_before when the mask was kept).
+    error_after: float
+    seconds: float
+    reason: str | None = None  # why skipped, or why the plain mask was kept
+
+
+@dataclass
+class Reconstruction:
+    # Refit weights (same dtype/shape as the originals; pruned positions exactly 0), for
+    # every entry of ``pruned`` (layers not refit keep the given masked weight).
+    weights: dict[str, Array]
+    # Refit bias constants keyed by their tensor name (only where a bias exists).
+    biases: dict[str, Array]
+    layers: list[LayerRefit] = field(default_factory=list)
+
+    def all_weights(self) -> dict[str, Array]:
+        """Weights and biases together, as :func:`replace_weights` takes them."""
+        return {**self.weights, **self.biases}
+
+
+# --------------------------------------------------------------------------------------
+# Conv patches
+
+
+def conv_pads(
+    spatial: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    auto_pad: str = "NOTSET",
+    pads: Sequence[int] | None = None,
+) -> list[int]:
+    """ONNX Conv padding ``[begin_1..begin_k, end_1..end_k]`` for an input of ``spatial``."""
+    k = len(kernel)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, ks, s, d in zip(spatial, kernel, strides, dilations, strict=True):
+            out = -(-size // s)
+            total = max(0, (out - 1) * s + d * (ks - 1) + 1 - size)
+            small, large = total // 2, total - total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else large)
+            end.append(large if auto_pad == "SAME_UPPER" else small)
+        return begin + end
+    if auto_pad == "VALID" or not pads:
+        return [0] * (2 * k)
+    return [int(p) for p in pads]
+
+
+def im2col(
+    x: Array,
+    kernel: Sequence[int],
+    *,
+    strides: Sequence[int],
+    pads: Sequence[int],
+    dilations: Sequence[int],
+    group: int = 1,
+) -> Array:
+    """Conv input patches: ``(group, N * prod(out_spatial), C/group * prod(kernel))``.
+
+    Rows are ordered (sample, output position); a row's features are ordered (channel,
+    kernel position), the order of ``W.reshape(M, -1)``, so that for group g
+    ``patches[g] @ W[g*Mg:(g+1)*Mg].reshape(Mg, -1).T`` is that group's Conv output.
+    """
+    k = len(kernel)
+    n, c = x.shape[:2]
+    width = [(0, 0), (0, 0)] + [(int(pads[i]), int(pads[i + k])) for i in range(k)]
+    padded = np.pad(x, width) if any(pads) else x
+    window = [d * (ks - 1) + 1 for ks, d in zip(kernel, dilations, strict=True)]
+    view = sliding_window_view(padded, window, axis=tuple(range(2, 2 + k)))
+    index = (slice(None), slice(None))
+    index += tuple(slice(None, None, int(s)) for s in strides)
+    index += tuple(slice(None, None, int(d)) for d in dilations)
+    view = view[index]  # (N, C, *out, *kernel)
+    out = view.shape[2 : 2 + k]
+    view = view.reshape(n, group, c // group, *out, *kernel)
+    perm = (1, 0, *range(3, 3 + k), 2, *range(3 + k, 3 + 2 * k))
+    rows = n * math.prod(out)
+    return view.transpose(perm).reshape(group, rows, (c // group) * math.prod(kernel))
+
+
+# --------------------------------------------------------------------------------------
+# Plans: how one node uses a weight, in the effective layout
+
+
+@dataclass
+class _Conv:
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    auto_pad: str
+    pads: tuple[int, ...] | None
+
+
+@dataclass
+class _Plan:
+    """One use of a weight, as ``rows(activation) @ W_eff -> rows(output)`` per group."""
+
+    kind: str  # "conv" | "matmul_right" | "matmul_left" | "gemm_right" | "gemm_left"
+    activation: str
+    output: str
+    layout: tuple[object, ...]  # uses of a shared weight must agree on this
+    group: int = 1
+    transpose: bool = False  # 2-D weights: W_eff = scale * (W.T if transpose else W)
+    scale: float = 1.0
+    act_transpose: bool = False  # Gemm: the activation operand is transposed (transA/transB)
+    conv: _Conv | None = None
+    bias: str | None = None  # constant refit with the weight
+    bias_shape: tuple[int, ...] = ()
+    bias_scale: float = 1.0  # Gemm beta
+    bias_add: bool = False  # the bias lives in the Add after a MatMul (target = out + b)
+    offset: Array | None = None  # fixed additive term in the node output (subtracted)
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _as_str(value: object, default: str) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return str(value) if value is not None else default
+
+
+def _ints(value: object, default: tuple[int, ...]) -> tuple[int, ...]:
+    if isinstance(value, list | tuple) and value:
+        return tuple(int(v) for v in value)
+    return default
+
+
+class _Graph:
+    """Indexes of the main graph used to plan refits."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.constants = ConstantIndex(model)
+        self.nodes = list(model.graph.node)
+        self.position: dict[str, int] = {}
+        self.by_label: dict[str, onnx.NodeProto] = {}
+        for i, node in enumerate(self.nodes):
+            label = node.name or f"{node.op_type}#{i}"
+            self.by_label[label] = node
+            self.position[label] = i
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.nodes:
+            for name in node_inputs(node):
+                self.consumers.setdefault(name, []).append(node)
+        self.graph_outputs = {o.name for o in model.graph.output}
+
+    def constant(self, name: str) -> tuple[str, Array] | None:
+        resolved, reason = self.constants.resolve(name)
+        if reason is not None:
+            return None
+        return resolved, numpy_helper.to_array(self.constants.constants[resolved].tensor)
+
+    def real_consumers(self, name: str) -> list[onnx.NodeProto]:
+        """Non-Identity nodes reading ``name`` directly or through Identity chains."""
+        found: list[onnx.NodeProto] = []
+        stack, seen = [name], set()
+        while stack:
+            current = stack.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            if current in self.graph_outputs:
+                found.append(onnx.NodeProto())  # a graph output counts as a consumer
+            for node in self.consumers.get(current, []):
+                if node.op_type == "Identity":
+                    stack.extend(node.output)
+                else:
+                    found.append(node)
+        return found
+
+    def sole_user(self, constant: str, node: onnx.NodeProto) -> bool:
+        users = self.real_consumers(constant)
+        return len(users) == 1 and users[0] is node
+
+
+def _float_constant(array: Array) -> bool:
+    return array.dtype.kind == "f"
+
+
+def _plan_use(
+    g: _Graph, node: onnx.NodeProto, input_index: int, shape: tuple[int, ...], bias_ok: bool
+) -> _Plan | str:
+    """How ``node`` uses its weight input ``input_index``, or why it cannot be refit."""
+    attrs = _attrs(node)
+    op = node.op_type
+    if op == "ConvTranspose":
+        return "ConvTranspose refit is not implemented"
+    other = 0 if input_index == 1 else 1
+    if other >= len(node.input) or not node.input[other]:
+        return "node has no activation operand"
+    activation = node.input[other]
+    if g.constant(activation) is not None:
+        return "both operands are constants"
+    output = node.output[0]
+    if op == "Conv":
+        group = int(attrs.get("group", 1))  # type: ignore[call-overload]
+        if shape[0] % group:
+            return f"output channels {shape[0]} not divisible by group {group}"
+        k = len(shape) - 2
+        conv = _Conv(
+            kernel=tuple(int(s) for s in shape[2:]),
+            strides=_ints(attrs.get("strides"), (1,) * k),
+            dilations=_ints(attrs.get("dilations"), (1,) * k),
+            auto_pad=_as_str(attrs.get("auto_pad"), "NOTSET"),
+            pads=_ints(attrs.get("pads"), ()) or None,
+        )
+        plan = _Plan("conv", activation, output, ("conv", group), group=group, conv=conv)
+        if len(node.input) > 2 and node.input[2]:
+            found = g.constant(node.input[2])
+            if found is None:
+                return "Conv bias is computed, not a constant"
+            name, bias = found
+            if bias_ok and _float_constant(bias) and g.sole_user(name, node):
+                plan.bias, plan.bias_shape = name, tuple(bias.shape)
+            else:
+                plan.offset = bias.astype(np.float64).reshape(1, -1, *([1] * k))
+        return plan
+    if len(shape) != 2:
+        return f"{op} weight of rank {len(shape)} (batched weights are not refit)"
+    if op == "MatMul":
+        if input_index == 0:
+            return _Plan("matmul_left", activation, output, ("mat", True, 1.0), transpose=True)
+        plan = _Plan("matmul_right", activation, output, ("mat", False, 1.0))
+        users = g.consumers.get(output, [])
+        if bias_ok and output not in g.graph_outputs and len(users) == 1:
+            add = users[0]
+            if add.op_type == "Add" and len(add.input) == 2:
+                other_name = add.input[0] if add.input[1] == output else add.input[1]
+                found = g.constant(other_name) if other_name != output else None
+                if found is not None:
+                    name, bias = found
+                    vector = bias.ndim >= 1 and all(d == 1 for d in bias.shape[:-1])
+                    if (
+                        vector
+                        and bias.shape[-1] == shape[1]
+                        and _float_constant(bias)
+                        and g.sole_user(name, add)
+                    ):
+                        plan.bias, plan.bias_shape, plan.bias_add = name, tuple(bias.shape), True
+        return plan
+    # Gemm: Y = alpha * op(A) @ op(B) + beta * C
+    alpha = float(attrs.get("alpha", 1.0))  # type: ignore[arg-type]
+    beta = float(attrs.get("beta", 1.0))  # type: ignore[arg-type]
+    trans_a = bool(attrs.get("transA", 0))
+    trans_b = bool(attrs.get("transB", 0))
+    if alpha == 0.0:
+        return "Gemm alpha is 0 (the weight has no effect)"
+    if input_index == 1:
+        plan = _Plan(
+            "gemm_right",
+            activation,
+            output,
+            ("mat", trans_b, alpha),
+            transpose=trans_b,
+            scale=alpha,
+            act_transpose=trans_a,
+        )
+        columns = shape[0] if trans_b else shape[1]
+    else:
+        plan = _Plan(
+            "gemm_left",
+            activation,
+            output,
+            ("mat", not trans_a, alpha),
+            transpose=not trans_a,
+            scale=alpha,
+            act_transpose=trans_b,
+        )
+        columns = -1  # a bias per output row of a left weight is not refit
+    if len(node.input) > 2 and node.input[2] and beta != 0.0:
+        found = g.constant(node.input[2])
+        if found is None:
+            return "Gemm C is computed, not a constant"
+        name, c = found
+        vector = c.ndim in (1, 2) and c.shape[-1] == columns and (c.ndim == 1 or c.shape[0] == 1)
+        if bias_ok and vector and _float_constant(c) and g.sole_user(name, node):
+            plan.bias, plan.bias_shape, plan.bias_scale = name, tuple(c.shape), beta
+        else:
+            plan.offset = beta * c.astype(np.float64)
+    return plan
+
+
+def _plan_layer(g: _Graph, layer: Layer, refit_bias: bool) -> list[_Plan] | str:
+    if layer.in_subgraph:
+        return "weight is used inside a subgraph (If/Loop/Scan)"
+    plans: list[_Plan] = []
+    single = len(layer.uses) == 1
+    for use in layer.uses:
+        node = g.by_label.get(use.node)
+        if node is None:
+            return f"node {use.node} not found in the main graph"
+        plan = _plan_use(g, node, use.input_index, layer.shape, refit_bias and single)
+        if isinstance(plan, str):
+            return plan
+        plans.append(plan)
+    if len({p.layout for p in plans}) > 1:
+        return "shared weight used in different layouts by its nodes"
+    return plans
+
+
+# --------------------------------------------------------------------------------------
+# Effective layout
+
+
+def _to_effective(weight: Array, plan: _Plan) -> Array:
+    """``weight`` (original layout) as ``(group, d, r)`` float64."""
+    w = weight.astype(np.float64)
+    if plan.kind == "conv":
+        m = w.shape[0]
+        return w.reshape(plan.group, m // plan.group, -1).transpose(0, 2, 1)
+    return plan.scale * (w.T if plan.transpose else w)[None]
+
+
+def _from_effective(eff: Array, plan: _Plan, shape: tuple[int, ...]) -> Array:
+    if plan.kind == "conv":
+        return eff.transpose(0, 2, 1).reshape(shape)
+    w = eff[0] / plan.scale
+    return w.T if plan.transpose else w
+
+
+def _bias_to_effective(bias: Array, plan: _Plan) -> Array:
+    return plan.bias_scale * bias.astype(np.float64).reshape(plan.group, -1)
+
+
+def _bias_from_effective(eff: Array, plan: _Plan) -> Array:
+    return (eff / plan.bias_scale).reshape(plan.bias_shape)
+
+
+def _input_rows(plan: _Plan, act: Array) -> Iterator[tuple[slice, Array]]:
+    """Chunks of ``(group, rows, d)`` activation rows, with the row range they cover."""
+    if plan.kind == "conv":
+        assert plan.conv is not None
+        conv = plan.conv
+        pads = conv_pads(
+            act.shape[2:], conv.kernel, conv.strides, conv.dilations, conv.auto_pad, conv.pads
+        )
+        per_sample = max(1, act[:1].size * math.prod(conv.kernel))
+        step = max(1, _PATCH_ELEMENTS // per_sample)
+        start = 0
+        for s in range(0, act.shape[0], step):
+            x = im2col(
+                act[s : s + step],
+                conv.kernel,
+                strides=conv.strides,
+                pads=pads,
+                dilations=conv.dilations,
+                group=plan.group,
+            )
+            yield slice(start, start + x.shape[1]), x
+            start += x.shape[1]
+        return
+    if plan.kind == "matmul_right":
+        x = act.reshape(-1, act.shape[-1])
+    elif plan.kind == "matmul_left":
+        a = act[:, None] if act.ndim == 1 else act
+        x = np.swapaxes(a, -1, -2).reshape(-1, a.shape[-2])
+    elif plan.kind == "gemm_right":
+        x = act.T if plan.act_transpose else act
+    else:  # gemm_left: rows are op(B)ᵀ
+        x = act if plan.act_transpose else act.T
+    yield slice(0, x.shape[0]), x[None]
+
+
+def _target_rows(plan: _Plan, out: Array, bias: Array | None) -> Array:
+    """The dense node output as ``(group, rows, r)`` float64 targets."""
+    y = out.astype(np.float64)
+    if plan.offset is not None:
+        y = y - plan.offset
+    if plan.kind == "conv":
+        y = np.moveaxis(y, 1, -1).reshape(-1, plan.group, y.shape[1] // plan.group)
+        return y.transpose(1, 0, 2)
+    if plan.kind == "matmul_right":
+        y = y.reshape(-1, y.shape[-1])
+        if plan.bias_add and bias is not None:
+            y = y + bias.astype(np.float64).reshape(-1)
+        return y[None]
+    if plan.kind == "matmul_left":
+        y = y[:, None] if y.ndim == 1 else y
+        return np.swapaxes(y, -1, -2).reshape(-1, y.shape[-2])[None]
+    if plan.kind == "gemm_right":
+        return y[None]
+    return y.T[None]
+
+
+# --------------------------------------------------------------------------------------
+# Statistics
+
+
+@dataclass
+class _Stats:
+    hessian: Array  # (g, D, D)  D = d (+1 with a bias column, last)
+    cross: Array  # (g, D, r)
+    target_sq: float = 0.0
+    rows: int = 0
+
+    def error(self, w: Array) -> float:
+        """Mean squared error per output element of the effective weight ``w`` (g, D, r)."""
+        quad = np.einsum("gdr,gde,ger->", w, self.hessian, w)
+        lin = np.einsum("gdr,gdr->", w, self.cross)
+        total = float(quad - 2.0 * lin + self.target_sq)
+        count = self.rows * w.shape[0] * w.shape[2]
+        return max(total, 0.0) / count if count else 0.0
+
+
+def _accumulate(stats: _Stats, x: Array, y: Array, bias: bool) -> None:
+    """Add rows ``x`` (g, n, d) and targets ``y`` (g, n, r) to the float64 sums."""
+    g, n, d = x.shape
+    step = max(1, _CHUNK_BYTES // (8 * g * (d + 1 + y.shape[2])))
+    for a in range(0, n, step):
+        xc = x[:, a : a + step].astype(np.float64)
+        if bias:
+            xc = np.concatenate([xc, np.ones((g, xc.shape[1], 1))], axis=2)
+        yc = y[:, a : a + step]
+        xt = xc.transpose(0, 2, 1)
+        stats.hessian += xt @ xc
+        stats.cross += xt @ yc
+    stats.target_sq += float(np.einsum("gnr,gnr->", y, y))
+    stats.rows += n
+
+
+# --------------------------------------------------------------------------------------
+# Solvers
+
+
+def _damped(hessian: Array, damping: float, width: int) -> Array:
+    """``H + λI`` per group, ``λ = damping * mean(diag(H[:width, :width]))``."""
+    out = hessian.copy()
+    size = out.shape[1]
+    diagonal = np.arange(size)
+    means = out[:, diagonal[:width], diagonal[:width]].mean(axis=1) if width else np.zeros(1)
+    lam = np.where(means > 0, damping * means, 1.0)
+    out[:, diagonal, diagonal] += lam[:, None]
+    return out
+
+
+def exact_cost(mask: Array) -> float:
+    """Estimated flops of :func:`solve_exact` for a ``(g, D, r)`` keep-mask."""
+    g, d, _r = mask.shape
+    kept = mask.sum(axis=1)
+    m = np.minimum(kept, d - kept).astype(np.float64)
+    inverse = float(g) * d**3 if np.any(kept > d - kept) else 0.0
+    return float(np.sum(2.0 / 3.0 * m**3 + 2.0 * m * m + 2.0 * d * m)) + inverse
+
+
+def sparsegpt_cost(mask: Array) -> float:
+    """Estimated flops of :func:`solve_sparsegpt` for a ``(g, D, r)`` keep-mask."""
+    g, d, r = mask.shape
+    return float(g) * (2.0 * d**3 + 2.0 * r * d * d)
+
+
+def _padded(sets: list[Array], order: Array, start: int, stop: int) -> tuple[Array, Array, Array]:
+    """Systems ``order[start:stop]`` as padded index arrays (c, m) and their validity."""
+    chosen = order[start:stop]
+    m = max(1, max(len(sets[i]) for i in chosen))
+    idx = np.zeros((len(chosen), m), dtype=np.int64)
+    valid = np.zeros((len(chosen), m), dtype=bool)
+    for row, i in enumerate(chosen):
+        size = len(sets[i])
+        idx[row, :size] = sets[i]
+        valid[row, :size] = True
+    return chosen, idx, valid
+
+
+def _chunks(sizes: Array, per_system: Array) -> Iterator[tuple[int, int]]:
+    """Consecutive ranges of (size-sorted) systems whose padded memory fits the budget."""
+    start, count = 0, len(sizes)
+    while start < count:
+        stop = start + 1
+        while stop < count and (stop + 1 - start) * per_system[stop] <= _CHUNK_BYTES:
+            stop += 1
+        yield start, stop
+        start = stop
+
+
+def _solve_padded(a: Array, b: Array, valid: Array) -> Array:
+    """Solve the padded systems ``a x = b`` (padding rows/cols replaced by identity)."""
+    both = valid[:, :, None] & valid[:, None, :]
+    a = np.where(both, a, 0.0)
+    diagonal = np.arange(a.shape[1])
+    a[:, diagonal, diagonal] += ~valid
+    rhs = np.where(valid, b, 0.0)
+    return np.linalg.solve(a, rhs[..., None])[..., 0] * valid
+
+
+def solve_exact(damped: Array, cross: Array, mask: Array) -> Array:
+    """Per output row, the damped least squares restricted to its kept inputs.
+
+    ``damped`` (g, D, D) is ``H + λI``, ``cross`` (g, D, r) is ``X̂ᵀY``, ``mask`` (g, D, r)
+    the kept entries. Returns ``W`` (g, D, r), exactly zero where ``mask`` is False.
+    """
+    g, d, r = mask.shape
+    out = np.zeros((g, d, r))
+    kept_sets: list[Array] = []
+    pruned_sets: list[Array] = []
+    system_group: list[int] = []
+    system_row: list[int] = []
+    for k in range(g):
+        for j in range(r):
+            keep = mask[k, :, j]
+            kept_sets.append(np.flatnonzero(keep))
+            pruned_sets.append(np.flatnonzero(~keep))
+            system_group.append(k)
+            system_row.append(j)
+    groups = np.array(system_group, dtype=np.int64)
+    rows = np.array(system_row, dtype=np.int64)
+    kept_size = np.array([len(s) for s in kept_sets], dtype=np.int64)
+    pruned_size = d - kept_size
+    use_kept = kept_size <= pruned_size
+
+    # Kept form: solve H[S, S] w_S = G[S, j].
+    systems = np.flatnonzero(use_kept)
+    if systems.size:
+        order = systems[np.argsort(kept_size[systems], kind="stable")]
+        sizes = kept_size[order]
+        per = 8.0 * (np.maximum(sizes, 1) ** 2 + 2 * np.maximum(sizes, 1))
+        for start, stop in _chunks(sizes, per):
+            chosen, idx, valid = _padded(kept_sets, order, start, stop)
+            gs, js = groups[chosen], rows[chosen]
+            a = damped[gs[:, None, None], idx[:, :, None], idx[:, None, :]]
+            b = cross[gs[:, None], idx, js[:, None]]
+            x = _solve_padded(a, b, valid)
+            cg = np.broadcast_to(gs[:, None], idx.shape)[valid]
+            cj = np.broadcast_to(js[:, None], idx.shape)[valid]
+            out[cg, idx[valid], cj] = x[valid]
+
+    # Pruned form: w = w* - Hinv[:, P] (Hinv[P, P])⁻¹ w*[P], w* = Hinv G.
+    systems = np.flatnonzero(~use_kept)
+    if systems.size:
+        inverse = np.linalg.inv(damped)
+        free = inverse @ cross  # (g, D, r)
+        order = systems[np.argsort(pruned_size[systems], kind="stable")]
+        sizes = pruned_size[order]
+        per = 8.0 * (np.maximum(sizes, 1) ** 2 + (d + 2) * np.maximum(sizes, 1) + d)
+        columns = np.arange(d)
+        for start, stop in _chunks(sizes, per):
+            chosen, idx, valid = _padded(pruned_sets, order, start, stop)
+            gs, js = groups[chosen], rows[chosen]
+            a = inverse[gs[:, None, None], idx[:, :, None], idx[:, None, :]]
+            b = free[gs[:, None], idx, js[:, None]]
+            z = _solve_padded(a, b, valid)
+            side = inverse[gs[:, None, None], columns[None, :, None], idx[:, None, :]]
+            w = free[gs, :, js] - np.einsum("cdm,cm->cd", side, z)
+            out[gs, :, js] = w
+    out[~mask] = 0.0
+    return out
+
+
+def solve_sparsegpt(
+    damped: Array, cross: Array, mask: Array, block_size: int = BLOCK_SIZE
+) -> Array:
+    """SparseGPT's blockwise OBS reconstruction with a fixed mask (see the module doc).
+
+    Same arguments and result as :func:`solve_exact`. Raises ``np.linalg.LinAlgError``
+    when the damped Hessian is not positive definite.
+    """
+    g, d, r = mask.shape
+    out = np.zeros((g, d, r))
+    for k in range(g):
+        h = damped[k]
+        free = np.linalg.solve(h, cross[k])  # unconstrained optimum (d, r)
+        inverse = np.linalg.inv(h)
+        inverse = (inverse + inverse.T) / 2.0
+        upper = np.linalg.cholesky(inverse).T  # inverse = upperᵀ upper
+        w = np.ascontiguousarray(free.T)  # (r, d): one row per output row
+        keep = mask[k].T
+        for i1 in range(0, d, block_size):
+            i2 = min(i1 + block_size, d)
+            block = w[:, i1:i2].copy()
+            errors = np.zeros((r, i2 - i1))
+            hinv = upper[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                column = block[:, i]
+                quantised = np.where(keep[:, i1 + i], column, 0.0)
+                err = (column - quantised) / hinv[i, i]
+                block[:, i:] -= np.outer(err, hinv[i, i:])
+                block[:, i] = quantised
+                errors[:, i] = err
+            w[:, i1:i2] = block
+            if i2 < d:
+                w[:, i2:] -= errors @ upper[i1:i2, i2:]
+        out[k] = w.T
+    out[~mask] = 0.0
+    return out
+
+
+def choose_solver(mask: Array) -> str:
+    """The ``auto`` rule (see the module doc) for a ``(g, D, r)`` keep-mask."""
+    d = mask.shape[1]
+    cost = exact_cost(mask)
+    if d <= EXACT_MAX_WIDTH and (
+        cost <= EXACT_MAX_FLOPS or cost <= EXACT_FLOP_FACTOR * sparsegpt_cost(mask)
+    ):
+        return "exact"
+    return "sparsegpt"
+
+
+# --------------------------------------------------------------------------------------
+# ONNX Runtime plumbing
+
+
+def _fetch_model(typed: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """``typed`` with ``names`` as its only outputs and only the nodes that compute them."""
+    try:
+        model = with_outputs(typed, names)
+    except KeyError:  # no inferred type: ORT infers it from the producing node
+        model = onnx.ModelProto()
+        model.CopyFrom(typed)
+        existing = {o.name for o in model.graph.output}
+        for name in names:
+            if name not in existing:
+                model.graph.output.append(helper.make_empty_tensor_value_info(name))
+    graph = model.graph
+    wanted = list(dict.fromkeys(names))
+    outputs = {o.name: o for o in graph.output}
+    needed = set(wanted)
+    keep: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed |= node_inputs(node)
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    del graph.output[:]
+    graph.output.extend(outputs[n] for n in wanted)
+    return model
+
+
+class _Fetcher:
+    """Runs a model for some of its tensors (graph inputs are taken from the feeds)."""
+
+    def __init__(
+        self, model: onnx.ModelProto, names: Sequence[str], feeds: set[str], config: SessionConfig
+    ) -> None:
+        self.names = list(dict.fromkeys(names))
+        self.computed = [n for n in self.names if n not in feeds]
+        self.session = (
+            Session(_fetch_model(model, self.computed), config) if self.computed else None
+        )
+
+    def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        values = {n: np.asarray(feeds[n]) for n in self.names if n in feeds}
+        if self.session is not None:
+            got = self.session.run(feeds, self.computed)
+            values.update(zip(self.computed, got, strict=True))
+        return values
+
+
+# --------------------------------------------------------------------------------------
+# The refit
+
+
+def _graph_order(g: _Graph, layers: Sequence[Layer]) -> list[Layer]:
+    def key(layer: Layer) -> int:
+        positions = [g.position.get(u.node, len(g.nodes)) for u in layer.uses if not u.graph]
+        return min(positions, default=len(g.nodes))
+
+    return sorted(layers, key=key)
+
+
+def _cast_weight(eff: Array, plan: _Plan, original: Array, keep: Array) -> Array:
+    """The effective refit weight in the original layout and dtype; zeros where pruned,
+    nonzero where kept (a kept value that rounds to 0 becomes the smallest subnormal)."""
+    wide = _from_effective(eff, plan, original.shape)
+    cast = np.where(keep, wide, 0.0).astype(original.dtype)
+    lost = keep & (cast == 0)
+    if np.any(lost):
+        tiny = np.finfo(original.dtype).smallest_subnormal
+        sign = np.where(wide[lost] < 0, -1.0, 1.0)
+        cast[lost] = (sign * tiny).astype(original.dtype)
+    return cast
+
+
+def _effective_with_bias(weight: Array, bias: Array | None, plan: _Plan) -> Array:
+    eff = _to_effective(weight, plan)
+    if bias is None:
+        return eff
+    return np.concatenate([eff, _bias_to_effective(bias, plan)[:, None, :]], axis=1)
+
+
+def reconstruct(
+    model: onnx.ModelProto,
+    pruned: Mapping[str, Array],
+    layers: Sequence[Layer],
+    data: Mapping[str, Array],
+    *,
+    batch_size: int = 32,
+    config: SessionConfig | None = None,
+    solver: str = "auto",
+    damping: float = 0.01,
+    refit_bias: bool = True,
+    progress: bool = False,
+) -> Reconstruction:
+    """Refit the kept weights of ``layers`` after masking (see the module doc).
+
+    ``model`` is the dense model, ``pruned`` maps weight names to their masked values
+    (zeros pruned), ``data`` the calibration inputs (first axis = samples).
+    """
+    if solver not in SOLVERS:
+        raise UserError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
+    if damping < 0:
+        raise UserError(f"damping must be >= 0, got {damping}", "e.g. 0.01")
+    config = config or SessionConfig()
+    typed = infer_types(model)
+    g = _Graph(typed)
+    feeds_names = set(data)
+    weights: dict[str, Array] = {name: np.asarray(w) for name, w in pruned.items()}
+    biases: dict[str, Array] = {}
+    current = replace_weights(typed, weights)
+    results: list[LayerRefit] = []
+    ordered = [layer for layer in _graph_order(g, layers) if layer.name in pruned]
+    for layer in tqdm(ordered, disable=not progress, desc="refit", unit="layer", leave=False):
+        started = time.perf_counter()
+        masked = weights[layer.name]
+        found = g.constant(layer.name)
+        if found is None:
+            results.append(
+                LayerRefit(
+                    layer.name,
+                    "skipped",
+                    math.nan,
+                    math.nan,
+                    0.0,
+                    "weight is not a constant of the main graph",
+                )
+            )
+            continue
+        dense = found[1]
+        if masked.shape != dense.shape or masked.dtype != dense.dtype:
+            raise UserError(
+                f"pruned weight {layer.name!r} has shape {masked.shape} {masked.dtype}, "
+                f"the model's is {dense.shape} {dense.dtype}",
+                "pass the masked weights of this model",
+            )
+        if np.array_equal(masked, dense):
+            results.append(
+                LayerRefit(
+                    layer.name,
+                    "skipped",
+                    math.nan,
+                    math.nan,
+                    time.perf_counter() - started,
+                    "mask removes nothing; unchanged",
+                )
+            )
+            continue
+        plans = _plan_layer(g, layer, refit_bias)
+        if isinstance(plans, str):
+            results.append(
+                LayerRefit(
+                    layer.name, "skipped", math.nan, math.nan, time.perf_counter() - started, plans
+                )
+            )
+            continue
+        refit = _refit_layer(
+            layer,
+            plans,
+            g,
+            typed,
+            current,
+            dense,
+            masked,
+            data,
+            feeds_names,
+            batch_size,
+            config,
+            solver,
+            damping,
+        )
+        refit.info.seconds = time.perf_counter() - started
+        results.append(refit.info)
+        if refit.weight is not None:
+            weights[layer.name] = refit.weight
+            update = {layer.name: refit.weight}
+            if refit.bias is not None and plans[0].bias is not None:
+                biases[plans[0].bias] = refit.bias
+                update[plans[0].bias] = refit.bias
+            current = replace_weights(current, update)
+        log.info(
+            "refit %s: %s, error %.4g -> %.4g (%.2f s)%s",
+            layer.name,
+            refit.info.method,
+            refit.info.error_before,
+            refit.info.error_after,
+            refit.info.seconds,
+            f" [{refit.info.reason}]" if refit.info.reason else "",
+        )
+    return Reconstruction(weights, biases, results)
+
+
+@dataclass
+class _Refit:
+    info: LayerRefit
+    weight: Array | None = None  # None: keep the masked weight
+    bias: Array | None = None
+
+
+def _refit_layer(
+    layer: Layer,
+    plans: list[_Plan],
+    g: _Graph,
+    typed: onnx.ModelProto,
+    current: onnx.ModelProto,
+    dense: Array,
+    masked: Array,
+    data: Mapping[str, Array],
+    feeds_names: set[str],
+    batch_size: int,
+    config: SessionConfig,
+    solver: str,
+    damping: float,
+) -> _Refit:
+    plan0 = plans[0]
+    bias_name = plan0.bias
+    bias_dense: Array | None = None
+    if bias_name is not None:
+        found = g.constant(bias_name)
+        assert found is not None
+        bias_dense = found[1]
+    keep = masked != 0
+    mask_eff = _to_effective(keep, plan0) != 0
+    groups, d, r = mask_eff.shape
+    width = d + (1 if bias_name is not None else 0)
+    if bias_name is not None:
+        mask_eff = np.concatenate([mask_eff, np.ones((groups, 1, r), dtype=bool)], axis=1)
+    stats = _Stats(np.zeros((groups, width, width)), np.zeros((groups, width, r)))
+    targets = _Fetcher(typed, [p.output for p in plans], feeds_names, config)
+    inputs = _Fetcher(current, [p.activation for p in plans], feeds_names, config)
+    for feeds in batches(data, batch_size):
+        dense_out = targets.run(feeds)
+        current_in = inputs.run(feeds)
+        for plan in plans:
+            y = _target_rows(plan, dense_out[plan.output], bias_dense)
+            for rows, x in _input_rows(plan, current_in[plan.activation]):
+                _accumulate(stats, x, y[:, rows], bias_name is not None)
+    before_eff = _effective_with_bias(masked, bias_dense, plan0)
+    error_before = stats.error(before_eff)
+    method = solver if solver != "auto" else choose_solver(mask_eff)
+    info = LayerRefit(layer.name, method, error_before, error_before, 0.0)
+    damped = _damped(stats.hessian, damping, d)
+    try:
+        if method == "exact":
+            solved = solve_exact(damped, stats.cross, mask_eff)
+        else:
+            solved = solve_sparsegpt(damped, stats.cross, mask_eff)
+    except np.linalg.LinAlgError as exc:
+        info.reason = f"solver failed ({exc}); kept mask"
+        return _Refit(info)
+    weight = _cast_weight(solved[:, :d], plan0, masked, keep)
+    bias: Array | None = None
+    if bias_name is not None:
+        assert bias_dense is not None
+        bias = _bias_from_effective(solved[:, d], plan0).astype(bias_dense.dtype)
+    if not np.all(np.isfinite(weight)) or (bias is not None and not np.all(np.isfinite(bias))):
+        info.reason = "refit overflowed the weight dtype; kept mask"
+        return _Refit(info)
+    error_after = stats.error(_effective_with_bias(weight, bias, plan0))
+    if not error_after < error_before:
+        info.reason = "refit did not help; kept mask"
+        return _Refit(info)
+    info.error_after = error_after
+    return _Refit(info, weight, bias)
