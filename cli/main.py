@@ -7,16 +7,21 @@ from typing import Any
 
 import click
 
-from rdprune_onnx import UserError, inspect_model, prune
-from rdprune_onnx.allocate import METHODS
+from rdprune_onnx import UserError, inspect_model
 from rdprune_onnx.cache import default_cache_dir
-from rdprune_onnx.distortion import METRICS
-from rdprune_onnx.pipeline import PruneSettings
+from rdprune_onnx.pipeline import allocate, measure, output_for_ratio, prune
 from rdprune_onnx.report import to_json
-from rdprune_onnx.runtime import PROVIDERS
 
-from .options import build_calibration, calibration_options
-from .render import show_prune, show_summary
+from .options import (
+    allocation_options,
+    build_calibration,
+    build_settings,
+    calibration_options,
+    measurement_options,
+    output_options,
+    parse_ratios,
+)
+from .render import show_curves, show_prune, show_summary
 
 
 class _UsageError(click.UsageError):
@@ -60,64 +65,92 @@ def cli(verbose: bool) -> None:
     )
 
 
+def _cache_dir(kwargs: dict[str, Any]) -> Any:
+    cache_dir = kwargs.pop("cache_dir") or default_cache_dir()
+    return None if kwargs.pop("no_cache") else cache_dir
+
+
 @cli.command("inspect")
 @click.argument("model", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def inspect_command(model: str, as_json: bool) -> None:
     """List the layers of MODEL, prunable or not (and why)."""
     summary = inspect_model(model)
-    if as_json:
-        click.echo(to_json(summary.to_dict()))
-    else:
-        show_summary(summary)
+    click.echo(to_json(summary.to_dict()) if as_json else show_summary(summary))
 
 
 @cli.command("prune")
 @click.argument("model", type=click.Path())
 @click.option("--ratio", type=float, required=True, help="Fraction of prunable weights to zero.")
 @click.option("-o", "--output", type=click.Path(), help="Output file [MODEL.pruned.onnx].")
-@click.option("--method", type=click.Choice(METHODS), default="rd", show_default=True)
-@click.option("--metric", type=click.Choice(METRICS), default="mse", show_default=True)
-@click.option("--levels", default=101, show_default=True, help="Grid points from 0 to 1.")
-@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True)
+@allocation_options
+@measurement_options
 @click.option("--steps", default=1, show_default=True, help="Iterative rd: re-measure K times.")
-@click.option("--exclude", multiple=True, metavar="PATTERN", help="Keep matching layers dense.")
-@click.option(
-    "--allow-layer-removal", is_flag=True, help="Let the allocator prune a layer entirely."
-)
 @calibration_options
-@click.option("--eval-data", type=click.Path(), help="Labelled .npz to compare dense vs pruned.")
-@click.option("--labels", metavar="KEY", help="Array of labels in --eval-data.")
-@click.option("--report", type=click.Path(), help="Write a JSON report here.")
-@click.option("--force", is_flag=True, help="Replace existing output and report files.")
-@click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False),
-    help="Where measured curves are kept for reuse and resume [$RDPRUNE_CACHE_DIR or "
-    "~/.cache/rdprune-onnx].",
-)
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the curve cache.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@output_options
 def prune_command(model: str, **kwargs: Any) -> None:
     """Prune MODEL to --ratio and write the sparsified ONNX file."""
     calibration = build_calibration(kwargs)
-    settings = PruneSettings(
-        ratio=kwargs.pop("ratio"),
-        method=kwargs.pop("method"),
-        metric=kwargs.pop("metric"),
-        levels=kwargs.pop("levels"),
-        provider=kwargs.pop("provider"),
-        exclude=kwargs.pop("exclude"),
-        allow_layer_removal=kwargs.pop("allow_layer_removal"),
-        steps=kwargs.pop("steps"),
-    )
+    settings = build_settings(kwargs, ratio=kwargs.pop("ratio"))
     progress = not kwargs.pop("no_progress")
-    cache_dir = kwargs.pop("cache_dir") or default_cache_dir()
-    if kwargs.pop("no_cache"):
-        cache_dir = None
-    show_prune(
-        prune(model, settings, calibration, progress=progress, cache_dir=cache_dir, **kwargs)
+    cache_dir = _cache_dir(kwargs)
+    result = prune(model, settings, calibration, progress=progress, cache_dir=cache_dir, **kwargs)
+    click.echo(show_prune(result))
+
+
+@cli.command("curves")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), required=True, help="Curves file (JSON).")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Layers not to measure.")
+@measurement_options
+@calibration_options
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Curve cache folder.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the curve cache.")
+@click.option("--force", is_flag=True, help="Replace an existing curves file.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def curves_command(model: str, **kwargs: Any) -> None:
+    """Measure the rate-distortion curves of MODEL once, for `allocate` to reuse."""
+    calibration = build_calibration(kwargs)
+    settings = build_settings(kwargs, ratio=0.5)
+    entry = measure(
+        model,
+        settings,
+        calibration,
+        output=kwargs.pop("output"),
+        force=kwargs.pop("force"),
+        cache_dir=_cache_dir(kwargs),
+        progress=not kwargs.pop("no_progress"),
     )
+    click.echo(show_curves(entry))
+
+
+@cli.command("allocate")
+@click.argument("curves", type=click.Path())
+@click.option("--model", "model", type=click.Path(), required=True, help="The measured model.")
+@click.option("--ratio", "ratios", required=True, help="Target ratio, or several: 0.5,0.7,0.9.")
+@click.option("-o", "--output", type=click.Path(), help="Output file [MODEL.pruned.onnx].")
+@allocation_options
+@click.option("--metric", default="mse", hidden=True)
+@click.option("--provider", default="auto", show_default=True, help="For verification runs.")
+@calibration_options
+@output_options
+def allocate_command(curves: str, model: str, ratios: str, **kwargs: Any) -> None:
+    """Prune MODEL with saved CURVES, measuring nothing (one file per --ratio)."""
+    calibration = build_calibration(kwargs)
+    values = parse_ratios(ratios)
+    output = kwargs.pop("output")
+    kwargs.pop("no_progress")
+    kwargs.pop("cache_dir")
+    kwargs.pop("no_cache")
+    base = dict(kwargs)
+    for ratio in values:
+        args = dict(base)
+        settings = build_settings(args, ratio=ratio)
+        target = output
+        if len(values) > 1:
+            target = output_for_ratio(output or f"{model.removesuffix('.onnx')}.pruned.onnx", ratio)
+        result = allocate(curves, model, settings, calibration=calibration, output=target, **args)
+        click.echo(show_prune(result))
 
 
 def main() -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import click
-
+from rdprune_onnx.cache import CurveFile
 from rdprune_onnx.inspect import ModelSummary
 from rdprune_onnx.pipeline import PruneResult
 
@@ -31,11 +30,14 @@ def _shape(shape: Sequence[int] | None) -> str:
     return "x".join(map(str, shape)) if shape else "-"
 
 
-def show_summary(summary: ModelSummary) -> None:
-    click.echo(f"model: {summary.path}  ({summary.producer or 'unknown producer'})")
-    click.echo("opsets: " + ", ".join(f"{k} {v}" for k, v in summary.opsets.items()))
-    click.echo("inputs: " + "; ".join(i.describe() for i in summary.inputs))
-    click.echo("outputs: " + ", ".join(summary.outputs))
+def show_summary(summary: ModelSummary) -> str:
+    lines = [
+        f"model: {summary.path}  ({summary.producer or 'unknown producer'})",
+        "opsets: " + ", ".join(f"{k} {v}" for k, v in summary.opsets.items()),
+        "inputs: " + "; ".join(i.describe() for i in summary.inputs),
+        "outputs: " + ", ".join(summary.outputs),
+        "",
+    ]
     rows = [
         (
             r["layer"],
@@ -47,40 +49,42 @@ def show_summary(summary: ModelSummary) -> None:
         )
         for r in summary.rows()
     ]
-    click.echo()
-    click.echo(
+    lines.append(
         table(["layer", "op", "weight shape", "params", "sparsity", "prunable"], rows, "lllrrl")
     )
-    click.echo()
-    click.echo(
+    lines.append("")
+    lines.append(
         f"{len(summary.scan.layers)} prunable layers, {summary.prunable_weights:,} weights; "
         f"{len(summary.scan.skipped)} skipped"
     )
+    return "\n".join(lines)
 
 
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
-def show_prune(result: PruneResult) -> None:
+def show_prune(result: PruneResult) -> str:
     rows = [
         (r.name, "/".join(r.op_types), r.size, f"{r.ratio:.2%}", _num(r.predicted))
         for r in result.layers
     ]
-    click.echo(table(["layer", "op", "params", "ratio", "predicted"], rows, "llrrr"))
-    click.echo()
+    lines = [table(["layer", "op", "params", "ratio", "predicted"], rows, "llrrr"), ""]
     total = sum(r.size for r in result.layers)
     pruned = sum(r.pruned for r in result.layers)
     s = result.settings
-    click.echo(
+    lines.append(
         f"method {s.method}, metric {s.metric}, {s.levels} levels, provider {result.provider}, "
         f"{result.samples} calibration samples"
     )
-    click.echo(
+    lines.append(
         f"pruned {pruned:,} of {total:,} prunable weights: {result.achieved_ratio:.4%} "
         f"(target {result.target_ratio:.4%})"
     )
-    click.echo(
+    if s.budget == "flops":
+        flops = result.allocation_info.get("achieved_budget_ratio")
+        lines.append(f"multiply-accumulates removed: {flops:.4%}" if flops is not None else "")
+    lines.append(
         f"distortion ({s.metric}): predicted {_num(result.predicted_distortion)}, "
         f"measured {_num(result.measured_distortion)}"
     )
@@ -90,14 +94,32 @@ def show_prune(result: PruneResult) -> None:
             agree = (
                 "" if out.top1_agreement is None else f", top-1 agreement {out.top1_agreement:.2%}"
             )
-            click.echo(f"eval {out.name}: mse {out.mse:.4g}, cosine {out.cosine:.5f}{agree}")
+            lines.append(f"eval {out.name}: mse {out.mse:.4g}, cosine {out.cosine:.5f}{agree}")
         if ev.pruned_accuracy is not None and ev.dense_accuracy is not None:
-            click.echo(
+            lines.append(
                 f"accuracy on {ev.samples} samples: dense {ev.dense_accuracy:.2%}, "
                 f"pruned {ev.pruned_accuracy:.2%}"
             )
     if result.skipped:
-        click.echo(f"{len(result.skipped)} layers skipped (see `rdprune-onnx inspect`)")
-    click.echo(f"time {result.timings['total']:.1f} s")
+        lines.append(f"{len(result.skipped)} layers skipped (see `rdprune-onnx inspect`)")
+    lines.append(f"time {result.timings['total']:.1f} s")
     if result.output:
-        click.echo(f"wrote {result.output}")
+        lines.append(f"wrote {result.output}")
+    return "\n".join(lines)
+
+
+def show_curves(entry: CurveFile) -> str:
+    rows = [
+        (
+            name,
+            entry.layers[name],
+            _num(c.distortion[len(c.distortion) // 2]),
+            _num(c.distortion[-1]),
+        )
+        for name, c in entry.curves.items()
+    ]
+    return table(["layer", "params", "d(0.5)", "d(1.0)"], rows, "lrrr") + (
+        f"\n{len(entry.curves)} curves, {len(next(iter(entry.curves.values())).ratios)} levels"
+        if entry.curves
+        else ""
+    )

@@ -4,11 +4,13 @@ verify -> write. :func:`prune` is the one call the command line and Python users
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import logging
 import os
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,21 @@ import numpy as np
 import onnx
 
 from rdprune_onnx import calibration as calib
-from rdprune_onnx.allocate import METHODS, AllocationProblem, Curve, LayerSpec, get_allocator
-from rdprune_onnx.cache import CurveCache, CurveFile, data_fingerprint, model_fingerprint
+from rdprune_onnx.allocate import (
+    METHODS,
+    Allocation,
+    AllocationProblem,
+    Curve,
+    LayerSpec,
+    get_allocator,
+)
+from rdprune_onnx.cache import (
+    CurveCache,
+    CurveFile,
+    data_fingerprint,
+    model_fingerprint,
+    read_curve_file,
+)
 from rdprune_onnx.curves import (
     Reference,
     grid,
@@ -29,6 +44,7 @@ from rdprune_onnx.curves import (
 from rdprune_onnx.distortion import METRICS, check_metric
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import Evaluation, compare
+from rdprune_onnx.flops import macs_per_weight
 from rdprune_onnx.graph.layers import Layer, LayerScan, Skipped, find_layers, read_weight
 from rdprune_onnx.graph.load import load_model, save_model, uses_external_data
 from rdprune_onnx.graph.surgery import replace_weights
@@ -50,6 +66,21 @@ class CalibrationSpec:
     batch_size: int = 32
     seed: int = 0
 
+    @property
+    def given(self) -> bool:
+        return self.data is not None or self.synthetic is not None
+
+
+@dataclass
+class LayerBounds:
+    """Per-layer constraints: glob patterns on weight names -> ratio bounds."""
+
+    min_ratio: float | None = None
+    max_ratio: float | None = None
+
+
+BUDGETS = ("params", "flops")
+
 
 @dataclass
 class PruneSettings:
@@ -61,6 +92,10 @@ class PruneSettings:
     allow_layer_removal: bool = False
     exclude: Sequence[str] = ()
     steps: int = 1  # iterative rd: reach the target in this many re-measured steps
+    budget: str = "params"  # what the ratio counts: weights, or multiply-accumulates
+    min_layer_ratio: float | None = None
+    max_layer_ratio: float | None = None
+    overrides: Mapping[str, LayerBounds] = field(default_factory=dict)
 
     def check(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -76,6 +111,10 @@ class PruneSettings:
             raise UserError(
                 f"unknown metric {self.metric!r}", f"choose one of {', '.join(METRICS)}"
             )
+        if self.budget not in BUDGETS:
+            raise UserError(
+                f"unknown budget {self.budget!r}", f"choose one of {', '.join(BUDGETS)}"
+            )
         grid(self.levels)
         if self.steps < 1:
             raise UserError(f"--steps must be at least 1, got {self.steps}", "e.g. --steps 3")
@@ -83,6 +122,64 @@ class PruneSettings:
             raise UserError(
                 f"--steps applies to --method rd only (got {self.method})", "drop --steps"
             )
+        for label, value in (
+            ("--min-layer-ratio", self.min_layer_ratio),
+            ("--max-layer-ratio", self.max_layer_ratio),
+        ):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise UserError(f"{label} must be in [0, 1], got {value}", "e.g. 0.95")
+
+    def to_dict(self) -> dict[str, Any]:
+        return vars(self) | {
+            "exclude": list(self.exclude),
+            "overrides": {k: vars(v) for k, v in self.overrides.items()},
+        }
+
+
+def read_overrides(path: str | os.PathLike[str]) -> dict[str, LayerBounds]:
+    """Per-layer bounds from a JSON or YAML file: ``{PATTERN: {min_ratio, max_ratio}}``.
+
+    Patterns are globs on weight names; a layer takes the last matching entry's bounds.
+    A top-level ``layers`` key holding the same mapping is accepted too.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"overrides file {str(p)!r} does not exist", "check --overrides")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml  # type: ignore[import-untyped]
+            except ImportError:
+                raise UserError(
+                    "reading YAML overrides needs PyYAML", "pip install pyyaml, or use JSON"
+                ) from None
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(
+            f"cannot parse {str(p)!r}: {exc}", "write {PATTERN: {max_ratio: R}}"
+        ) from None
+    if isinstance(raw, dict) and isinstance(raw.get("layers"), dict):
+        raw = raw["layers"]
+    if not isinstance(raw, dict):
+        raise UserError(f"{str(p)!r} must map layer patterns to bounds", "see the README")
+    out: dict[str, LayerBounds] = {}
+    for pattern, bounds in raw.items():
+        if not isinstance(bounds, dict) or not set(bounds) <= {"min_ratio", "max_ratio"}:
+            raise UserError(
+                f"{str(p)!r}: entry {pattern!r} must hold min_ratio and/or max_ratio",
+                'e.g. {"fc*": {"max_ratio": 0.5}}',
+            )
+        try:
+            out[str(pattern)] = LayerBounds(
+                min_ratio=None if bounds.get("min_ratio") is None else float(bounds["min_ratio"]),
+                max_ratio=None if bounds.get("max_ratio") is None else float(bounds["max_ratio"]),
+            )
+        except (TypeError, ValueError):
+            raise UserError(f"{str(p)!r}: bounds of {pattern!r} must be numbers", "") from None
+    return out
 
 
 @dataclass
@@ -111,7 +208,7 @@ class PruneResult:
     target_ratio: float
     achieved_ratio: float
     predicted_distortion: float | None
-    measured_distortion: float
+    measured_distortion: float | None
     timings: dict[str, float]
     allocation_info: dict[str, Any]
     curves: dict[str, Curve] | None = None
@@ -122,7 +219,7 @@ class PruneResult:
         return {
             "input": self.input,
             "output": self.output,
-            "settings": vars(self.settings) | {"exclude": list(self.settings.exclude)},
+            "settings": self.settings.to_dict(),
             "provider": self.provider,
             "calibration_samples": self.samples,
             "target_ratio": self.target_ratio,
@@ -133,7 +230,7 @@ class PruneResult:
                 "measured": self.measured_distortion,
                 "predicted_over_measured": (
                     self.predicted_distortion / self.measured_distortion
-                    if self.predicted_distortion is not None and self.measured_distortion > 0
+                    if self.predicted_distortion is not None and self.measured_distortion
                     else None
                 ),
             },
@@ -157,6 +254,12 @@ class PruneResult:
 def default_output(model_path: str | os.PathLike[str]) -> Path:
     p = Path(model_path)
     return p.with_name(p.stem + ".pruned.onnx")
+
+
+def output_for_ratio(output: str | os.PathLike[str], ratio: float) -> Path:
+    """The file name used for one ratio of several: ``out.onnx`` -> ``out.r0.7.onnx``."""
+    p = Path(output)
+    return p.with_name(f"{p.stem}.r{ratio:g}{p.suffix or '.onnx'}")
 
 
 def load_calibration(
@@ -199,8 +302,6 @@ def load_calibration(
 
 
 def select_layers(scan: LayerScan, exclude: Sequence[str]) -> list[Layer]:
-    import fnmatch
-
     layers = [
         layer
         for layer in scan.layers
@@ -222,6 +323,282 @@ def _interpolate(curve: Curve, ratio: float) -> float:
     return float(np.interp(ratio, curve.ratios, curve.distortion))
 
 
+@dataclass
+class _Job:
+    """A loaded model and everything prepared for pruning it."""
+
+    path: str
+    model: onnx.ModelProto
+    scan: LayerScan
+    layers: list[Layer]
+    had_external: bool
+    config: SessionConfig
+    data: dict[str, np.ndarray] | None = None
+    batch_size: int = 32
+    reference: Reference | None = None
+    eval_arrays: dict[str, np.ndarray] | None = None
+    eval_labels: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _check_outputs(
+    model_path: str | os.PathLike[str],
+    outputs: Sequence[Path],
+    report: str | os.PathLike[str] | None,
+    force: bool,
+) -> None:
+    """Refuse bad output paths before any expensive work."""
+    source = Path(model_path).resolve()
+    for out in outputs:
+        if out.resolve() == source:
+            raise UserError("refusing to overwrite the input model", "choose another -o")
+        if out.exists() and not force:
+            raise UserError(f"output {str(out)!r} already exists", "pass --force to replace it")
+        if not out.parent.is_dir():
+            raise UserError(f"output folder {str(out.parent)!r} does not exist", "create it first")
+    if report is not None and Path(report).exists() and not force:
+        raise UserError(f"report {str(report)!r} already exists", "pass --force to replace it")
+
+
+def _load_job(
+    model_path: str | os.PathLike[str],
+    settings: PruneSettings,
+    calibration: CalibrationSpec | None,
+    eval_data: str | os.PathLike[str] | None = None,
+    labels: str | None = None,
+) -> _Job:
+    start = time.perf_counter()
+    model = load_model(model_path)
+    scan = find_layers(model)
+    layers = select_layers(scan, settings.exclude)
+    job = _Job(
+        path=str(model_path),
+        model=model,
+        scan=scan,
+        layers=layers,
+        had_external=_input_had_external_data(model_path),
+        config=SessionConfig(provider=resolve_provider(settings.provider)),
+    )
+    if calibration is not None and calibration.given:
+        job.data, job.batch_size = load_calibration(model, calibration)
+    job.eval_arrays, job.eval_labels = _load_eval(model, eval_data, labels)
+    job.timings["load"] = time.perf_counter() - start
+    if job.data is not None:
+        t = time.perf_counter()
+        job.reference = run_reference(model, job.data, job.batch_size, job.config)
+        check_metric(settings.metric, job.reference.outputs, job.reference.values[0])
+        job.timings["reference"] = time.perf_counter() - t
+    return job
+
+
+def _layer_specs(
+    job: _Job, settings: PruneSettings, weights: Mapping[str, np.ndarray]
+) -> list[LayerSpec]:
+    """The allocation problem's layers: sizes, budget costs and ratio bounds."""
+    costs: Mapping[str, int] = {}
+    if settings.budget == "flops":
+        if job.data is None:
+            raise UserError(
+                "a FLOPs budget needs calibration inputs to infer shapes",
+                "pass --data or --synthetic",
+            )
+        sample = {k: v[:1] if v.ndim else v for k, v in job.data.items()}
+        costs = macs_per_weight(job.model, job.layers, sample)
+    specs = []
+    for layer in job.layers:
+        # Weights already zero stay zero: a layer's ratio never decreases (between
+        # iterative steps, or below its sparsity before pruning).
+        current = float(np.count_nonzero(weights[layer.name] == 0)) / layer.size
+        low = settings.min_layer_ratio or 0.0
+        high = 1.0 if settings.max_layer_ratio is None else settings.max_layer_ratio
+        for pattern, bounds in settings.overrides.items():
+            if fnmatch.fnmatchcase(layer.name, pattern):
+                low = bounds.min_ratio if bounds.min_ratio is not None else low
+                high = bounds.max_ratio if bounds.max_ratio is not None else high
+        if low > high:
+            raise UserError(
+                f"layer {layer.name!r}: minimum ratio {low} is above its maximum {high}",
+                "fix --min-layer-ratio / --max-layer-ratio / --overrides",
+            )
+        specs.append(
+            LayerSpec(
+                layer.name,
+                layer.shape,
+                unit_cost=int(costs.get(layer.name, 1)),
+                min_ratio=max(low, current),
+                max_ratio=max(high, current),
+            )
+        )
+    return specs
+
+
+CurveSource = Callable[[onnx.ModelProto, Reference | None], dict[str, Curve]]
+
+
+def _allocate(
+    job: _Job,
+    settings: PruneSettings,
+    curve_source: CurveSource | None,
+) -> tuple[
+    dict[str, np.ndarray],
+    Allocation,
+    list[LayerSpec],
+    list[dict[str, Any]],
+    dict[str, Curve] | None,
+]:
+    """Choose ratios (in ``settings.steps`` steps) and mask; returns the pruned weights."""
+    pruned = {layer.name: read_weight(job.model, layer.name) for layer in job.layers}
+    current = job.model
+    curves: dict[str, Curve] | None = None
+    steps: list[dict[str, Any]] = []
+    allocation: Allocation | None = None
+    specs: list[LayerSpec] = []
+    for step in range(1, settings.steps + 1):
+        step_ratio = settings.ratio * step / settings.steps
+        if settings.method == "rd":
+            assert curve_source is not None
+            t = time.perf_counter()
+            reference = job.reference
+            if step > 1 and reference is not None:
+                reference = reference.rebased(current, job.config)
+            curves = curve_source(current, reference)
+            job.timings["curves"] = job.timings.get("curves", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        specs = _layer_specs(job, settings, pruned)
+        problem = AllocationProblem(
+            layers=specs,
+            target_ratio=step_ratio,
+            curves=curves,
+            magnitudes=(
+                {n: np.abs(w.astype(np.float64)).ravel() for n, w in pruned.items()}
+                if settings.method in ("global", "lamp")
+                else None
+            ),
+            options={"allow_layer_removal": settings.allow_layer_removal},
+        )
+        allocation = get_allocator(settings.method).allocate(problem)
+        job.timings["allocate"] = job.timings.get("allocate", 0.0) + time.perf_counter() - t
+        pruned = {name: apply_mask(w, int(allocation.counts[name])) for name, w in pruned.items()}
+        current = replace_weights(job.model, pruned)
+        steps.append(
+            {
+                "step": step,
+                "target_ratio": step_ratio,
+                "ratios": allocation.ratios(specs),
+                **dict(allocation.info),
+            }
+        )
+    assert allocation is not None
+    return pruned, allocation, specs, steps, curves
+
+
+def _finish(
+    job: _Job,
+    settings: PruneSettings,
+    pruned: Mapping[str, np.ndarray],
+    allocation: Allocation,
+    specs: Sequence[LayerSpec],
+    steps: list[dict[str, Any]],
+    curves: dict[str, Curve] | None,
+    *,
+    output: Path | None,
+    force: bool,
+    report: str | os.PathLike[str] | None,
+    started: float,
+) -> PruneResult:
+    """Verify, compare, write the model and the report."""
+    timings = dict(job.timings)
+    pruned_model = replace_weights(job.model, pruned)
+    measured = None
+    if job.reference is not None:
+        t = time.perf_counter()
+        measured = measure_distortion(
+            Session(pruned_model, job.config), job.reference, settings.metric
+        )
+        timings["verify"] = time.perf_counter() - t
+    results = []
+    predicted_total = 0.0 if curves else None
+    for layer in job.layers:
+        ratio = int(allocation.counts[layer.name]) / layer.size
+        predicted = None
+        if allocation.predicted is not None:
+            predicted = float(allocation.predicted[layer.name])
+        elif curves is not None:
+            predicted = _interpolate(curves[layer.name], ratio)
+        if predicted is not None and predicted_total is not None:
+            predicted_total += predicted
+        results.append(
+            LayerResult(
+                name=layer.name,
+                op_types=layer.op_types,
+                shape=layer.shape,
+                size=layer.size,
+                pruned=int(np.count_nonzero(pruned[layer.name] == 0)),
+                ratio=ratio,
+                sparsity_before=layer.sparsity,
+                predicted=predicted,
+            )
+        )
+    total = sum(r.size for r in results)
+    achieved = sum(r.pruned for r in results) / total
+    cost_total = sum(spec.size * spec.unit_cost for spec in specs)
+    achieved_cost = (
+        sum(r.pruned * spec.unit_cost for r, spec in zip(results, specs, strict=True)) / cost_total
+    )
+    evaluation = None
+    if job.eval_arrays is not None:
+        t = time.perf_counter()
+        evaluation = compare(
+            job.model,
+            pruned_model,
+            job.eval_arrays,
+            labels=job.eval_labels,
+            batch_size=job.batch_size,
+            config=job.config,
+        )
+        timings["evaluate"] = time.perf_counter() - t
+    written = None
+    if output is not None:
+        t = time.perf_counter()
+        save_model(
+            pruned_model,
+            output,
+            external_data=job.had_external or None,
+            force=force,
+            protect=(job.path,),
+        )
+        written = str(output)
+        timings["write"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - started
+    info = dict(allocation.info) | {
+        "budget": settings.budget,
+        "achieved_budget_ratio": achieved_cost,
+    }
+    if len(steps) > 1:
+        info["steps"] = steps
+    result = PruneResult(
+        input=job.path,
+        output=written,
+        settings=settings,
+        provider=job.config.provider,
+        samples=calib.sample_count(job.data) if job.data is not None else 0,
+        layers=results,
+        skipped=job.scan.skipped,
+        target_ratio=settings.ratio,
+        achieved_ratio=achieved,
+        predicted_distortion=predicted_total,
+        measured_distortion=measured,
+        timings=timings,
+        allocation_info=info,
+        curves=curves,
+        evaluation=evaluation,
+        model=pruned_model,
+    )
+    if report is not None:
+        write_json(result.to_dict(), report, force=force)
+    return result
+
+
 def prune(
     model_path: str | os.PathLike[str],
     settings: PruneSettings,
@@ -240,175 +617,141 @@ def prune(
 
     Curves are cached in ``cache_dir`` (resumable; ``None`` disables the cache).
     """
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
+    started = time.perf_counter()
     settings.check()
     out_path = Path(output) if output is not None else default_output(model_path)
-    if write:
-        if out_path.resolve() == Path(model_path).resolve():
-            raise UserError("refusing to overwrite the input model", "choose another -o")
-        if out_path.exists() and not force:
-            raise UserError(f"output {str(out_path)!r} already exists", "pass --force")
-        if not out_path.parent.is_dir():
-            raise UserError(
-                f"output folder {str(out_path.parent)!r} does not exist", "create it first"
-            )
-    if report is not None and Path(report).exists() and not force:
-        raise UserError(f"report {str(report)!r} already exists", "pass --force")
-
-    model = load_model(model_path)
-    had_external = _input_had_external_data(model_path)
-    scan = find_layers(model)
-    layers = select_layers(scan, settings.exclude)
-    data, batch_size = load_calibration(model, calibration)
-    eval_arrays, eval_labels = _load_eval(model, eval_data, labels)
-    provider = resolve_provider(settings.provider)
-    config = SessionConfig(provider=provider)
-    timings["load"] = time.perf_counter() - start
-
-    t = time.perf_counter()
-    reference = run_reference(model, data, batch_size, config)
-    check_metric(settings.metric, reference.outputs, reference.values[0])
-    pruned_weights = {layer.name: read_weight(model, layer.name) for layer in layers}
-    current = model
-    curves: dict[str, Curve] | None = None
-    steps = []
-    for step in range(1, settings.steps + 1):
-        step_ratio = settings.ratio * step / settings.steps
-        if settings.method == "rd":
-            step_reference = reference if step == 1 else reference.rebased(current, config)
-            t = time.perf_counter()
-            curves = _curves_with_cache(
-                current,
-                layers,
-                data,
-                step_reference,
-                settings,
-                config,
-                batch_size,
-                cache_dir,
-                progress,
-            )
-            timings["curves"] = timings.get("curves", 0.0) + time.perf_counter() - t
-        t = time.perf_counter()
-        problem = AllocationProblem(
-            layers=[
-                LayerSpec(
-                    layer.name,
-                    layer.shape,
-                    # Weights already zero stay zero: a layer's ratio never decreases
-                    # (between iterative steps, or below its sparsity before pruning).
-                    min_ratio=(
-                        float(np.count_nonzero(pruned_weights[layer.name] == 0)) / layer.size
-                    ),
-                )
-                for layer in layers
-            ],
-            target_ratio=step_ratio,
-            curves=curves,
-            magnitudes=(
-                {n: np.abs(w.astype(np.float64)).ravel() for n, w in pruned_weights.items()}
-                if settings.method in ("global", "lamp")
-                else None
-            ),
-            options={"allow_layer_removal": settings.allow_layer_removal},
+    _check_outputs(model_path, [out_path] if write else [], report, force)
+    if not calibration.given and (settings.method == "rd" or settings.budget == "flops"):
+        raise UserError(
+            "no calibration data", "pass --data FILE.npz or --synthetic N (random inputs)"
         )
-        allocation = get_allocator(settings.method).allocate(problem)
-        timings["allocate"] = timings.get("allocate", 0.0) + time.perf_counter() - t
-        pruned_weights = {
-            name: apply_mask(pruned_weights[name], int(allocation.counts[name]))
-            for name in pruned_weights
-        }
-        current = replace_weights(model, pruned_weights)
-        steps.append(
-            {
-                "step": step,
-                "target_ratio": step_ratio,
-                "ratios": allocation.ratios(problem.layers),
-                **dict(allocation.info),
-            }
+    job = _load_job(model_path, settings, calibration, eval_data, labels)
+
+    def measure(model: onnx.ModelProto, reference: Reference | None) -> dict[str, Curve]:
+        assert reference is not None and job.data is not None
+        entry = curve_entry(
+            model, job.layers, job.data, settings, job.config.provider, job.batch_size
+        )
+        return _measure_with_cache(
+            model, job.layers, reference, settings, job.config, entry, cache_dir, progress
         )
 
-    t = time.perf_counter()
-    pruned_model = current
-    measured = measure_distortion(Session(pruned_model, config), reference, settings.metric)
-    timings["verify"] = time.perf_counter() - t
-
-    results = []
-    predicted_total = 0.0 if curves else None
-    for layer in layers:
-        count = int(allocation.counts[layer.name])
-        ratio = count / layer.size
-        predicted = None
-        if allocation.predicted is not None:
-            predicted = float(allocation.predicted[layer.name])
-        elif curves is not None:
-            predicted = _interpolate(curves[layer.name], ratio)
-        if predicted is not None and predicted_total is not None:
-            predicted_total += predicted
-        results.append(
-            LayerResult(
-                name=layer.name,
-                op_types=layer.op_types,
-                shape=layer.shape,
-                size=layer.size,
-                pruned=int(np.count_nonzero(pruned_weights[layer.name] == 0)),
-                ratio=ratio,
-                sparsity_before=layer.sparsity,
-                predicted=predicted,
-            )
-        )
-    total = sum(r.size for r in results)
-    achieved = sum(r.pruned for r in results) / total
-
-    evaluation = None
-    if eval_arrays is not None:
-        t = time.perf_counter()
-        evaluation = compare(
-            model,
-            pruned_model,
-            eval_arrays,
-            labels=eval_labels,
-            batch_size=batch_size,
-            config=config,
-        )
-        timings["evaluate"] = time.perf_counter() - t
-
-    written = None
-    if write:
-        t = time.perf_counter()
-        save_model(
-            pruned_model,
-            out_path,
-            external_data=had_external or None,
-            force=force,
-            protect=(model_path,),
-        )
-        written = str(out_path)
-        timings["write"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - start
-
-    result = PruneResult(
-        input=str(model_path),
-        output=written,
-        settings=settings,
-        provider=provider,
-        samples=calib.sample_count(data),
-        layers=results,
-        skipped=scan.skipped,
-        target_ratio=settings.ratio,
-        achieved_ratio=achieved,
-        predicted_distortion=predicted_total,
-        measured_distortion=measured,
-        timings=timings,
-        allocation_info=dict(allocation.info) | ({"steps": steps} if len(steps) > 1 else {}),
-        curves=curves,
-        evaluation=evaluation,
-        model=pruned_model,
+    pruned, allocation, specs, steps, curves = _allocate(job, settings, measure)
+    return _finish(
+        job,
+        settings,
+        pruned,
+        allocation,
+        specs,
+        steps,
+        curves,
+        output=out_path if write else None,
+        force=force,
+        report=report,
+        started=started,
     )
-    if report is not None:
-        write_json(result.to_dict(), report, force=force)
-    return result
+
+
+def measure(
+    model_path: str | os.PathLike[str],
+    settings: PruneSettings,
+    calibration: CalibrationSpec,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+) -> CurveFile:
+    """Measure the rate-distortion curves of ``model_path`` and save them to ``output``.
+
+    The file records fingerprints of the model and the data and the settings, so that
+    :func:`allocate` can check that curves belong to the model they are applied to.
+    """
+    if output is not None:
+        _check_outputs(model_path, [Path(output)], None, force)
+    if not calibration.given:
+        raise UserError(
+            "no calibration data", "pass --data FILE.npz or --synthetic N (random inputs)"
+        )
+    job = _load_job(model_path, settings, calibration)
+    assert job.reference is not None and job.data is not None
+    entry = curve_entry(
+        job.model, job.layers, job.data, settings, job.config.provider, job.batch_size
+    )
+    entry.curves = _measure_with_cache(
+        job.model, job.layers, job.reference, settings, job.config, entry, cache_dir, progress
+    )
+    if output is not None:
+        write_json(entry.to_dict(), output, force=force)
+    return entry
+
+
+def allocate(
+    curves_path: str | os.PathLike[str],
+    model_path: str | os.PathLike[str],
+    settings: PruneSettings,
+    *,
+    calibration: CalibrationSpec | None = None,
+    output: str | os.PathLike[str] | None = None,
+    write: bool = True,
+    force: bool = False,
+    report: str | os.PathLike[str] | None = None,
+    eval_data: str | os.PathLike[str] | None = None,
+    labels: str | None = None,
+) -> PruneResult:
+    """Prune ``model_path`` with curves saved by :func:`measure`, measuring nothing.
+
+    With the same settings it writes the same bytes as :func:`prune`. Calibration data is
+    optional here: with it, the pruned model's distortion is measured and reported.
+    """
+    started = time.perf_counter()
+    settings.check()
+    if settings.steps > 1:
+        raise UserError(
+            "--steps re-measures curves on the partly pruned model", "use `prune --steps`"
+        )
+    out_path = Path(output) if output is not None else default_output(model_path)
+    _check_outputs(model_path, [out_path] if write else [], report, force)
+    saved = read_curve_file(curves_path)
+    job = _load_job(model_path, settings, calibration, eval_data, labels)
+    fingerprint = model_fingerprint(job.model)
+    if saved.model != fingerprint:
+        raise UserError(
+            f"the curves in {str(curves_path)!r} were measured on another model",
+            f"measure them on {str(model_path)!r} with `rdprune-onnx curves`",
+        )
+    missing = [layer.name for layer in job.layers if layer.name not in saved.curves]
+    if missing:
+        raise UserError(
+            f"{str(curves_path)!r} has no curve for {len(missing)} layer(s), e.g. {missing[0]!r}",
+            "measure the curves with the same --exclude",
+        )
+    if settings.metric != saved.settings.get("metric"):
+        log.warning(
+            "curves were measured with metric %s; --metric %s only affects verification",
+            saved.settings.get("metric"),
+            settings.metric,
+        )
+    if job.data is not None and saved.data != data_fingerprint(job.data):
+        log.warning("the calibration data differs from the data the curves were measured on")
+
+    def fixed(model: onnx.ModelProto, reference: Reference | None) -> dict[str, Curve]:
+        return {layer.name: saved.curves[layer.name] for layer in job.layers}
+
+    pruned, result_allocation, specs, steps, curves = _allocate(job, settings, fixed)
+    return _finish(
+        job,
+        settings,
+        pruned,
+        result_allocation,
+        specs,
+        steps,
+        curves,
+        output=out_path if write else None,
+        force=force,
+        report=report,
+        started=started,
+    )
 
 
 def curve_entry(
@@ -428,33 +771,30 @@ def curve_entry(
             "levels": settings.levels,
             "provider": provider,
             "batch_size": batch_size,
-            "engine": "per-layer-session/1",
         },
         layers={layer.name: layer.size for layer in layers},
     )
 
 
-def _curves_with_cache(
+def _measure_with_cache(
     model: onnx.ModelProto,
     layers: Sequence[Layer],
-    data: Mapping[str, np.ndarray],
     reference: Reference,
     settings: PruneSettings,
     config: SessionConfig,
-    batch_size: int,
+    entry: CurveFile,
     cache_dir: str | os.PathLike[str] | None,
     progress: bool,
 ) -> dict[str, Curve]:
-    entry = curve_entry(model, layers, data, settings, config.provider, batch_size)
     cache = CurveCache(cache_dir) if cache_dir is not None else None
     done = cache.load(entry) if cache is not None else {}
+    entry.curves.update(done)
 
     def save(name: str, curve: Curve) -> None:
         entry.curves[name] = curve
         if cache is not None:
             cache.store(entry)
 
-    entry.curves.update(done)
     return measure_curves(
         model,
         layers,

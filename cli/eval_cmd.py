@@ -1,0 +1,144 @@
+"""The ``eval`` and ``plot`` commands (registered on the group in :mod:`.main`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from rdprune_onnx.errors import UserError
+from rdprune_onnx.evaluate import FileEvaluation, evaluate_files
+from rdprune_onnx.plot import plot_result, read_report
+from rdprune_onnx.report import to_json
+from rdprune_onnx.runtime import PROVIDERS
+
+from .render import table
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2%}"
+
+
+def _files(count: int) -> str:
+    return "" if count == 1 else f" in {count} files"
+
+
+def show_eval(result: FileEvaluation) -> None:
+    ev = result.evaluation
+    click.echo(
+        f"dense:  {result.dense.path}  ({_bytes(result.dense.bytes)}"
+        f"{_files(len(result.dense.files))})"
+    )
+    click.echo(
+        f"pruned: {result.pruned.path}  ({_bytes(result.pruned.bytes)}"
+        f"{_files(len(result.pruned.files))}, {result.size_ratio:.2f}x the dense size)"
+    )
+    click.echo(f"data:   {result.data}, {ev.samples} samples, batch size {result.batch_size}")
+    click.echo()
+    rows = [
+        (
+            out.name,
+            f"{out.mse:.4g}",
+            f"{out.cosine:.5f}",
+            "-" if out.top1_agreement is None else f"{out.top1_agreement:.2%}",
+        )
+        for out in ev.outputs
+    ]
+    click.echo(table(["output", "mse", "cosine", "top-1 agreement"], rows, "lrrr"))
+    if ev.dense_accuracy is not None and ev.pruned_accuracy is not None:
+        click.echo()
+        click.echo(
+            f"accuracy on {ev.accuracy_output}: dense {_pct(ev.dense_accuracy)}, "
+            f"pruned {_pct(ev.pruned_accuracy)} "
+            f"({(ev.pruned_accuracy - ev.dense_accuracy) * 100:+.2f} points)"
+        )
+    click.echo()
+    layer_rows = [
+        (
+            layer.name,
+            "x".join(map(str, layer.shape)),
+            f"{layer.size:,}",
+            _pct(layer.dense_sparsity),
+            _pct(layer.pruned_sparsity),
+        )
+        for layer in result.layers
+    ]
+    click.echo(
+        table(["layer", "shape", "params", "dense zeros", "pruned zeros"], layer_rows, "llrrr")
+    )
+    click.echo()
+    click.echo(
+        f"{len(result.layers)} prunable layers, {result.weights:,} weights: "
+        f"sparsity dense {_pct(result.dense_sparsity)}, pruned {_pct(result.pruned_sparsity)}"
+        + (" (compact weights expanded)" if result.densified else "")
+    )
+    lat = result.latency
+    click.echo(
+        f"latency ({lat.provider}, batch of {lat.batch_size}, median of {lat.repeats} runs): "
+        f"dense {lat.dense_ms:.3f} ms, pruned {lat.pruned_ms:.3f} ms, "
+        f"pruned/dense {lat.ratio:.2f}"
+    )
+
+
+@click.command("eval")
+@click.argument("dense", type=click.Path())
+@click.argument("pruned", type=click.Path())
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help=".npz with one array per model input (first axis = samples).",
+)
+@click.option("--labels", metavar="KEY", help="Array of class labels in --data (for accuracy).")
+@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True)
+@click.option("--batch-size", default=64, show_default=True, help="Samples per run.")
+@click.option("--repeats", default=20, show_default=True, help="Timed runs of one batch per model.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def eval_command(
+    dense: str,
+    pruned: str,
+    data: str,
+    labels: str | None,
+    provider: str,
+    batch_size: int,
+    repeats: int,
+    as_json: bool,
+) -> None:
+    """Compare PRUNED with its DENSE original: outputs, accuracy, sparsity, size, latency."""
+    result = evaluate_files(
+        dense,
+        pruned,
+        data,
+        labels=labels,
+        provider=provider,
+        batch_size=batch_size,
+        repeats=repeats,
+    )
+    if as_json:
+        click.echo(to_json(result.to_dict()))
+    else:
+        show_eval(result)
+
+
+@click.command("plot")
+@click.argument("report", type=click.Path())
+@click.option(
+    "-o", "--output", type=click.Path(), help="Image file (.png, .svg, .pdf) [REPORT.png]."
+)
+@click.option("--force", is_flag=True, help="Replace an existing image.")
+def plot_command(report: str, output: str | None, force: bool) -> None:
+    """Draw the layers' distortion curves and chosen ratios from a prune REPORT (JSON)."""
+    out = Path(output) if output is not None else Path(report).with_suffix(".png")
+    if out.resolve() == Path(report).resolve():
+        raise UserError("refusing to overwrite the report with the plot", "choose another -o")
+    written = plot_result(read_report(report), out, force=force)
+    click.echo(f"wrote {written}")
