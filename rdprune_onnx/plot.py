@@ -126,11 +126,34 @@ def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+_SEPARATORS = "/.:_-"
+
+
+def distinct_parts(names: Sequence[str]) -> tuple[str, list[str], str]:
+    """Split off the prefix and suffix that all ``names`` share (at separators such as
+    ``/`` or ``.``), so that labels show what tells the layers apart.
+
+    Returns (prefix, middles, suffix); nothing is split off when that would leave a name
+    empty (one layer, or one name the prefix of another).
+    """
+    if len(names) < 2:
+        return "", list(names), ""
+    prefix = os.path.commonprefix(list(names))
+    prefix = prefix[: max(prefix.rfind(c) for c in _SEPARATORS) + 1]
+    suffix = os.path.commonprefix([name[::-1] for name in names])[::-1]
+    cut = [suffix.find(c) for c in _SEPARATORS if c in suffix]
+    suffix = suffix[min(cut) :] if cut else ""
+    middles = [name[len(prefix) : len(name) - len(suffix)] for name in names]
+    if not all(middles) or any(len(prefix) + len(suffix) > len(name) for name in names):
+        return "", list(names), ""
+    return prefix, middles, suffix
+
+
 def short_name(name: str, width: int = 24) -> str:
-    """``name`` cut in the middle to at most ``width`` characters."""
+    """``name`` cut to at most ``width`` characters, keeping more of its (telling) end."""
     if len(name) <= width:
         return name
-    head = (width - 1) // 2
+    head = (width - 1) // 3
     tail = width - 1 - head
     return name[:head] + "…" + name[-tail:]
 
@@ -208,6 +231,7 @@ def plot_result(
 
     layers = report.layers
     n = len(layers)
+    prefix, middles, suffix = distinct_parts([layer.name for layer in layers])
     named = n <= NAMED_LAYERS
     colors = colormaps["viridis"](np.linspace(0.0, 0.88, n)) if n > 1 else ["tab:blue"]
     cmap = ListedColormap(colors)
@@ -241,7 +265,7 @@ def plot_result(
                 color=colors[i],
                 lw=0.8 if many else 1.4,
                 alpha=0.75 if many else 0.95,
-                label=short_name(layer.name, 32),
+                label=short_name(middles[i], 32),
             )
             point = float(np.interp(layer.ratio, xs, shown))
             ax_curves.scatter(
@@ -263,7 +287,9 @@ def plot_result(
         ax_curves.grid(True, which="major", alpha=0.3)
         ax_curves.set_title("distortion when pruning one layer alone; dots: chosen ratios")
         if named:
-            ax_curves.legend(fontsize=8, loc="upper left", ncol=2 if n > 6 else 1)
+            ax_curves.legend(
+                fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0
+            )
         else:
             norm = BoundaryNorm(np.arange(-0.5, n + 0.5), n)
             bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax_curves, pad=0.01)
@@ -312,7 +338,7 @@ def plot_result(
     ax_size.set_ylim(min(sizes) / 2, max(sizes) * 2)
     ax_size.set_ylabel("weights in the layer (log scale)")
     if named:
-        labels = [short_name(layer.name, 20) for layer in layers]
+        labels = [short_name(middle, 20) for middle in middles]
         tilt = n * max(len(label) for label in labels) > 100
         ax_bars.set_xticks(
             index,
@@ -321,7 +347,11 @@ def plot_result(
             ha="right" if tilt else "center",
             fontsize=8,
         )
-        ax_bars.set_xlabel("layer")
+        ax_bars.set_xlabel(
+            f"layer (names shown without {short_name(prefix + '…' + suffix, 60)!r})"
+            if prefix or suffix
+            else "layer"
+        )
     else:
         ax_bars.set_xticks(index[:: max(1, math.ceil(n / MAX_TICKS))])
         ax_bars.set_xlabel("layer index (order in the report)")

@@ -309,3 +309,52 @@ def test_real_compact_file(tmp_path: Path) -> None:
     assert b.layers[0].pruned_zeros == int(np.count_nonzero(w1p == 0))
     assert b.evaluation.outputs[0].mse == pytest.approx(a.evaluation.outputs[0].mse, rel=1e-5)
     assert b.pruned.bytes < a.pruned.bytes
+
+
+class _FakeSession:
+    """Advances a fake clock by a fixed step on every run."""
+
+    def __init__(self, clock: list[float], step: float) -> None:
+        self.clock, self.step, self.runs = clock, step, 0
+
+    def run(self, feeds: object) -> list[np.ndarray]:
+        self.runs += 1
+        self.clock[0] += self.step
+        return []
+
+
+def test_measure_latency_times_each_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rdprune_onnx import evaluate as ev
+
+    clock = [0.0]
+    monkeypatch.setattr(ev.time, "perf_counter", lambda: clock[0])
+    dense, pruned = _FakeSession(clock, 0.004), _FakeSession(clock, 0.001)
+    dense_times, pruned_times = ev.measure_latency(
+        dense,  # type: ignore[arg-type]
+        pruned,  # type: ignore[arg-type]
+        {},
+        repeats=5,
+        warmup=2,
+    )
+    assert dense_times == pytest.approx([0.004] * 5)
+    assert pruned_times == pytest.approx([0.001] * 5)
+    assert dense.runs == pruned.runs == 7
+
+
+def test_latency_summary(
+    hand_case: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rdprune_onnx import evaluate as ev
+
+    def fake(*args: object, repeats: int, warmup: int) -> tuple[list[float], list[float]]:
+        assert (repeats, warmup) == (4, 1)
+        return [0.004, 0.001, 0.003, 0.010], [0.002, 0.0015, 0.0005, 0.009]
+
+    monkeypatch.setattr(ev, "measure_latency", fake)
+    dense, pruned, data = hand_case
+    lat = evaluate(dense, pruned, data, repeats=4, warmup=1).latency
+    assert lat.dense_ms == pytest.approx(3.5)  # median of 1, 3, 4, 10 ms
+    assert lat.pruned_ms == pytest.approx(1.75)  # median of 0.5, 1.5, 2, 9 ms
+    assert lat.dense_min_ms == pytest.approx(1.0)
+    assert lat.pruned_min_ms == pytest.approx(0.5)
+    assert lat.ratio == pytest.approx(0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
 import sys
@@ -17,7 +18,10 @@ from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings, prune
 from rdprune_onnx.plot import DPI, FIGSIZE, plot_result, read_report, short_name
 from tests import graphs
 
-pytest.importorskip("matplotlib")
+needs_matplotlib = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed"
+)
+pytestmark = needs_matplotlib
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -132,4 +136,4 @@ def test_read_report_errors(tmp_path: Path) -> None:
 def test_short_name() -> None:
     assert short_name("conv1.weight") == "conv1.weight"
     cut = short_name("/model/encoder/layer.11/attention/self/query/MatMul", 20)
-    assert len(cut) == 20 and cut.startswith("/model/e") and cut.endswith("query/MatMul")
+    assert len(cut) == 20 and cut.startswith("/model…") and cut.endswith("/query/MatMul")

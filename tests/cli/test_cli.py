@@ -7,8 +7,8 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from rdprune_onnx_cli.main import cli
 
+from rdprune_onnx_cli.main import cli
 from tests import graphs
 
 
