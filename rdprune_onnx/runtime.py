@@ -30,6 +30,7 @@ def resolve_provider(provider: str) -> str:
     if provider == "cpu":
         return "cpu"
     if _NAMES["cuda"] in available:
+        _preload_cuda_libraries()
         return "cuda"
     if provider == "cuda":
         raise UserError(
@@ -38,6 +39,16 @@ def resolve_provider(provider: str) -> str:
             " or use --provider cpu",
         )
     return "cpu"
+
+
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries that pip packages (e.g. PyTorch's) ship, if any."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as exc:  # best effort: the system libraries may do
+            log.info("onnxruntime.preload_dlls failed: %s", exc)
 
 
 def versions() -> dict[str, str]:
