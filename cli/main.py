@@ -10,8 +10,10 @@ import click
 from rdprune_onnx import UserError, inspect_model
 from rdprune_onnx.cache import default_cache_dir
 from rdprune_onnx.pipeline import allocate, measure, output_for_ratio, prune
+from rdprune_onnx.plot import check_plot_target, plot_result
 from rdprune_onnx.report import to_json
 
+from .eval_cmd import eval_command, plot_command
 from .options import (
     allocation_options,
     build_calibration,
@@ -41,7 +43,7 @@ class _Group(click.Group):
         except click.UsageError as exc:
             if exc.exit_code == 1:
                 raise
-            raise _UsageError(exc.message, exc.ctx) from None
+            raise _UsageError(exc.format_message(), exc.ctx) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -51,7 +53,7 @@ class _Group(click.Group):
         except click.UsageError as exc:
             if exc.exit_code == 1:
                 raise
-            raise _UsageError(exc.message, exc.ctx) from None
+            raise _UsageError(exc.format_message(), exc.ctx) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,14 +90,20 @@ def inspect_command(model: str, as_json: bool) -> None:
 @click.option("--steps", default=1, show_default=True, help="Iterative rd: re-measure K times.")
 @calibration_options
 @output_options
+@click.option("--plot", type=click.Path(dir_okay=False), help="Curves and ratios as a PNG.")
 def prune_command(model: str, **kwargs: Any) -> None:
     """Prune MODEL to --ratio and write the sparsified ONNX file."""
     calibration = build_calibration(kwargs)
     settings = build_settings(kwargs, ratio=kwargs.pop("ratio"))
     progress = not kwargs.pop("no_progress")
     cache_dir = _cache_dir(kwargs)
+    plot = kwargs.pop("plot")
+    if plot is not None:
+        check_plot_target(plot, force=kwargs["force"])
     result = prune(model, settings, calibration, progress=progress, cache_dir=cache_dir, **kwargs)
     click.echo(show_prune(result))
+    if plot is not None:
+        click.echo(f"plotted {plot_result(result, plot, force=kwargs['force'])}")
 
 
 @cli.command("curves")
@@ -151,6 +159,10 @@ def allocate_command(curves: str, model: str, ratios: str, **kwargs: Any) -> Non
             target = output_for_ratio(output or f"{model.removesuffix('.onnx')}.pruned.onnx", ratio)
         result = allocate(curves, model, settings, calibration=calibration, output=target, **args)
         click.echo(show_prune(result))
+
+
+cli.add_command(eval_command)
+cli.add_command(plot_command)
 
 
 def main() -> None:

@@ -129,6 +129,13 @@ def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:
 _SEPARATORS = "/.:_-"
 
 
+def _common_prefix(strings: Sequence[str]) -> str:
+    """The longest string that starts every one of ``strings`` (character by character)."""
+    first, last = min(strings), max(strings)
+    end = next((i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b), len(first))
+    return first[:end]
+
+
 def distinct_parts(names: Sequence[str]) -> tuple[str, list[str], str]:
     """Split off the prefix and suffix that all ``names`` share (at separators such as
     ``/`` or ``.``), so that labels show what tells the layers apart.
@@ -138,9 +145,9 @@ def distinct_parts(names: Sequence[str]) -> tuple[str, list[str], str]:
     """
     if len(names) < 2:
         return "", list(names), ""
-    prefix = os.path.commonprefix(list(names))
+    prefix = _common_prefix(names)
     prefix = prefix[: max(prefix.rfind(c) for c in _SEPARATORS) + 1]
-    suffix = os.path.commonprefix([name[::-1] for name in names])[::-1]
+    suffix = _common_prefix([name[::-1] for name in names])[::-1]
     cut = [suffix.find(c) for c in _SEPARATORS if c in suffix]
     suffix = suffix[min(cut) :] if cut else ""
     middles = [name[len(prefix) : len(name) - len(suffix)] for name in names]
@@ -347,11 +354,12 @@ def plot_result(
             ha="right" if tilt else "center",
             fontsize=8,
         )
-        ax_bars.set_xlabel(
-            f"layer (names shown without {short_name(prefix + '…' + suffix, 60)!r})"
-            if prefix or suffix
-            else "layer"
-        )
+        common = [
+            f"{what} {short_name(part, 40)!r}"
+            for what, part in (("prefix", prefix), ("suffix", suffix))
+            if part
+        ]
+        ax_bars.set_xlabel(f"layer (common {' and '.join(common)} left out)" if common else "layer")
     else:
         ax_bars.set_xticks(index[:: max(1, math.ceil(n / MAX_TICKS))])
         ax_bars.set_xlabel("layer index (order in the report)")
@@ -397,3 +405,14 @@ def plot_result(
             Path(tmp).unlink()
         raise
     return out
+
+
+def check_plot_target(path: str | os.PathLike[str], *, force: bool = False) -> None:
+    """Refuse a bad plot path before a long run (the image format is checked when drawing)."""
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise UserError(f"plot folder {str(out.parent)!r} does not exist", "create it first")
+    if out.is_dir():
+        raise UserError(f"{str(out)!r} is a directory", "name an image file")
+    if out.exists() and not force:
+        raise UserError(f"plot {str(out)!r} already exists", "pass --force to replace it")

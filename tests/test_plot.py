@@ -15,7 +15,7 @@ import pytest
 
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings, prune
-from rdprune_onnx.plot import DPI, FIGSIZE, plot_result, read_report, short_name
+from rdprune_onnx.plot import DPI, FIGSIZE, distinct_parts, plot_result, read_report, short_name
 from tests import graphs
 
 needs_matplotlib = pytest.mark.skipif(
@@ -137,3 +137,20 @@ def test_short_name() -> None:
     assert short_name("conv1.weight") == "conv1.weight"
     cut = short_name("/model/encoder/layer.11/attention/self/query/MatMul", 20)
     assert len(cut) == 20 and cut.startswith("/model…") and cut.endswith("/query/MatMul")
+
+
+def test_distinct_parts() -> None:
+    names = [
+        "/enc/layer.0/attn/query/MatMul_w",
+        "/enc/layer.0/attn/key/MatMul_w",
+        "/enc/layer.1/fc/MatMul_w",
+    ]
+    assert distinct_parts(names) == (
+        "/enc/layer.",
+        ["0/attn/query", "0/attn/key", "1/fc"],
+        "/MatMul_w",
+    )
+    assert distinct_parts(["conv1.weight", "fc1.weight"]) == ("", ["conv1", "fc1"], ".weight")
+    assert distinct_parts(["only.weight"]) == ("", ["only.weight"], "")
+    assert distinct_parts(["x.weight", "x.weight.1"]) == ("x.", ["weight", "weight.1"], "")
+    assert distinct_parts(["w", "w"]) == ("", ["w", "w"], "")
