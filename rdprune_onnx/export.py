@@ -370,6 +370,8 @@ def compact_weights(
     entries = _read_metadata(out)
     for name in wanted:
         if name not in main:
+            if name in entries:
+                continue  # compacted already
             if name in elsewhere:
                 log.info("%s: not a main-graph initializer, left dense", name)
                 continue
@@ -410,7 +412,8 @@ def compact_weights(
         else:
             new_inits.extend(found.initializers)
             new_nodes.extend(found.nodes)
-    new_inits.extend(shared.tensors)
+    read = {inp for node in new_nodes for inp in node.input}
+    new_inits.extend(t for t in shared.tensors if t.name in read)
     del graph.initializer[:]
     graph.initializer.extend(new_inits)
     # The rebuilds read initializers only, so they go first (topological order holds).

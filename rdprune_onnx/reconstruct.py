@@ -102,6 +102,7 @@ class LayerRefit:
     error_after: float
     seconds: float
     reason: str | None = None  # why skipped, or why the plain mask was kept
+    bias: str | None = None  # the bias constant refit along with the weight, if any
 
 
 @dataclass
@@ -497,9 +498,9 @@ class _Stats:
 
     def error(self, w: Array) -> float:
         """Mean squared error per output element of the effective weight ``w`` (g, D, r)."""
-        quad = np.einsum("gdr,gde,ger->", w, self.hessian, w)
-        lin = np.einsum("gdr,gdr->", w, self.cross)
-        total = float(quad - 2.0 * lin + self.target_sq)
+        quad = float(np.sum(w * (self.hessian @ w)))
+        lin = float(np.sum(w * self.cross))
+        total = quad - 2.0 * lin + self.target_sq
         count = self.rows * w.shape[0] * w.shape[2]
         return max(total, 0.0) / count if count else 0.0
 
@@ -783,6 +784,26 @@ def _effective_with_bias(weight: Array, bias: Array | None, plan: _Plan) -> Arra
     return np.concatenate([eff, _bias_to_effective(bias, plan)[:, None, :]], axis=1)
 
 
+@dataclass
+class _Context:
+    """What every layer's refit needs."""
+
+    typed: onnx.ModelProto  # the dense model, type-inferred
+    graph: _Graph
+    data: Mapping[str, Array]
+    batch_size: int
+    config: SessionConfig
+    solver: str
+    damping: float
+
+
+@dataclass
+class _Refit:
+    info: LayerRefit
+    weight: Array | None = None  # None: keep the masked weight
+    bias: Array | None = None
+
+
 def reconstruct(
     model: onnx.ModelProto,
     pruned: Mapping[str, Array],
@@ -798,151 +819,106 @@ def reconstruct(
 ) -> Reconstruction:
     """Refit the kept weights of ``layers`` after masking (see the module doc).
 
-    ``model`` is the dense model, ``pruned`` maps weight names to their masked values
-    (zeros pruned), ``data`` the calibration inputs (first axis = samples).
+    ``model`` is the dense model; ``pruned`` maps weight names to their masked values
+    (zeros = pruned); ``data`` holds the calibration inputs (first axis = samples). Layers
+    are visited in graph order, each fed by the model whose upstream layers are already
+    refit. Layers of ``layers`` missing from ``pruned`` are left dense and not reported;
+    entries of ``pruned`` that are not refit are returned as given.
     """
     if solver not in SOLVERS:
         raise UserError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
     if damping < 0:
         raise UserError(f"damping must be >= 0, got {damping}", "e.g. 0.01")
-    config = config or SessionConfig()
     typed = infer_types(model)
-    g = _Graph(typed)
-    feeds_names = set(data)
+    ctx = _Context(
+        typed, _Graph(typed), data, batch_size, config or SessionConfig(), solver, damping
+    )
     weights: dict[str, Array] = {name: np.asarray(w) for name, w in pruned.items()}
     biases: dict[str, Array] = {}
     current = replace_weights(typed, weights)
     results: list[LayerRefit] = []
-    ordered = [layer for layer in _graph_order(g, layers) if layer.name in pruned]
+    ordered = [layer for layer in _graph_order(ctx.graph, layers) if layer.name in pruned]
     for layer in tqdm(ordered, disable=not progress, desc="refit", unit="layer", leave=False):
         started = time.perf_counter()
-        masked = weights[layer.name]
-        found = g.constant(layer.name)
-        if found is None:
-            results.append(
-                LayerRefit(
-                    layer.name,
-                    "skipped",
-                    math.nan,
-                    math.nan,
-                    0.0,
-                    "weight is not a constant of the main graph",
-                )
-            )
-            continue
-        dense = found[1]
-        if masked.shape != dense.shape or masked.dtype != dense.dtype:
-            raise UserError(
-                f"pruned weight {layer.name!r} has shape {masked.shape} {masked.dtype}, "
-                f"the model's is {dense.shape} {dense.dtype}",
-                "pass the masked weights of this model",
-            )
-        if np.array_equal(masked, dense):
-            results.append(
-                LayerRefit(
-                    layer.name,
-                    "skipped",
-                    math.nan,
-                    math.nan,
-                    time.perf_counter() - started,
-                    "mask removes nothing; unchanged",
-                )
-            )
-            continue
-        plans = _plan_layer(g, layer, refit_bias)
-        if isinstance(plans, str):
-            results.append(
-                LayerRefit(
-                    layer.name, "skipped", math.nan, math.nan, time.perf_counter() - started, plans
-                )
-            )
-            continue
-        refit = _refit_layer(
-            layer,
-            plans,
-            g,
-            typed,
-            current,
-            dense,
-            masked,
-            data,
-            feeds_names,
-            batch_size,
-            config,
-            solver,
-            damping,
-        )
+        refit = _refit_or_skip(ctx, layer, current, weights[layer.name], refit_bias)
         refit.info.seconds = time.perf_counter() - started
         results.append(refit.info)
         if refit.weight is not None:
             weights[layer.name] = refit.weight
             update = {layer.name: refit.weight}
-            if refit.bias is not None and plans[0].bias is not None:
-                biases[plans[0].bias] = refit.bias
-                update[plans[0].bias] = refit.bias
+            bias_name = refit.info.bias
+            if refit.bias is not None and bias_name is not None:
+                biases[bias_name] = refit.bias
+                update[bias_name] = refit.bias
             current = replace_weights(current, update)
+        info = refit.info
         log.info(
             "refit %s: %s, error %.4g -> %.4g (%.2f s)%s",
-            layer.name,
-            refit.info.method,
-            refit.info.error_before,
-            refit.info.error_after,
-            refit.info.seconds,
-            f" [{refit.info.reason}]" if refit.info.reason else "",
+            info.name,
+            info.method,
+            info.error_before,
+            info.error_after,
+            info.seconds,
+            f" [{info.reason}]" if info.reason else "",
         )
     return Reconstruction(weights, biases, results)
 
 
-@dataclass
-class _Refit:
-    info: LayerRefit
-    weight: Array | None = None  # None: keep the masked weight
-    bias: Array | None = None
+def _skip(name: str, reason: str) -> _Refit:
+    return _Refit(LayerRefit(name, "skipped", math.nan, math.nan, 0.0, reason))
+
+
+def _refit_or_skip(
+    ctx: _Context, layer: Layer, current: onnx.ModelProto, masked: Array, refit_bias: bool
+) -> _Refit:
+    found = ctx.graph.constant(layer.name)
+    if found is None:
+        return _skip(layer.name, "weight is not a constant of the main graph")
+    dense = found[1]
+    if masked.shape != dense.shape or masked.dtype != dense.dtype:
+        raise UserError(
+            f"pruned weight {layer.name!r} is {masked.dtype}{list(masked.shape)}, "
+            f"the model's is {dense.dtype}{list(dense.shape)}",
+            "pass the masked weights of this model",
+        )
+    if np.array_equal(masked, dense):
+        return _skip(layer.name, "mask removes nothing; unchanged")
+    plans = _plan_layer(ctx.graph, layer, refit_bias)
+    if isinstance(plans, str):
+        return _skip(layer.name, plans)
+    return _refit_layer(ctx, layer.name, plans, current, masked)
 
 
 def _refit_layer(
-    layer: Layer,
-    plans: list[_Plan],
-    g: _Graph,
-    typed: onnx.ModelProto,
-    current: onnx.ModelProto,
-    dense: Array,
-    masked: Array,
-    data: Mapping[str, Array],
-    feeds_names: set[str],
-    batch_size: int,
-    config: SessionConfig,
-    solver: str,
-    damping: float,
+    ctx: _Context, name: str, plans: list[_Plan], current: onnx.ModelProto, masked: Array
 ) -> _Refit:
     plan0 = plans[0]
-    bias_name = plan0.bias
     bias_dense: Array | None = None
-    if bias_name is not None:
-        found = g.constant(bias_name)
+    if plan0.bias is not None:
+        found = ctx.graph.constant(plan0.bias)
         assert found is not None
         bias_dense = found[1]
     keep = masked != 0
     mask_eff = _to_effective(keep, plan0) != 0
     groups, d, r = mask_eff.shape
-    width = d + (1 if bias_name is not None else 0)
-    if bias_name is not None:
+    if bias_dense is not None:
         mask_eff = np.concatenate([mask_eff, np.ones((groups, 1, r), dtype=bool)], axis=1)
+    width = mask_eff.shape[1]
     stats = _Stats(np.zeros((groups, width, width)), np.zeros((groups, width, r)))
-    targets = _Fetcher(typed, [p.output for p in plans], feeds_names, config)
-    inputs = _Fetcher(current, [p.activation for p in plans], feeds_names, config)
-    for feeds in batches(data, batch_size):
+    feeds_names = set(ctx.data)
+    targets = _Fetcher(ctx.typed, [p.output for p in plans], feeds_names, ctx.config)
+    inputs = _Fetcher(current, [p.activation for p in plans], feeds_names, ctx.config)
+    for feeds in batches(ctx.data, ctx.batch_size):
         dense_out = targets.run(feeds)
         current_in = inputs.run(feeds)
         for plan in plans:
             y = _target_rows(plan, dense_out[plan.output], bias_dense)
             for rows, x in _input_rows(plan, current_in[plan.activation]):
-                _accumulate(stats, x, y[:, rows], bias_name is not None)
-    before_eff = _effective_with_bias(masked, bias_dense, plan0)
-    error_before = stats.error(before_eff)
-    method = solver if solver != "auto" else choose_solver(mask_eff)
-    info = LayerRefit(layer.name, method, error_before, error_before, 0.0)
-    damped = _damped(stats.hessian, damping, d)
+                _accumulate(stats, x, y[:, rows], bias_dense is not None)
+    error_before = stats.error(_effective_with_bias(masked, bias_dense, plan0))
+    method = ctx.solver if ctx.solver != "auto" else choose_solver(mask_eff)
+    info = LayerRefit(name, method, error_before, error_before, 0.0)
+    damped = _damped(stats.hessian, ctx.damping, d)
     try:
         if method == "exact":
             solved = solve_exact(damped, stats.cross, mask_eff)
@@ -953,15 +929,15 @@ def _refit_layer(
         return _Refit(info)
     weight = _cast_weight(solved[:, :d], plan0, masked, keep)
     bias: Array | None = None
-    if bias_name is not None:
-        assert bias_dense is not None
+    if bias_dense is not None:
         bias = _bias_from_effective(solved[:, d], plan0).astype(bias_dense.dtype)
     if not np.all(np.isfinite(weight)) or (bias is not None and not np.all(np.isfinite(bias))):
-        info.reason = "refit overflowed the weight dtype; kept mask"
+        info.reason = "refit overflows the weight dtype; kept mask"
         return _Refit(info)
     error_after = stats.error(_effective_with_bias(weight, bias, plan0))
     if not error_after < error_before:
         info.reason = "refit did not help; kept mask"
         return _Refit(info)
     info.error_after = error_after
+    info.bias = plan0.bias
     return _Refit(info, weight, bias)
