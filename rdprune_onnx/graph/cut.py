@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
+from rdprune_onnx.graph.walk import subgraphs
+
 
 @dataclass
 class Cut:
@@ -27,15 +29,13 @@ class Cut:
 def _subgraph_references(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs read from the enclosing scope."""
     names: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for graph in graphs:
-            defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-            for inner in graph.node:
-                defined.update(inner.output)
-            for inner in graph.node:
-                used = set(inner.input) | _subgraph_references(inner)
-                names.update(n for n in used if n and n not in defined)
+    for graph in subgraphs(node):
+        defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+        for inner in graph.node:
+            defined.update(inner.output)
+        for inner in graph.node:
+            used = set(inner.input) | _subgraph_references(inner)
+            names.update(n for n in used if n and n not in defined)
     return names
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from rdprune_onnx.graph.walk import iter_graphs, subgraphs
+
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 _QUANT_OPS = ("DequantizeLinear", "DynamicQuantizeLinear", "QuantizeLinear")
@@ -97,16 +99,9 @@ def _walk(
 ) -> Iterator[tuple[onnx.GraphProto, str, int, onnx.NodeProto]]:
     for index, node in enumerate(graph.node):
         yield graph, path, index, node
-        for attr in node.attribute:
-            subs: list[onnx.GraphProto] = []
-            if attr.type == onnx.AttributeProto.GRAPH:
-                subs = [attr.g]
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                subs = list(attr.graphs)
-            for k, sub in enumerate(subs):
-                label = node.name or f"{node.op_type}#{index}"
-                sub_path = f"{path}/{label}.{attr.name}" + (f"[{k}]" if len(subs) > 1 else "")
-                yield from _walk(sub, sub_path)
+        label = node.name or f"{node.op_type}#{index}"
+        for k, sub in enumerate(subgraphs(node)):
+            yield from _walk(sub, f"{path}/{label}.{sub.name or k}")
 
 
 def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
@@ -135,7 +130,7 @@ class ConstantIndex:
                 tensor = _constant_tensor(node)
                 if tensor is not None:
                     self.constants[node.output[0]] = _Constant(tensor, "constant")
-        for graph in _graphs(model.graph):
+        for graph in iter_graphs(model.graph):
             for init in graph.initializer:
                 self.constants[init.name] = _Constant(init, "initializer")
 
@@ -160,17 +155,6 @@ class ConstantIndex:
                 return current, f"quantized weight (behind {producer.op_type})"
             return current, f"operand is computed by a {producer.op_type} node"
         return current, "cyclic Identity chain"
-
-
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _graphs(sub)
 
 
 def _weight_operands(node: onnx.NodeProto) -> list[int]:

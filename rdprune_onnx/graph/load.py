@@ -13,6 +13,7 @@ import onnx
 from onnx import external_data_helper
 
 from rdprune_onnx.errors import UserError
+from rdprune_onnx.graph.walk import iter_graphs
 
 log = logging.getLogger(__name__)
 
@@ -23,22 +24,10 @@ _PROTOBUF_LIMIT = 2**31 - 1
 _EXTERNAL_THRESHOLD = 1024
 
 
-def _iter_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    graphs = [graph]
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                graphs.extend(_iter_graphs(attr.g))
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    graphs.extend(_iter_graphs(sub))
-    return graphs
-
-
 def iter_all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Every initializer and Constant-node tensor in the model, subgraphs included."""
     tensors: list[onnx.TensorProto] = []
-    for graph in _iter_graphs(model.graph):
+    for graph in iter_graphs(model.graph):
         tensors.extend(graph.initializer)
         for node in graph.node:
             if node.op_type == "Constant":

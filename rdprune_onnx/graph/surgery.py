@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _graphs(sub)
+from rdprune_onnx.graph.walk import iter_graphs
 
 
 def _tensor_slots(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """Every named constant tensor (initializers, Constant values) in all scopes."""
     slots: dict[str, onnx.TensorProto] = {}
-    for graph in _graphs(model.graph):
+    for graph in iter_graphs(model.graph):
         for node in graph.node:
             if node.op_type == "Constant" and node.output:
                 for attr in node.attribute:
@@ -60,7 +51,7 @@ def expose_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProt
     out.CopyFrom(model)
     wanted = set(names)
     existing_inputs = {i.name for i in out.graph.input}
-    for graph in _graphs(out.graph):
+    for graph in iter_graphs(out.graph):
         found = [(t.name, t.data_type, list(t.dims)) for t in graph.initializer if t.name in wanted]
         if found:
             keep_init = [t for t in graph.initializer if t.name not in wanted]
