@@ -67,28 +67,38 @@ class DistortionMeter:
         return self.total / self.count if self.count else 0.0
 
 
+def class_score_problem(value: np.ndarray) -> str | None:
+    """Why an output is not class scores (logits), or None when it looks like them.
+
+    Class scores have a class axis last (at least two classes), and their rows are neither
+    unit-norm embeddings nor probabilities already.
+    """
+    if value.dtype.kind != "f":
+        return "it is not a float tensor"
+    if value.ndim < 2 or value.shape[-1] < 2:
+        return "it has no class axis (rank < 2 or a last axis of size 1)"
+    rows = value.reshape(-1, value.shape[-1]).astype(np.float64)
+    if np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-3):
+        return "its rows are unit-norm embeddings, not class scores"
+    if (rows >= 0).all() and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3):
+        return "it already holds probabilities"
+    return None
+
+
 def check_metric(metric: str, names: Sequence[str], outputs: Sequence[np.ndarray]) -> None:
     """Refuse softmax-based metrics on outputs that are not class scores.
 
     ``prob-mse`` and ``kl`` apply a softmax over the last axis, which only makes sense for
-    logits: an output needs at least two classes on its last axis, and rows that are
-    already probabilities or unit-norm embeddings are refused.
+    logits.
     """
     from rdprune_onnx.errors import UserError
 
     if metric not in ("prob-mse", "kl"):
         return
     for name, value in zip(names, outputs, strict=True):
-        rows = value.reshape(-1, value.shape[-1]).astype(np.float64) if value.ndim else None
-        if value.ndim < 2 or rows is None or rows.shape[1] < 2:
-            reason = "it has no class axis (rank < 2 or a last axis of size 1)"
-        elif np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-3):
-            reason = "its rows are unit-norm embeddings, not class scores"
-        elif (rows >= 0).all() and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3):
-            reason = "it already holds probabilities"
-        else:
-            continue
-        raise UserError(
-            f"--metric {metric} needs class scores (logits), but output {name!r}: {reason}",
-            "use --metric mse or worst",
-        )
+        reason = class_score_problem(value)
+        if reason is not None:
+            raise UserError(
+                f"--metric {metric} needs class scores (logits), but output {name!r}: {reason}",
+                "use --metric mse or worst",
+            )

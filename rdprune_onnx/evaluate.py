@@ -23,6 +23,7 @@ from onnx import external_data_helper
 
 from rdprune_onnx import calibration as calib
 from rdprune_onnx.calibration import batches, sample_count
+from rdprune_onnx.distortion import class_score_problem
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.layers import Layer, find_layers
 from rdprune_onnx.graph.load import iter_all_tensors, load_model
@@ -77,7 +78,10 @@ def run_all(
 
 
 def _is_class_scores(value: np.ndarray) -> bool:
-    return value.dtype.kind == "f" and value.ndim >= 2 and value.shape[-1] > 1
+    """Outputs that top-1 agreement and accuracy make sense for (not embeddings)."""
+    reason = class_score_problem(value)
+    # Softmax outputs are class scores too, for agreement and accuracy.
+    return reason is None or reason == "it already holds probabilities"
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -358,3 +358,15 @@ def test_latency_summary(
     assert lat.dense_min_ms == pytest.approx(1.0)
     assert lat.pruned_min_ms == pytest.approx(0.5)
     assert lat.ratio == pytest.approx(0.5)
+
+
+def test_embeddings_get_no_top1_agreement() -> None:
+    from rdprune_onnx.evaluate import _is_class_scores
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((8, 5))
+    assert _is_class_scores(logits)
+    assert not _is_class_scores(logits / np.linalg.norm(logits, axis=1, keepdims=True))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert _is_class_scores(probs)
+    assert not _is_class_scores(rng.standard_normal((8, 1)))
