@@ -27,7 +27,13 @@ from .render import show_curves, show_prune, show_summary
 
 
 class _UsageError(click.UsageError):
+    """A usage mistake, shown as one line like every other bad input."""
+
     exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"Error: {self.format_message()}{hint}", err=True, file=file)
 
 
 class _Group(click.Group):

@@ -143,6 +143,9 @@ class _LayerMeasurer:
         self.cut: Cut | None = None
         if engine != "full":
             self.cut = downstream(expose_as_inputs(typed, [layer.name]), layer.name)
+            if self.cut is not None:
+                # Only the float outputs are measured (integer ones, e.g. argmax, are not).
+                self.cut.outputs = [o for o in self.cut.outputs if o in reference.outputs]
             if self.cut is None and engine == "downstream":
                 log.info("%s: cannot cut the graph below it; running the whole model", layer.name)
         if self.cut is None:

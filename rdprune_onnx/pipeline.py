@@ -356,8 +356,13 @@ def _check_outputs(
             raise UserError(f"output {str(out)!r} already exists", "pass --force to replace it")
         if not out.parent.is_dir():
             raise UserError(f"output folder {str(out.parent)!r} does not exist", "create it first")
-    if report is not None and Path(report).exists() and not force:
-        raise UserError(f"report {str(report)!r} already exists", "pass --force to replace it")
+    if report is not None:
+        if Path(report).exists() and not force:
+            raise UserError(f"report {str(report)!r} already exists", "pass --force to replace it")
+        if not Path(report).parent.is_dir():
+            raise UserError(
+                f"report folder {str(Path(report).parent)!r} does not exist", "create it first"
+            )
 
 
 def _load_job(
@@ -558,9 +563,10 @@ def _finish(
         )
         timings["evaluate"] = time.perf_counter() - t
     written = None
+    files: list[Path] = []
     if output is not None:
         t = time.perf_counter()
-        save_model(
+        files = save_model(
             pruned_model,
             output,
             external_data=job.had_external or None,
@@ -595,7 +601,13 @@ def _finish(
         model=pruned_model,
     )
     if report is not None:
-        write_json(result.to_dict(), report, force=force)
+        try:
+            write_json(result.to_dict(), report, force=force)
+        except BaseException:
+            # All or nothing: a model without its report is not left behind.
+            for path in files:
+                path.unlink(missing_ok=True)
+            raise
     return result
 
 

@@ -915,6 +915,14 @@ def _refit_layer(
             y = _target_rows(plan, dense_out[plan.output], bias_dense)
             for rows, x in _input_rows(plan, current_in[plan.activation]):
                 _accumulate(stats, x, y[:, rows], bias_dense is not None)
+    if stats.rows < width:
+        log.warning(
+            "%s: %d calibration rows for %d inputs; the refit may fit the calibration data "
+            "rather than the layer (use more samples or a larger damping)",
+            name,
+            stats.rows,
+            width,
+        )
     error_before = stats.error(_effective_with_bias(masked, bias_dense, plan0))
     method = ctx.solver if ctx.solver != "auto" else choose_solver(mask_eff)
     info = LayerRefit(name, method, error_before, error_before, 0.0)

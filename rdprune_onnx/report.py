@@ -41,6 +41,12 @@ def write_json(obj: Any, path: str | os.PathLike[str], *, force: bool = False) -
             fh.flush()
             os.fsync(fh.fileno())
         Path(tmp).replace(out)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(
+            f"could not write {str(out)!r}: {exc.strerror or exc}",
+            "free disk space or choose another path",
+        ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

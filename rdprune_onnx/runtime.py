@@ -2,24 +2,87 @@
 
 Sessions are built from in-memory models; the provider is chosen once (``auto`` takes the
 CUDA execution provider when onnxruntime-gpu sees a GPU).
+
+Small models reach ONNX Runtime as one serialised protobuf. A model whose protobuf is larger
+than :data:`EXTERNAL_DATA_THRESHOLD` (protobuf cannot serialise a message over 2 GiB) is
+written to a temporary folder instead: its tensors one at a time into a single data file,
+and a small copy of the graph that points at them. The caller's model is never modified
+and never serialised whole. ONNX Runtime reads the files while the session is created and
+the folder is removed straight away (see ``docs/large_models.md``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper, numpy_helper
 
 from rdprune_onnx.errors import UserError
+from rdprune_onnx.graph.load import iter_all_tensors
 
 log = logging.getLogger(__name__)
 
 PROVIDERS = ("auto", "cpu", "cuda")
 _NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+# Models whose tensors hold at least this many bytes reach ONNX Runtime through a
+# temporary folder with external data rather than as one serialised message. Protobuf's
+# limit is 2 GiB; below it the file route is still the leaner one (ONNX Runtime keeps no
+# copy of the initializers it pre-packs from a file), so it starts well before the limit.
+EXTERNAL_DATA_THRESHOLD = 512 * 1024**2
+# On that route, tensors whose data is at least this large (bytes) go to the data file.
+TENSOR_MIN_BYTES = 1024
+# Offsets of tensors of this size or more in the data file are aligned to it (the largest
+# allocation granularity, Windows'), so that ONNX Runtime can map them instead of reading.
+_ALIGNMENT = 64 * 1024
+_MODEL_FILE = "model.onnx"
+_DATA_FILE = "model.onnx.data"
+_DATA_FIELDS = frozenset(
+    {
+        "raw_data",
+        "float_data",
+        "int32_data",
+        "string_data",
+        "int64_data",
+        "double_data",
+        "uint64_data",
+        "external_data",
+        "data_location",
+    }
+)
+# Element types whose typed (non-raw) storage numpy_helper turns into the raw layout.
+_TYPED_OK = frozenset(
+    {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.BFLOAT16,
+        onnx.TensorProto.INT8,
+        onnx.TensorProto.INT16,
+        onnx.TensorProto.INT32,
+        onnx.TensorProto.INT64,
+        onnx.TensorProto.UINT8,
+        onnx.TensorProto.UINT16,
+        onnx.TensorProto.UINT32,
+        onnx.TensorProto.UINT64,
+        onnx.TensorProto.BOOL,
+        onnx.TensorProto.COMPLEX64,
+        onnx.TensorProto.COMPLEX128,
+    }
+)
 
 
 def resolve_provider(provider: str) -> str:
@@ -62,11 +125,171 @@ class SessionConfig:
     optimize: bool = True
 
 
+# --- writing a model as a small graph plus one external data file, field by field ---
+
+
+# ``field`` below is a protobuf FieldDescriptor (typed Any: protobuf ships no stubs here).
+
+
+def _is_repeated(field: Any) -> bool:
+    repeated = getattr(field, "is_repeated", None)  # newer protobuf; ``label`` before
+    if repeated is not None:
+        return bool(repeated)
+    return bool(field.label == field.LABEL_REPEATED)
+
+
+def _copy_field(dst: Any, field: Any, value: Any) -> None:
+    if _is_repeated(field):
+        getattr(dst, field.name).extend(value)
+    elif field.type == field.TYPE_MESSAGE:
+        getattr(dst, field.name).CopyFrom(value)
+    else:
+        setattr(dst, field.name, value)
+
+
+def _data_bytes(tensor: onnx.TensorProto) -> int:
+    """The size of a tensor's data in the raw layout, from its type and shape.
+
+    Never ``ByteSize()``: upb computes it by encoding the message (a transient copy of up to
+    twice its size) and refuses messages over 2 GiB; nor ``raw_data``, which copies it.
+    """
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+        return 0
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return 0  # kept inline (external string tensors are not a thing)
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:  # an element type this onnx does not know
+        itemsize = 1
+    return math.prod(tensor.dims) * itemsize
+
+
+def _model_data_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of every tensor in the model (initializers, Constants, all scopes)."""
+    return sum(_data_bytes(t) for t in iter_all_tensors(model))
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> bytes | None:
+    """The tensor's data in the raw (external data) layout, or None to keep it inline."""
+    size = _data_bytes(tensor)
+    if size == 0 or size < TENSOR_MIN_BYTES:
+        return None
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    if tensor.data_type not in _TYPED_OK or sys.byteorder != "little":
+        return None  # numpy_helper gives another layout, or the host's byte order
+    return np.ascontiguousarray(numpy_helper.to_array(tensor)).tobytes()
+
+
+def _copy_tensor_metadata(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
+    """Every field but the data (``ListFields`` would copy ``raw_data`` out)."""
+    for field in src.DESCRIPTOR.fields:
+        if field.name in _DATA_FIELDS:
+            continue
+        value = getattr(src, field.name)
+        if _is_repeated(field):
+            if len(value):
+                getattr(dst, field.name).extend(value)
+        elif src.HasField(field.name):
+            _copy_field(dst, field, value)
+
+
+class _ExternalWriter:
+    """Copies a model without its tensors' data, which goes to one file as it is met."""
+
+    def __init__(self, data: BinaryIO, location: str) -> None:
+        self.data = data
+        self.location = location
+        self.moved = 0
+
+    def model(self, src: onnx.ModelProto) -> onnx.ModelProto:
+        out = onnx.ModelProto()
+        for field, value in src.ListFields():
+            if field.name == "graph":
+                self.graph(value, out.graph)
+            else:
+                _copy_field(out, field, value)
+        return out
+
+    def graph(self, src: onnx.GraphProto, dst: onnx.GraphProto) -> None:
+        for field, value in src.ListFields():
+            if field.name == "initializer":
+                for tensor in value:
+                    self.tensor(tensor, dst.initializer.add())
+            elif field.name == "node":
+                for node in value:
+                    self.node(node, dst.node.add())
+            else:
+                _copy_field(dst, field, value)
+
+    def node(self, src: onnx.NodeProto, dst: onnx.NodeProto) -> None:
+        constant = src.op_type == "Constant" and src.domain in ("", "ai.onnx")
+        for field, value in src.ListFields():
+            if field.name != "attribute":
+                _copy_field(dst, field, value)
+                continue
+            for attr in value:
+                new = dst.attribute.add()
+                for afield, avalue in attr.ListFields():
+                    if afield.name == "g":
+                        self.graph(avalue, new.g)
+                    elif afield.name == "graphs":
+                        for sub in avalue:
+                            self.graph(sub, new.graphs.add())
+                    elif afield.name == "t" and constant and attr.name == "value":
+                        self.tensor(avalue, new.t)
+                    else:
+                        _copy_field(new, afield, avalue)
+
+    def tensor(self, src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
+        data = _tensor_bytes(src)
+        if data is None:
+            dst.CopyFrom(src)
+            return
+        _copy_tensor_metadata(src, dst)
+        offset = self.data.tell()
+        if len(data) >= _ALIGNMENT and offset % _ALIGNMENT:
+            offset += _ALIGNMENT - offset % _ALIGNMENT
+            self.data.seek(offset)
+        self.data.write(data)
+        dst.data_location = onnx.TensorProto.EXTERNAL
+        for key, entry in (
+            ("location", self.location),
+            ("offset", str(offset)),
+            ("length", str(len(data))),
+        ):
+            item = dst.external_data.add()
+            item.key = key
+            item.value = entry
+        self.moved += 1
+
+
+def write_for_runtime(model: onnx.ModelProto, folder: str | os.PathLike[str]) -> Path:
+    """Write ``model`` into ``folder`` as ``model.onnx`` plus one external data file.
+
+    Never serialises the whole model: each large tensor's bytes are written to the data
+    file in turn, and only a small copy of the graph is serialised. ``model`` is read only.
+    """
+    target = Path(folder)
+    with open(target / _DATA_FILE, "wb") as data:
+        writer = _ExternalWriter(data, _DATA_FILE)
+        small = writer.model(model)
+    path = target / _MODEL_FILE
+    path.write_bytes(small.SerializeToString())
+    log.debug("wrote %s with %d external tensors", path, writer.moved)
+    return path
+
+
 class Session:
-    """A thin wrapper over ``onnxruntime.InferenceSession`` built from a ModelProto."""
+    """A thin wrapper over ``onnxruntime.InferenceSession`` built from a ModelProto.
+
+    Models over :data:`EXTERNAL_DATA_THRESHOLD` go through a temporary folder (removed once
+    the session exists, or by :meth:`close` where the platform keeps it open).
+    """
 
     def __init__(self, model: onnx.ModelProto, config: SessionConfig | None = None) -> None:
         self.config = config or SessionConfig()
+        self._folder: Path | None = None
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = self.config.intra_op_threads
@@ -78,22 +301,51 @@ class Session:
         providers = [_NAMES["cpu"]]
         if self.config.provider == "cuda":
             providers = [_NAMES["cuda"], _NAMES["cpu"]]
-        try:
-            self._session = ort.InferenceSession(
-                model.SerializeToString(), sess_options=options, providers=providers
-            )
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            raise UserError(
-                f"ONNX Runtime cannot load the model: {message[:300]}",
-                "the graph uses an operator or type this onnxruntime does not support",
-            ) from None
+        if _model_data_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+            self._session = self._from_folder(model, options, providers)
+        else:
+            self._session = _create(model.SerializeToString(), options, providers)
         self.output_names = [o.name for o in self._session.get_outputs()]
         self.input_names = [i.name for i in self._session.get_inputs()]
+
+    def _from_folder(
+        self, model: onnx.ModelProto, options: ort.SessionOptions, providers: list[str]
+    ) -> ort.InferenceSession:
+        folder = Path(tempfile.mkdtemp(prefix="rdprune-ort-"))
+        try:
+            try:
+                path = write_for_runtime(model, folder)
+            except OSError as exc:
+                raise UserError(
+                    f"cannot write the model for ONNX Runtime to {str(folder)!r}: "
+                    f"{exc.strerror or exc}",
+                    "large models are staged in the temporary folder; free space there or "
+                    "point TMPDIR at a disk with room for a copy of the model",
+                ) from None
+            return _create(str(path), options, providers)
+        finally:
+            try:
+                shutil.rmtree(folder)
+            except OSError:  # still open (Windows maps the data file): remove on close
+                self._folder = folder
+
+    def close(self) -> None:
+        """Release the ONNX Runtime session and any temporary files it still holds."""
+        self._session = None
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            if getattr(self, "_folder", None) is not None:
+                self.close()
 
     def run(
         self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> list[np.ndarray]:
+        if self._session is None:
+            raise ValueError("the session is closed")
         try:
             result = self._session.run(list(outputs) if outputs else None, dict(feeds))
         except Exception as exc:
@@ -103,3 +355,16 @@ class Session:
                 "check that the calibration data fits the model's inputs",
             ) from None
         return [np.asarray(r) for r in result]
+
+
+def _create(
+    model: bytes | str, options: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model, sess_options=options, providers=providers)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise UserError(
+            f"ONNX Runtime cannot load the model: {message[:300]}",
+            "the graph uses an operator or type this onnxruntime does not support",
+        ) from None

@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from rdprune_onnx.graph.walk import iter_graphs, subgraphs
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 _QUANT_OPS = ("DequantizeLinear", "DynamicQuantizeLinear", "QuantizeLinear")
 # Ops whose output is their input unchanged (followed when tracing a weight to its constant).
@@ -179,9 +180,23 @@ def find_layers(model: onnx.ModelProto) -> LayerScan:
     layers: dict[str, Layer] = {}
     skipped: list[Skipped] = []
     for _graph, path, node_index, node in _walk(model.graph):
-        if node.op_type not in PRUNABLE_OPS or node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx"):
             continue
         label = _describe_node(node, node_index)
+        if node.op_type in _RECURRENT_OPS:
+            for position in (1, 2, 3):  # W, R and B
+                if position < len(node.input) and node.input[position]:
+                    skipped.append(
+                        Skipped(
+                            label,
+                            node.op_type,
+                            node.input[position],
+                            f"recurrent {node.op_type} weights are not pruned",
+                        )
+                    )
+            continue
+        if node.op_type not in PRUNABLE_OPS:
+            continue
         candidates = [i for i in _weight_operands(node) if i < len(node.input)]
         resolved = [(i, *index.resolve(node.input[i])) for i in candidates]
         constant = [(i, name) for i, name, reason in resolved if reason is None]
