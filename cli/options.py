@@ -11,6 +11,7 @@ from rdprune_onnx.allocate import METHODS
 from rdprune_onnx.calibration import parse_input_ranges, parse_input_shapes
 from rdprune_onnx.distortion import METRICS
 from rdprune_onnx.errors import UserError
+from rdprune_onnx.export import STORAGES
 from rdprune_onnx.pipeline import BUDGETS, CalibrationSpec, PruneSettings, read_overrides
 from rdprune_onnx.runtime import PROVIDERS
 
@@ -108,6 +109,13 @@ def output_options(func: F) -> F:
             click.option("--labels", metavar="KEY", help="Array of labels in --eval-data."),
             click.option("--report", type=click.Path(), help="Write a JSON report here."),
             click.option("--force", is_flag=True, help="Replace existing output files."),
+            click.option(
+                "--storage",
+                type=click.Choice(STORAGES),
+                default="dense",
+                show_default=True,
+                help="compact: a file that shrinks with sparsity (rebuilt by ORT at load).",
+            ),
             click.option(
                 "--cache-dir",
                 type=click.Path(file_okay=False),

@@ -44,6 +44,7 @@ from rdprune_onnx.curves import (
 from rdprune_onnx.distortion import METRICS, check_metric
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import Evaluation, compare
+from rdprune_onnx.export import STORAGES, compact_weights
 from rdprune_onnx.flops import macs_per_weight
 from rdprune_onnx.graph.layers import Layer, LayerScan, Skipped, find_layers, read_weight
 from rdprune_onnx.graph.load import load_model, save_model, uses_external_data
@@ -510,6 +511,7 @@ def _finish(
     force: bool,
     report: str | os.PathLike[str] | None,
     started: float,
+    storage: str = "dense",
 ) -> PruneResult:
     """Verify, compare, write the model and the report."""
     timings = dict(job.timings)
@@ -566,8 +568,11 @@ def _finish(
     files: list[Path] = []
     if output is not None:
         t = time.perf_counter()
+        to_write = pruned_model
+        if storage == "compact":
+            to_write = compact_weights(pruned_model, [layer.name for layer in job.layers])
         files = save_model(
-            pruned_model,
+            to_write,
             output,
             external_data=job.had_external or None,
             force=force,
@@ -623,14 +628,18 @@ def prune(
     eval_data: str | os.PathLike[str] | None = None,
     labels: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    storage: str = "dense",
     progress: bool = False,
 ) -> PruneResult:
     """Prune ``model_path`` to ``settings.ratio`` and (unless ``write`` is False) write it.
 
     Curves are cached in ``cache_dir`` (resumable; ``None`` disables the cache).
+    ``storage="compact"`` writes the pruned weights in a form that shrinks with sparsity
+    (see :mod:`rdprune_onnx.export`).
     """
     started = time.perf_counter()
     settings.check()
+    _check_storage(storage)
     out_path = Path(output) if output is not None else default_output(model_path)
     _check_outputs(model_path, [out_path] if write else [], report, force)
     if not calibration.given and (settings.method == "rd" or settings.budget == "flops"):
@@ -661,6 +670,7 @@ def prune(
         force=force,
         report=report,
         started=started,
+        storage=storage,
     )
 
 
@@ -710,6 +720,7 @@ def allocate(
     report: str | os.PathLike[str] | None = None,
     eval_data: str | os.PathLike[str] | None = None,
     labels: str | None = None,
+    storage: str = "dense",
 ) -> PruneResult:
     """Prune ``model_path`` with curves saved by :func:`measure`, measuring nothing.
 
@@ -718,6 +729,7 @@ def allocate(
     """
     started = time.perf_counter()
     settings.check()
+    _check_storage(storage)
     if settings.steps > 1:
         raise UserError(
             "--steps re-measures curves on the partly pruned model", "use `prune --steps`"
@@ -763,7 +775,13 @@ def allocate(
         force=force,
         report=report,
         started=started,
+        storage=storage,
     )
+
+
+def _check_storage(storage: str) -> None:
+    if storage not in STORAGES:
+        raise UserError(f"unknown storage {storage!r}", f"choose one of {', '.join(STORAGES)}")
 
 
 def curve_entry(

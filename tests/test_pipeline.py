@@ -190,3 +190,23 @@ def test_no_calibration_and_no_layers(tmp_path: Path) -> None:
             CalibrationSpec(synthetic=4),
             write=False,
         )
+
+
+def test_compact_storage_matches_dense_zeros(tmp_path: Path) -> None:
+    model = graphs.cnn()  # w3 has 4608 weights: compaction pays off there
+    path = _save(model, tmp_path)
+    settings = PruneSettings(ratio=0.9, levels=11)
+    data = CalibrationSpec(synthetic=8)
+    prune(path, settings, data, output=tmp_path / "dense.onnx")
+    prune(path, settings, data, output=tmp_path / "compact.onnx", storage="compact")
+    assert (tmp_path / "compact.onnx").stat().st_size < 0.5 * (
+        tmp_path / "dense.onnx"
+    ).stat().st_size
+    x = np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    outs = [
+        ort.InferenceSession((tmp_path / name).read_bytes()).run(None, {"x": x})[0]
+        for name in ("dense.onnx", "compact.onnx")
+    ]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    with pytest.raises(UserError, match="storage"):
+        prune(path, settings, data, write=False, storage="zip")
