@@ -199,8 +199,8 @@ def _count_range(
     bounds and its own documented rules; None when some layer has no allowed count.
 
     A layer's bounds are [max(min_layer_ratio, sparsity), max(max_layer_ratio, sparsity)].
-    rd picks among the grid's counts (round half up of level * n) and the bounds, without n
-    unless allow_layer_removal; uniform-plus keeps the first layer at its floor and the last
+    rd picks among the grid's counts (round half up of level * n), the bounds and n - 1,
+    without n unless allow_layer_removal; uniform-plus keeps the first layer at its floor and the last
     at most 80% (its floor wins over these caps).
     """
     out: dict[str, tuple[int, int]] = {}
@@ -215,7 +215,8 @@ def _count_range(
         if settings.method == "rd" and not settings.allow_layer_removal and hi == n:
             grid = np.linspace(0.0, 1.0, settings.levels) * n
             counts = {int(c) for c in np.floor(grid + 0.5 + TOL * np.maximum(1.0, grid))}
-            allowed = [c for c in counts | {lo} if lo <= c < n]
+            # The top option is n - 1 (all but one weight), interpolated on the curve.
+            allowed = [c for c in counts | {lo, n - 1} if lo <= c < n]
             if not allowed:
                 return None
             hi = max(allowed)

@@ -81,7 +81,7 @@ def build_options(layer: LayerSpec, curve: Curve, *, allow_layer_removal: bool) 
     levels that round to the same count keep the one closest to it. The bounds become counts
     ceil(min_ratio * n) and floor(max_ratio * n); a bound strictly between two grid counts is
     added as an option with linearly interpolated distortion. Count n (the whole layer) is
-    dropped unless ``allow_layer_removal``.
+    dropped unless ``allow_layer_removal``; then n - 1 is the top option (interpolated).
     """
     n = layer.size
     s = np.asarray(curve.ratios, dtype=np.float64)
@@ -119,7 +119,11 @@ def build_options(layer: LayerSpec, curve: Curve, *, allow_layer_removal: bool) 
     counts = list(knot_k[inside])
     values = list(knot_d[inside])
     knot_set = {int(c) for c in knot_k}
-    for bound in (lo_k, hi_k):
+    # Without layer removal a layer keeps at least one weight: its top option is n - 1
+    # pruned, interpolated between the last grid level below 1 and the measured 1.0, so
+    # any target below 1 stays reachable on a coarse grid.
+    top = hi_k if allow_layer_removal else min(hi_k, n - 1)
+    for bound in (lo_k, top):
         if knot_k[0] < bound < knot_k[-1] and bound not in knot_set:
             counts.append(bound)
             values.append(float(np.interp(float(bound), knot_k.astype(np.float64), knot_d)))

@@ -238,8 +238,8 @@ def test_never_removes_a_whole_layer_by_default() -> None:
     }
     problem = AllocationProblem(layers, 0.6, curves)
     result = RateDistortionAllocator().allocate(problem)
-    assert result.counts["dead"] == 90  # the largest grid level below 1.0
-    assert result.counts["live"] == 30
+    assert result.counts["dead"] == 99  # all but one weight: the layer is never removed
+    assert result.counts["live"] == 21
     allowed = AllocationProblem(layers, 0.6, curves, options={"allow_layer_removal": True})
     result = RateDistortionAllocator().allocate(allowed)
     assert result.counts["dead"] == 100
@@ -257,7 +257,8 @@ def test_options_interpolate_bounds_between_grid_levels() -> None:
     assert list(opt.values[1:-1]) == [9.0, 16.0, 25.0, 36.0, 49.0, 64.0]
     # Bounds on grid levels add nothing; 1.0 is dropped unless allowed.
     plain = build_options(LayerSpec("p", (100,)), Curve("p", s, d), allow_layer_removal=False)
-    assert list(plain.counts) == list(range(0, 100, 10))
+    assert list(plain.counts) == [*range(0, 100, 10), 99]  # all but one weight at most
+    assert plain.values[-1] == pytest.approx(81 + 0.9 * (100 - 81))
     full = build_options(LayerSpec("p", (100,)), Curve("p", s, d), allow_layer_removal=True)
     assert full.upper == 100
     # Small layers: grid levels that round to the same count are merged.
@@ -279,9 +280,9 @@ def test_infeasible_target_names_the_largest_ratio() -> None:
     curves = {name: Curve(name, s, s) for name in ("a", "b")}
     with pytest.raises(InfeasibleError, match=r"largest feasible ratio 0\.5\b"):
         RateDistortionAllocator().allocate(AllocationProblem(layers, 0.6, curves))
-    # Target 1 without layer removal: the largest grid level below 1 everywhere.
+    # Target 1 without layer removal: every layer keeps one weight (398 of 400).
     free = [LayerSpec("a", (100,)), LayerSpec("b", (300,))]
-    with pytest.raises(InfeasibleError, match=r"largest feasible ratio 0\.9\b.*allow_layer"):
+    with pytest.raises(InfeasibleError, match=r"largest feasible ratio 0\.995\b.*allow_layer"):
         RateDistortionAllocator().allocate(AllocationProblem(free, 1.0, curves))
     allowed = AllocationProblem(free, 1.0, curves, options={"allow_layer_removal": True})
     assert RateDistortionAllocator().allocate(allowed).counts == {"a": 100, "b": 300}
