@@ -200,8 +200,8 @@ def _count_range(
 
     A layer's bounds are [max(min_layer_ratio, sparsity), max(max_layer_ratio, sparsity)].
     rd picks among the grid's counts (round half up of level * n), the bounds and n - 1,
-    without n unless allow_layer_removal; uniform-plus keeps the first layer at its floor and the last
-    at most 80% (its floor wins over these caps).
+    without n unless allow_layer_removal; uniform-plus keeps the first layer at its floor
+    and the last at most 80% (its floor wins over these caps).
     """
     out: dict[str, tuple[int, int]] = {}
     for index, name in enumerate(names):
