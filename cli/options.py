@@ -13,6 +13,7 @@ from rdprune_onnx.distortion import METRICS
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.export import STORAGES
 from rdprune_onnx.pipeline import BUDGETS, CalibrationSpec, PruneSettings, read_overrides
+from rdprune_onnx.reconstruct import SOLVERS
 from rdprune_onnx.runtime import PROVIDERS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -97,6 +98,18 @@ def allocation_options(func: F) -> F:
             click.option(
                 "--allow-layer-removal", is_flag=True, help="Let rd prune a layer entirely."
             ),
+            click.option(
+                "--reconstruct",
+                is_flag=True,
+                help="Refit each layer's kept weights to its dense outputs after masking.",
+            ),
+            click.option(
+                "--refit-solver",
+                type=click.Choice(SOLVERS),
+                default="auto",
+                show_default=True,
+                help="exact per-row least squares, or blockwise sparsegpt for wide layers.",
+            ),
         ],
     )
 
@@ -155,6 +168,8 @@ def build_settings(kwargs: dict[str, Any], *, ratio: float) -> PruneSettings:
         min_layer_ratio=kwargs.pop("min_layer_ratio", None),
         max_layer_ratio=kwargs.pop("max_layer_ratio", None),
         overrides=read_overrides(overrides) if overrides else {},
+        reconstruct=kwargs.pop("reconstruct", False),
+        refit_solver=kwargs.pop("refit_solver", "auto"),
     )
 
 

@@ -85,9 +85,18 @@ def show_prune(result: PruneResult) -> str:
         flops = result.allocation_info.get("achieved_budget_ratio")
         lines.append(f"multiply-accumulates removed: {flops:.4%}" if flops is not None else "")
     lines.append(
-        f"distortion ({s.metric}): predicted {_num(result.predicted_distortion)}, "
-        f"measured {_num(result.measured_distortion)}"
+        f"distortion ({s.metric}): predicted {_num(result.predicted_distortion)}"
+        + (" (masking alone)" if s.reconstruct else "")
+        + f", measured {_num(result.measured_distortion)}"
     )
+    refits = [r.refit for r in result.layers if r.refit and r.refit["method"] != "skipped"]
+    if refits:
+        before = sum(r["error_before"] or 0.0 for r in refits)
+        after = sum(r["error_after"] or 0.0 for r in refits)
+        lines.append(
+            f"reconstruct: {len(refits)} layers refit, summed layer output error "
+            f"{_num(before)} -> {_num(after)}"
+        )
     if result.evaluation is not None:
         ev = result.evaluation
         for out in ev.outputs:

@@ -50,6 +50,7 @@ from rdprune_onnx.graph.layers import Layer, LayerScan, Skipped, find_layers, re
 from rdprune_onnx.graph.load import load_model, save_model, uses_external_data
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.masks import apply_mask
+from rdprune_onnx.reconstruct import SOLVERS, reconstruct
 from rdprune_onnx.report import write_json
 from rdprune_onnx.runtime import Session, SessionConfig, resolve_provider, versions
 
@@ -97,6 +98,8 @@ class PruneSettings:
     min_layer_ratio: float | None = None
     max_layer_ratio: float | None = None
     overrides: Mapping[str, LayerBounds] = field(default_factory=dict)
+    reconstruct: bool = False  # refit the kept weights of each layer after masking
+    refit_solver: str = "auto"  # exact | sparsegpt | auto (by layer width)
 
     def check(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -122,6 +125,10 @@ class PruneSettings:
         if self.steps > 1 and self.method != "rd":
             raise UserError(
                 f"--steps applies to --method rd only (got {self.method})", "drop --steps"
+            )
+        if self.refit_solver not in SOLVERS:
+            raise UserError(
+                f"unknown refit solver {self.refit_solver!r}", f"choose one of {', '.join(SOLVERS)}"
             )
         for label, value in (
             ("--min-layer-ratio", self.min_layer_ratio),
@@ -193,6 +200,7 @@ class LayerResult:
     ratio: float
     sparsity_before: float
     predicted: float | None
+    refit: dict[str, Any] | None = None  # solver, layer output error before/after refit
 
 
 @dataclass
@@ -515,7 +523,31 @@ def _finish(
 ) -> PruneResult:
     """Verify, compare, write the model and the report."""
     timings = dict(job.timings)
-    pruned_model = replace_weights(job.model, pruned)
+    refits: dict[str, Any] = {}
+    biases: dict[str, np.ndarray] = {}
+    if settings.reconstruct:
+        if job.data is None:
+            raise UserError("--reconstruct needs calibration data", "pass --data or --synthetic")
+        t = time.perf_counter()
+        refit = reconstruct(
+            job.model,
+            pruned,
+            job.layers,
+            job.data,
+            batch_size=job.batch_size,
+            config=job.config,
+            solver=settings.refit_solver,
+        )
+        pruned = {name: refit.weights.get(name, w) for name, w in pruned.items()}
+        biases = dict(refit.biases)
+        refits = {
+            r.name: {
+                k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in vars(r).items()
+            }
+            for r in refit.layers
+        }
+        timings["reconstruct"] = time.perf_counter() - t
+    pruned_model = replace_weights(job.model, {**pruned, **biases})
     measured = None
     if job.reference is not None:
         t = time.perf_counter()
@@ -544,6 +576,7 @@ def _finish(
                 ratio=ratio,
                 sparsity_before=layer.sparsity,
                 predicted=predicted,
+                refit=refits.get(layer.name),
             )
         )
     total = sum(r.size for r in results)

@@ -210,3 +210,29 @@ def test_compact_storage_matches_dense_zeros(tmp_path: Path) -> None:
     np.testing.assert_array_equal(outs[0], outs[1])
     with pytest.raises(UserError, match="storage"):
         prune(path, settings, data, write=False, storage="zip")
+
+
+@pytest.mark.parametrize("method", ["rd", "global"])
+def test_reconstruct_lowers_distortion_and_keeps_the_mask(tmp_path: Path, method: str) -> None:
+    path = _save(graphs.cnn(), tmp_path)
+    data = CalibrationSpec(synthetic=64, seed=2)
+    plain = prune(path, PruneSettings(ratio=0.7, method=method, levels=11), data, write=False)
+    refit = prune(
+        path,
+        PruneSettings(ratio=0.7, method=method, levels=11, reconstruct=True),
+        data,
+        write=False,
+    )
+    assert plain.measured_distortion is not None and refit.measured_distortion is not None
+    assert refit.measured_distortion < plain.measured_distortion
+    assert refit.achieved_ratio == plain.achieved_ratio
+    assert plain.model is not None and refit.model is not None
+    before, after = _tensors(plain.model), _tensors(refit.model)
+    for layer in refit.layers:
+        assert layer.refit is not None
+        if layer.refit["method"] != "skipped":
+            assert layer.refit["error_after"] <= layer.refit["error_before"]
+        else:
+            assert layer.ratio == layer.sparsity_before  # nothing pruned, nothing to refit
+        # The same positions are zero: the refit moves kept weights only.
+        np.testing.assert_array_equal(before[layer.name] == 0, after[layer.name] == 0)
