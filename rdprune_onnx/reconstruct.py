@@ -19,7 +19,13 @@ Statistics stream over the calibration batches in float64: ``H = X̂ᵀX̂`` (d 
 follows from them exactly (``tr(WᵀHW) - 2 tr(WᵀG) + ΣY²``), so the error before and after
 the refit costs no extra pass. Activations come from ONNX Runtime: the layer's input and
 output tensors are added as graph outputs of the type-inferred model and the graph is cut
-to the nodes that compute them.
+to the nodes that compute them. The dense targets of all layers come from one dense pass
+and are kept when they fit in ``DENSE_CACHE_BYTES`` (2 GiB), else they are recomputed per
+layer. The inputs X̂ need one pass of the current (masked, upstream-refit) model per group
+of layers; consecutive layers that read the same activation (Q/K/V projections, the
+branches of a block) form one group and share the pass and the Hessian. A pass runs the
+graph only up to the group's nodes, so the total is O(L²/2) layer evaluations for a chain
+of L groups.
 
 Solvers (the damped Hessian is ``H + λI`` with ``λ = damping * mean(diag(H))``):
 
@@ -28,17 +34,24 @@ Solvers (the damped Hessian is ``H + λI`` with ``λ = damping * mean(diag(H))``
   on the kept set, or (when p < k) the equivalent p x p system on the pruned set through
   the inverse Hessian (``w = w* - H⁻¹[:, P] (H⁻¹[P, P])⁻¹ w*[P]``). Time
   ``O(Σ_rows min(k, p)³)`` (plus ``O(d³)`` for the inverse), memory ``O(d²)`` plus a
-  bounded chunk of gathered systems.
+  bounded chunk (64 MiB) of gathered systems. The systems are solved in batches with one
+  BLAS thread each (through threadpoolctl when it is installed).
 - ``sparsegpt``: the blockwise OBS update of SparseGPT (Frantar & Alistarh, 2023) with
   the FIXED mask given (no mask re-selection): starting from the unconstrained optimum
   ``W* = (H + λI)⁻¹ G``, columns are eliminated in order using the upper Cholesky factor of
   the inverse Hessian, 128 columns per block with lazy batch updates. Time
   ``O(d³ + r d²)``, memory ``O(d² + r d)``. It is an approximation of ``exact`` (each
-  elimination assumes the later columns are free), usually close.
-- ``auto``: ``exact`` when the layer's input width ``d <= EXACT_MAX_WIDTH`` (2048) and its
-  estimated exact flop count is at most ``EXACT_MAX_FLOPS`` (2e10, a few seconds on two
-  cores) or at most ``EXACT_FLOP_FACTOR`` (4) times the SparseGPT estimate; else
-  ``sparsegpt``.
+  elimination assumes the later columns are free, and a processed column is frozen): its
+  error reduction is typically 40-70% of the exact one.
+- ``auto`` decides by estimated cost rather than by width alone: ``exact`` when its flop
+  count (:func:`exact_cost`) is at most ``EXACT_MAX_FLOPS`` (1.5e11, about 10-15 s of one
+  core) or at most ``EXACT_FLOP_FACTOR`` (4) times the SparseGPT estimate
+  (:func:`sparsegpt_cost`); else ``sparsegpt``. Exact costs the most at 50% sparsity
+  (min(k, p) = d/2): there it is picked up to d of about 1500-2000 for r of a few hundred
+  to a few thousand rows (MiniLM's 384x1536 and 1536x384 both get exact) and SparseGPT
+  above (ResNet-50's 3x3x256 and 3x3x512 convolutions); at 90% or 10% sparsity exact is
+  cheap at any width. Here d counts the inputs of one group (Conv: channels per group x
+  kernel size) plus one for a refit bias.
 
 Guarantee: after solving, the refit weight (cast back to the weight's dtype) is scored on
 the calibration statistics; if it does not lower the layer's error below plain masking,
@@ -56,11 +69,14 @@ the sole consumer of a ``x @ W`` MatMul's output.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 import onnx
@@ -68,8 +84,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper, numpy_helper
 from tqdm import tqdm
 
-from rdprune_onnx.calibration import batches
-from rdprune_onnx.curves import infer_types
+from rdprune_onnx.calibration import batches, sample_count
+from rdprune_onnx.curves import DEFAULT_MEMORY_BUDGET, infer_types
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.cut import node_inputs, with_outputs
 from rdprune_onnx.graph.layers import ConstantIndex, Layer
@@ -78,13 +94,27 @@ from rdprune_onnx.runtime import Session, SessionConfig
 
 log = logging.getLogger(__name__)
 
+
+def _load_threadpool_limits() -> Callable[..., AbstractContextManager[object]] | None:
+    """threadpoolctl's ``threadpool_limits`` if installed (optional: it caps BLAS threads
+    for the exact solver's many small solves; without it BLAS keeps its thread count)."""
+    try:
+        module = importlib.import_module("threadpoolctl")
+    except ImportError:  # pragma: no cover
+        return None
+    limits: Callable[..., AbstractContextManager[object]] = module.threadpool_limits
+    return limits
+
+
+_threadpool_limits = _load_threadpool_limits()
+
 SOLVERS = ("auto", "exact", "sparsegpt")
-EXACT_MAX_WIDTH = 2048  # auto: exact only for layers with at most this many inputs (per group)
-EXACT_MAX_FLOPS = 2e10  # auto: exact when its estimated cost is below this ...
+EXACT_MAX_FLOPS = 1.5e11  # auto: exact when its estimated cost is below this ...
 EXACT_FLOP_FACTOR = 4.0  # ... or below this multiple of the SparseGPT estimate
 BLOCK_SIZE = 128  # SparseGPT columns per lazy-update block
 _CHUNK_BYTES = 64 * 2**20  # working memory for one chunk of gathered systems / float64 rows
 _PATCH_ELEMENTS = 2**24  # im2col elements materialised at once (per chunk of samples)
+DENSE_CACHE_BYTES = DEFAULT_MEMORY_BUDGET  # keep all layers' dense targets within this (2 GiB)
 
 Array = np.ndarray
 
@@ -505,20 +535,44 @@ class _Stats:
         return max(total, 0.0) / count if count else 0.0
 
 
-def _accumulate(stats: _Stats, x: Array, y: Array, bias: bool) -> None:
-    """Add rows ``x`` (g, n, d) and targets ``y`` (g, n, r) to the float64 sums."""
-    g, n, d = x.shape
-    step = max(1, _CHUNK_BYTES // (8 * g * (d + 1 + y.shape[2])))
-    for a in range(0, n, step):
-        xc = x[:, a : a + step].astype(np.float64)
-        if bias:
-            xc = np.concatenate([xc, np.ones((g, xc.shape[1], 1))], axis=2)
-        yc = y[:, a : a + step]
-        xt = xc.transpose(0, 2, 1)
-        stats.hessian += xt @ xc
-        stats.cross += xt @ yc
-    stats.target_sq += float(np.einsum("gnr,gnr->", y, y))
-    stats.rows += n
+class _Sums:
+    """Float64 sums over calibration rows shared by the layers of one group.
+
+    The layers of a group read the same activation rows ``x`` (g, n, d), so they share
+    ``H = [x, 1]ᵀ[x, 1]`` (the all-ones bias column is always summed; layers without a bias
+    use the leading d x d block); each has its own cross term and target energy.
+    """
+
+    def __init__(self, groups: int, width: int, outputs: Sequence[int]) -> None:
+        self.width = width
+        self.hessian = np.zeros((groups, width + 1, width + 1))
+        self.cross = [np.zeros((groups, width + 1, r)) for r in outputs]
+        self.target_sq = [0.0 for _ in outputs]
+        self.rows = 0
+
+    def add(self, x: Array, ys: Sequence[Array]) -> None:
+        """Rows ``x`` (g, n, d) and, per layer, its targets (g, n, r_i)."""
+        g, n, d = x.shape
+        step = max(1, _CHUNK_BYTES // (8 * g * (d + 1 + max(y.shape[2] for y in ys))))
+        for a in range(0, n, step):
+            chunk = x[:, a : a + step].astype(np.float64)
+            xc = np.concatenate([chunk, np.ones((g, chunk.shape[1], 1))], axis=2)
+            xt = xc.transpose(0, 2, 1)
+            self.hessian += xt @ xc
+            for i, y in enumerate(ys):
+                self.cross[i] += xt @ y[:, a : a + step]
+        for i, y in enumerate(ys):
+            self.target_sq[i] += float(np.einsum("gnr,gnr->", y, y))
+        self.rows += n
+
+    def stats(self, index: int, bias: bool) -> _Stats:
+        size = self.width + (1 if bias else 0)
+        return _Stats(
+            self.hessian[:, :size, :size],
+            self.cross[index][:, :size],
+            self.target_sq[index],
+            self.rows,
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -582,7 +636,21 @@ def _solve_padded(a: Array, b: Array, valid: Array) -> Array:
     diagonal = np.arange(a.shape[1])
     a[:, diagonal, diagonal] += ~valid
     rhs = np.where(valid, b, 0.0)
-    return np.linalg.solve(a, rhs[..., None])[..., 0] * valid
+    # A batch of independent factorisations: one BLAS thread each. A thread team per
+    # matrix gains little below ~1000 rows and, when the CPUs are shared with other work,
+    # makes each factorisation 10-80x slower (measured with OpenBLAS on 2 busy cores).
+    with _blas_threads(1):
+        return np.linalg.solve(a, rhs[..., None])[..., 0] * valid
+
+
+@contextmanager
+def _blas_threads(limit: int) -> Iterator[None]:
+    """Limit BLAS threads inside the block (when threadpoolctl is installed)."""
+    if _threadpool_limits is None:
+        yield
+        return
+    with _threadpool_limits(limit, user_api="blas"):
+        yield
 
 
 def solve_exact(damped: Array, cross: Array, mask: Array) -> Array:
@@ -688,11 +756,8 @@ def solve_sparsegpt(
 
 def choose_solver(mask: Array) -> str:
     """The ``auto`` rule (see the module doc) for a ``(g, D, r)`` keep-mask."""
-    d = mask.shape[1]
     cost = exact_cost(mask)
-    if d <= EXACT_MAX_WIDTH and (
-        cost <= EXACT_MAX_FLOPS or cost <= EXACT_FLOP_FACTOR * sparsegpt_cost(mask)
-    ):
+    if cost <= EXACT_MAX_FLOPS or cost <= EXACT_FLOP_FACTOR * sparsegpt_cost(mask):
         return "exact"
     return "sparsegpt"
 
@@ -752,6 +817,31 @@ class _Fetcher:
         return values
 
 
+class _DenseTargets:
+    """The dense model's outputs of the refit nodes, per calibration batch.
+
+    When all of them fit in ``DENSE_CACHE_BYTES`` they come from one dense pass, kept for
+    every layer; otherwise each group of layers runs the dense model up to its nodes again.
+    """
+
+    def __init__(self, ctx: _Context, names: Sequence[str]) -> None:
+        self.cache: list[dict[str, Array]] | None = None
+        feeds_names = set(ctx.data)
+        first = next(batches(ctx.data, ctx.batch_size), None)
+        if not names or first is None:
+            return
+        fetcher = _Fetcher(ctx.typed, names, feeds_names, ctx.config)
+        values = fetcher.run(first)
+        count = -(-sample_count(ctx.data) // ctx.batch_size)
+        size = sum(v.nbytes for k, v in values.items() if k not in feeds_names) * count
+        if size > DENSE_CACHE_BYTES:
+            log.info("dense targets take %.0f MiB: recomputed per layer", size / 2**20)
+            return
+        self.cache = [values] + [
+            fetcher.run(feeds) for feeds in islice(batches(ctx.data, ctx.batch_size), 1, None)
+        ]
+
+
 # --------------------------------------------------------------------------------------
 # The refit
 
@@ -798,6 +888,25 @@ class _Context:
 
 
 @dataclass
+class _Todo:
+    """A layer to refit, with its plans."""
+
+    name: str
+    index: int  # position in the report
+    plans: list[_Plan]
+    masked: Array
+    bias: Array | None  # the dense value of the bias refit with it
+
+    @property
+    def rows_key(self) -> tuple[object, ...] | None:
+        """Layers with equal keys read the same activation rows (None: never grouped)."""
+        if len(self.plans) != 1:
+            return None
+        p = self.plans[0]
+        return (p.kind, p.activation, p.act_transpose, p.group, p.conv)
+
+
+@dataclass
 class _Refit:
     info: LayerRefit
     weight: Array | None = None  # None: keep the masked weight
@@ -822,8 +931,9 @@ def reconstruct(
     ``model`` is the dense model; ``pruned`` maps weight names to their masked values
     (zeros = pruned); ``data`` holds the calibration inputs (first axis = samples). Layers
     are visited in graph order, each fed by the model whose upstream layers are already
-    refit. Layers of ``layers`` missing from ``pruned`` are left dense and not reported;
-    entries of ``pruned`` that are not refit are returned as given.
+    refit; consecutive layers reading the same activation (Q/K/V projections) share one
+    pass over the data. Layers of ``layers`` missing from ``pruned`` are left dense and not
+    reported; entries of ``pruned`` that are not refit are returned as given.
     """
     if solver not in SOLVERS:
         raise UserError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
@@ -836,44 +946,59 @@ def reconstruct(
     weights: dict[str, Array] = {name: np.asarray(w) for name, w in pruned.items()}
     biases: dict[str, Array] = {}
     current = replace_weights(typed, weights)
-    results: list[LayerRefit] = []
     ordered = [layer for layer in _graph_order(ctx.graph, layers) if layer.name in pruned]
-    for layer in tqdm(ordered, disable=not progress, desc="refit", unit="layer", leave=False):
-        started = time.perf_counter()
-        refit = _refit_or_skip(ctx, layer, current, weights[layer.name], refit_bias)
-        refit.info.seconds = time.perf_counter() - started
-        results.append(refit.info)
-        if refit.weight is not None:
-            weights[layer.name] = refit.weight
-            update = {layer.name: refit.weight}
-            bias_name = refit.info.bias
-            if refit.bias is not None and bias_name is not None:
-                biases[bias_name] = refit.bias
-                update[bias_name] = refit.bias
-            current = replace_weights(current, update)
-        info = refit.info
-        log.info(
-            "refit %s: %s, error %.4g -> %.4g (%.2f s)%s",
-            info.name,
-            info.method,
-            info.error_before,
-            info.error_after,
-            info.seconds,
-            f" [{info.reason}]" if info.reason else "",
-        )
-    return Reconstruction(weights, biases, results)
+    results: list[LayerRefit | None] = [None] * len(ordered)
+    todo: list[_Todo] = []
+    for index, layer in enumerate(ordered):
+        prepared = _prepare(ctx, layer, weights[layer.name], refit_bias, index)
+        if isinstance(prepared, LayerRefit):
+            results[index] = prepared
+        else:
+            todo.append(prepared)
+    with tqdm(
+        total=len(ordered), disable=not progress, desc="refit", unit="layer", leave=False
+    ) as bar:
+        bar.update(len(ordered) - len(todo))
+        dense = _DenseTargets(ctx, [p.output for item in todo for p in item.plans])
+        for group in _groups(todo):
+            update: dict[str, Array] = {}
+            refits = _refit_group(ctx, group, current, dense)
+            for item, refit in zip(group, refits, strict=True):
+                info = results[item.index] = refit.info
+                _log(info)
+                if refit.weight is None:
+                    continue
+                weights[item.name] = update[item.name] = refit.weight
+                if refit.bias is not None and info.bias is not None:
+                    biases[info.bias] = update[info.bias] = refit.bias
+            if update:
+                current = replace_weights(current, update)
+            bar.update(len(group))
+    return Reconstruction(weights, biases, [r for r in results if r is not None])
 
 
-def _skip(name: str, reason: str) -> _Refit:
-    return _Refit(LayerRefit(name, "skipped", math.nan, math.nan, 0.0, reason))
+def _log(info: LayerRefit) -> None:
+    log.info(
+        "refit %s: %s, error %.4g -> %.4g (%.2f s)%s",
+        info.name,
+        info.method,
+        info.error_before,
+        info.error_after,
+        info.seconds,
+        f" [{info.reason}]" if info.reason else "",
+    )
 
 
-def _refit_or_skip(
-    ctx: _Context, layer: Layer, current: onnx.ModelProto, masked: Array, refit_bias: bool
-) -> _Refit:
+def _skipped(name: str, reason: str) -> LayerRefit:
+    return LayerRefit(name, "skipped", math.nan, math.nan, 0.0, reason)
+
+
+def _prepare(
+    ctx: _Context, layer: Layer, masked: Array, refit_bias: bool, index: int
+) -> _Todo | LayerRefit:
     found = ctx.graph.constant(layer.name)
     if found is None:
-        return _skip(layer.name, "weight is not a constant of the main graph")
+        return _skipped(layer.name, "weight is not a constant of the main graph")
     dense = found[1]
     if masked.shape != dense.shape or masked.dtype != dense.dtype:
         raise UserError(
@@ -882,70 +1007,114 @@ def _refit_or_skip(
             "pass the masked weights of this model",
         )
     if np.array_equal(masked, dense):
-        return _skip(layer.name, "mask removes nothing; unchanged")
+        return _skipped(layer.name, "mask removes nothing; unchanged")
     plans = _plan_layer(ctx.graph, layer, refit_bias)
     if isinstance(plans, str):
-        return _skip(layer.name, plans)
-    return _refit_layer(ctx, layer.name, plans, current, masked)
-
-
-def _refit_layer(
-    ctx: _Context, name: str, plans: list[_Plan], current: onnx.ModelProto, masked: Array
-) -> _Refit:
-    plan0 = plans[0]
-    bias_dense: Array | None = None
-    if plan0.bias is not None:
-        found = ctx.graph.constant(plan0.bias)
+        return _skipped(layer.name, plans)
+    bias: Array | None = None
+    if plans[0].bias is not None:
+        found = ctx.graph.constant(plans[0].bias)
         assert found is not None
-        bias_dense = found[1]
-    keep = masked != 0
-    mask_eff = _to_effective(keep, plan0) != 0
-    groups, d, r = mask_eff.shape
-    if bias_dense is not None:
-        mask_eff = np.concatenate([mask_eff, np.ones((groups, 1, r), dtype=bool)], axis=1)
-    width = mask_eff.shape[1]
-    stats = _Stats(np.zeros((groups, width, width)), np.zeros((groups, width, r)))
+        bias = found[1]
+    return _Todo(layer.name, index, plans, masked, bias)
+
+
+def _groups(todo: Sequence[_Todo]) -> Iterator[list[_Todo]]:
+    """Runs of consecutive layers that read the same activation rows.
+
+    Such layers are siblings (none feeds another's input), so their inputs are final
+    before any of them is refit.
+    """
+    group: list[_Todo] = []
+    for item in todo:
+        if group and (item.rows_key is None or item.rows_key != group[0].rows_key):
+            yield group
+            group = []
+        group.append(item)
+    if group:
+        yield group
+
+
+def _refit_group(
+    ctx: _Context, group: list[_Todo], current: onnx.ModelProto, dense: _DenseTargets
+) -> list[_Refit]:
+    started = time.perf_counter()
+    plans = group[0].plans
     feeds_names = set(ctx.data)
-    targets = _Fetcher(ctx.typed, [p.output for p in plans], feeds_names, ctx.config)
+    targets: _Fetcher | None = None
+    if dense.cache is None:
+        outputs = [p.output for item in group for p in item.plans]
+        targets = _Fetcher(ctx.typed, outputs, feeds_names, ctx.config)
     inputs = _Fetcher(current, [p.activation for p in plans], feeds_names, ctx.config)
-    for feeds in batches(ctx.data, ctx.batch_size):
-        dense_out = targets.run(feeds)
+    sums: _Sums | None = None
+    for b, feeds in enumerate(batches(ctx.data, ctx.batch_size)):
+        if targets is not None:
+            dense_out = targets.run(feeds)
+        else:
+            assert dense.cache is not None
+            dense_out = dense.cache[b]
         current_in = inputs.run(feeds)
-        for plan in plans:
-            y = _target_rows(plan, dense_out[plan.output], bias_dense)
+        for k, plan in enumerate(plans):
+            ys = [
+                _target_rows(item.plans[k], dense_out[item.plans[k].output], item.bias)
+                for item in group
+            ]
             for rows, x in _input_rows(plan, current_in[plan.activation]):
-                _accumulate(stats, x, y[:, rows], bias_dense is not None)
+                if sums is None:
+                    sums = _Sums(x.shape[0], x.shape[2], [y.shape[2] for y in ys])
+                sums.add(x, [y[:, rows] for y in ys])
+    shared = (time.perf_counter() - started) / len(group)
+    refits: list[_Refit] = []
+    for i, item in enumerate(group):
+        solve_started = time.perf_counter()
+        if sums is None:
+            refit = _Refit(_skipped(item.name, "no calibration rows"))
+        else:
+            refit = _solve_layer(ctx, item, sums.stats(i, item.bias is not None))
+        refit.info.seconds = shared + time.perf_counter() - solve_started
+        refits.append(refit)
+    return refits
+
+
+def _solve_layer(ctx: _Context, item: _Todo, stats: _Stats) -> _Refit:
+    plan = item.plans[0]
+    keep = item.masked != 0
+    mask = _to_effective(keep, plan) != 0
+    groups, d, r = mask.shape
+    if item.bias is not None:
+        mask = np.concatenate([mask, np.ones((groups, 1, r), dtype=bool)], axis=1)
+    width = mask.shape[1]
     if stats.rows < width:
         log.warning(
             "%s: %d calibration rows for %d inputs; the refit may fit the calibration data "
             "rather than the layer (use more samples or a larger damping)",
-            name,
+            item.name,
             stats.rows,
             width,
         )
-    error_before = stats.error(_effective_with_bias(masked, bias_dense, plan0))
-    method = ctx.solver if ctx.solver != "auto" else choose_solver(mask_eff)
-    info = LayerRefit(name, method, error_before, error_before, 0.0)
+    error_before = stats.error(_effective_with_bias(item.masked, item.bias, plan))
+    method = ctx.solver if ctx.solver != "auto" else choose_solver(mask)
+    info = LayerRefit(item.name, method, error_before, error_before, 0.0)
     damped = _damped(stats.hessian, ctx.damping, d)
     try:
         if method == "exact":
-            solved = solve_exact(damped, stats.cross, mask_eff)
+            solved = solve_exact(damped, stats.cross, mask)
         else:
-            solved = solve_sparsegpt(damped, stats.cross, mask_eff)
+            solved = solve_sparsegpt(damped, stats.cross, mask)
     except np.linalg.LinAlgError as exc:
         info.reason = f"solver failed ({exc}); kept mask"
         return _Refit(info)
-    weight = _cast_weight(solved[:, :d], plan0, masked, keep)
+    weight = _cast_weight(solved[:, :d], plan, item.masked, keep)
     bias: Array | None = None
-    if bias_dense is not None:
-        bias = _bias_from_effective(solved[:, d], plan0).astype(bias_dense.dtype)
+    if item.bias is not None:
+        bias = _bias_from_effective(solved[:, d], plan).astype(item.bias.dtype)
     if not np.all(np.isfinite(weight)) or (bias is not None and not np.all(np.isfinite(bias))):
         info.reason = "refit overflows the weight dtype; kept mask"
         return _Refit(info)
-    error_after = stats.error(_effective_with_bias(weight, bias, plan0))
+    error_after = stats.error(_effective_with_bias(weight, bias, plan))
     if not error_after < error_before:
         info.reason = "refit did not help; kept mask"
         return _Refit(info)
     info.error_after = error_after
-    info.bias = plan0.bias
+    info.bias = plan.bias
     return _Refit(info, weight, bias)

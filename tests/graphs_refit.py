@@ -1,0 +1,152 @@
+"""Small ONNX graphs for the weight-reconstruction tests (layer forms tests/graphs.py lacks)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from tests.graphs import _model, init
+
+
+def conv(
+    x_shape: Sequence[int],
+    w_shape: Sequence[int],
+    *,
+    strides: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+    pads: Sequence[int] | None = None,
+    auto_pad: str | None = None,
+    group: int = 1,
+    bias: bool = False,
+    seed: int = 0,
+) -> tuple[onnx.ModelProto, np.ndarray]:
+    """One Conv node ``y = Conv(x, w[, b])``; returns the model and its weight."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(tuple(w_shape)).astype(np.float32)
+    attrs: dict[str, Any] = {"group": group}
+    if strides is not None:
+        attrs["strides"] = list(strides)
+    if dilations is not None:
+        attrs["dilations"] = list(dilations)
+    if pads is not None:
+        attrs["pads"] = list(pads)
+    if auto_pad is not None:
+        attrs["auto_pad"] = auto_pad
+    inputs = ["x", "w"]
+    inits = [init("w", w)]
+    y_shape: list[str | int] = ["N", w_shape[0], *(f"s{i}" for i in range(len(x_shape) - 2))]
+    if bias:
+        inputs.append("b")
+        inits.append(init("b", rng.standard_normal(w_shape[0]).astype(np.float32)))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", inputs, ["y"], name="conv", **attrs)],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape[1:]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        inits,
+    )
+    return _model(graph), w
+
+
+def conv_stack(seed: int = 0) -> onnx.ModelProto:
+    """Conv(stride 2, SAME_UPPER, group 2, bias) -> Relu -> Conv (2x3 kernel, dilation
+    (1, 2), asymmetric pads, bias) -> Relu -> GlobalAveragePool."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((8, 2, 3, 3)) * 0.3).astype(np.float32)
+    b1 = (rng.standard_normal(8) * 0.1).astype(np.float32)
+    w2 = (rng.standard_normal((6, 8, 2, 3)) * 0.2).astype(np.float32)
+    b2 = (rng.standard_normal(6) * 0.1).astype(np.float32)
+    nodes = [
+        helper.make_node(
+            "Conv",
+            ["x", "w1", "b1"],
+            ["c1"],
+            name="conv_a",
+            strides=[2, 2],
+            auto_pad="SAME_UPPER",
+            group=2,
+        ),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node(
+            "Conv", ["r1", "w2", "b2"], ["c2"], name="conv_b", pads=[0, 1, 1, 0], dilations=[1, 2]
+        ),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_stack",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 1, 1])],
+        [init("w1", w1), init("b1", b1), init("w2", w2), init("b2", b2)],
+    )
+    return _model(graph)
+
+
+def gemm_bias(seed: int = 0) -> onnx.ModelProto:
+    """Gemm(transB=1, alpha=0.5, beta=2, C of shape (10,)) -> Tanh -> MatMul -> Add(bias)."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((10, 12)) * 0.4).astype(np.float32)
+    c1 = (rng.standard_normal(10) * 0.1).astype(np.float32)
+    w2 = (rng.standard_normal((10, 6)) * 0.4).astype(np.float32)
+    b2 = (rng.standard_normal(6) * 0.1).astype(np.float32)
+    nodes = [
+        helper.make_node(
+            "Gemm", ["x", "w1", "c1"], ["g"], name="gemm", transB=1, alpha=0.5, beta=2.0
+        ),
+        helper.make_node("Tanh", ["g"], ["t"]),
+        helper.make_node("MatMul", ["t", "w2"], ["mm"], name="matmul"),
+        helper.make_node("Add", ["b2", "mm"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gemm_bias",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        [init("w1", w1), init("c1", c1), init("w2", w2), init("b2", b2)],
+    )
+    return _model(graph)
+
+
+def matmul_fp16(seed: int = 0) -> onnx.ModelProto:
+    """float16 MatMul -> Relu -> MatMul on 3-D activations."""
+    rng = np.random.default_rng(seed)
+    f16 = TensorProto.FLOAT16
+    w1 = (rng.standard_normal((8, 12)) * 0.4).astype(np.float16)
+    w2 = (rng.standard_normal((12, 5)) * 0.4).astype(np.float16)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fp16",
+        [helper.make_tensor_value_info("x", f16, ["N", "T", 8])],
+        [helper.make_tensor_value_info("y", f16, ["N", "T", 5])],
+        [init("w1", w1), init("w2", w2)],
+    )
+    return _model(graph)
+
+
+def linear(d: int, r: int, seed: int = 0) -> onnx.ModelProto:
+    """One ``x @ W + b`` layer with a ``d`` x ``r`` weight."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((d, r)) / np.sqrt(d)).astype(np.float32)
+    b = (rng.standard_normal(r) * 0.1).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Add", ["h", "b"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", r])],
+        [init("w", w), init("b", b)],
+    )
+    return _model(graph)
