@@ -32,6 +32,7 @@ from onnx import helper, numpy_helper
 
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.load import iter_all_tensors
+from rdprune_onnx.graph.surgery import replace_weights
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +198,13 @@ def _copy_tensor_metadata(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
 class _ExternalWriter:
     """Copies a model without its tensors' data, which goes to one file as it is met."""
 
-    def __init__(self, data: BinaryIO, location: str) -> None:
+    def __init__(
+        self, data: BinaryIO, location: str, weights: Mapping[str, np.ndarray] | None = None
+    ) -> None:
         self.data = data
         self.location = location
+        self.weights = weights or {}
+        self.replaced: set[str] = set()
         self.moved = 0
 
     def model(self, src: onnx.ModelProto) -> onnx.ModelProto:
@@ -215,7 +220,7 @@ class _ExternalWriter:
         for field, value in src.ListFields():
             if field.name == "initializer":
                 for tensor in value:
-                    self.tensor(tensor, dst.initializer.add())
+                    self.tensor(tensor, dst.initializer.add(), tensor.name)
             elif field.name == "node":
                 for node in value:
                     self.node(node, dst.node.add())
@@ -237,16 +242,24 @@ class _ExternalWriter:
                         for sub in avalue:
                             self.graph(sub, new.graphs.add())
                     elif afield.name == "t" and constant and attr.name == "value":
-                        self.tensor(avalue, new.t)
+                        self.tensor(avalue, new.t, src.output[0] if src.output else None)
                     else:
                         _copy_field(new, afield, avalue)
 
-    def tensor(self, src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
-        data = _tensor_bytes(src)
-        if data is None:
-            dst.CopyFrom(src)
-            return
-        _copy_tensor_metadata(src, dst)
+    def tensor(self, src: onnx.TensorProto, dst: onnx.TensorProto, slot: str | None) -> None:
+        data: bytes | memoryview | None
+        if slot is not None and slot in self.weights:
+            data = self._replacement(src, slot)
+            _copy_tensor_metadata(src, dst)
+            if len(data) < TENSOR_MIN_BYTES:
+                dst.raw_data = bytes(data)
+                return
+        else:
+            data = _tensor_bytes(src)
+            if data is None:
+                dst.CopyFrom(src)
+                return
+            _copy_tensor_metadata(src, dst)
         offset = self.data.tell()
         if len(data) >= _ALIGNMENT and offset % _ALIGNMENT:
             offset += _ALIGNMENT - offset % _ALIGNMENT
@@ -263,17 +276,38 @@ class _ExternalWriter:
             item.value = entry
         self.moved += 1
 
+    def _replacement(self, src: onnx.TensorProto, slot: str) -> bytes | memoryview:
+        array = np.asarray(self.weights[slot])
+        if helper.np_dtype_to_tensor_dtype(array.dtype) != src.data_type or tuple(
+            array.shape
+        ) != tuple(src.dims):
+            raise ValueError(f"replacement for {slot} changes its type or shape")
+        self.replaced.add(slot)
+        if sys.byteorder != "little":
+            return numpy_helper.from_array(array).raw_data
+        return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
 
-def write_for_runtime(model: onnx.ModelProto, folder: str | os.PathLike[str]) -> Path:
+
+def write_for_runtime(
+    model: onnx.ModelProto,
+    folder: str | os.PathLike[str],
+    weights: Mapping[str, np.ndarray] | None = None,
+) -> Path:
     """Write ``model`` into ``folder`` as ``model.onnx`` plus one external data file.
 
     Never serialises the whole model: each large tensor's bytes are written to the data
     file in turn, and only a small copy of the graph is serialised. ``model`` is read only.
+    ``weights`` replaces the named constants (initializer names, or the output names of
+    Constant nodes, in every scope) as they are written, like
+    :func:`rdprune_onnx.graph.surgery.replace_weights` without the copy of the model.
     """
     target = Path(folder)
     with open(target / _DATA_FILE, "wb") as data:
-        writer = _ExternalWriter(data, _DATA_FILE)
+        writer = _ExternalWriter(data, _DATA_FILE, weights)
         small = writer.model(model)
+    missing = set(weights or {}) - writer.replaced
+    if missing:
+        raise KeyError(f"no constant named {sorted(missing)[0]!r} to replace")
     path = target / _MODEL_FILE
     path.write_bytes(small.SerializeToString())
     log.debug("wrote %s with %d external tensors", path, writer.moved)
@@ -285,9 +319,17 @@ class Session:
 
     Models over :data:`EXTERNAL_DATA_THRESHOLD` go through a temporary folder (removed once
     the session exists, or by :meth:`close` where the platform keeps it open).
+    ``weights`` runs the model with the named constants replaced (see
+    :func:`write_for_runtime`): for large models without building a pruned copy.
     """
 
-    def __init__(self, model: onnx.ModelProto, config: SessionConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        config: SessionConfig | None = None,
+        *,
+        weights: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
         self.config = config or SessionConfig()
         self._folder: Path | None = None
         options = ort.SessionOptions()
@@ -302,19 +344,25 @@ class Session:
         if self.config.provider == "cuda":
             providers = [_NAMES["cuda"], _NAMES["cpu"]]
         if _model_data_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
-            self._session = self._from_folder(model, options, providers)
+            self._session = self._from_folder(model, options, providers, weights)
         else:
+            if weights:
+                model = replace_weights(model, weights)
             self._session = _create(model.SerializeToString(), options, providers)
         self.output_names = [o.name for o in self._session.get_outputs()]
         self.input_names = [i.name for i in self._session.get_inputs()]
 
     def _from_folder(
-        self, model: onnx.ModelProto, options: ort.SessionOptions, providers: list[str]
+        self,
+        model: onnx.ModelProto,
+        options: ort.SessionOptions,
+        providers: list[str],
+        weights: Mapping[str, np.ndarray] | None,
     ) -> ort.InferenceSession:
         folder = Path(tempfile.mkdtemp(prefix="rdprune-ort-"))
         try:
             try:
-                path = write_for_runtime(model, folder)
+                path = write_for_runtime(model, folder, weights)
             except OSError as exc:
                 raise UserError(
                     f"cannot write the model for ONNX Runtime to {str(folder)!r}: "
