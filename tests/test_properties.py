@@ -215,7 +215,7 @@ def _count_range(
         if settings.method == "rd" and not settings.allow_layer_removal and hi == n:
             grid = np.linspace(0.0, 1.0, settings.levels) * n
             counts = {int(c) for c in np.floor(grid + 0.5 + TOL * np.maximum(1.0, grid))}
-            # The top option is n - 1 (all but one weight), interpolated on the curve.
+            # n - 1 (all but one weight) is offered when the grid cannot meet the target.
             allowed = [c for c in counts | {lo, n - 1} if lo <= c < n]
             if not allowed:
                 return None

@@ -74,14 +74,17 @@ def _round_half_up(x: FloatArray) -> IntArray:
     return np.floor(x + 0.5 + _EPS * np.maximum(1.0, np.abs(x))).astype(np.int64)
 
 
-def build_options(layer: LayerSpec, curve: Curve, *, allow_layer_removal: bool) -> LayerOptions:
+def build_options(
+    layer: LayerSpec, curve: Curve, *, allow_layer_removal: bool, keep_one: bool = False
+) -> LayerOptions:
     """Options of one layer from its curve, restricted to the layer's bounds.
 
     Grid level s becomes count round(s * n) (halves round up) with the measured distortion;
     levels that round to the same count keep the one closest to it. The bounds become counts
     ceil(min_ratio * n) and floor(max_ratio * n); a bound strictly between two grid counts is
     added as an option with linearly interpolated distortion. Count n (the whole layer) is
-    dropped unless ``allow_layer_removal``; then n - 1 is the top option (interpolated).
+    dropped unless ``allow_layer_removal``. With ``keep_one`` (used only when the grid alone
+    cannot reach the target) n - 1 is added as the top option, interpolated.
     """
     n = layer.size
     s = np.asarray(curve.ratios, dtype=np.float64)
@@ -119,10 +122,10 @@ def build_options(layer: LayerSpec, curve: Curve, *, allow_layer_removal: bool) 
     counts = list(knot_k[inside])
     values = list(knot_d[inside])
     knot_set = {int(c) for c in knot_k}
-    # Without layer removal a layer keeps at least one weight: its top option is n - 1
-    # pruned, interpolated between the last grid level below 1 and the measured 1.0, so
-    # any target below 1 stays reachable on a coarse grid.
-    top = hi_k if allow_layer_removal else min(hi_k, n - 1)
+    # keep_one: a layer may go down to a single weight (interpolated between the last grid
+    # level below 1 and the measured 1.0). That is a layer removed in all but name, so it
+    # is offered only when the grid cannot meet the target otherwise.
+    top = min(hi_k, n - 1) if keep_one and not allow_layer_removal else hi_k
     for bound in (lo_k, top):
         if knot_k[0] < bound < knot_k[-1] and bound not in knot_set:
             counts.append(bound)
@@ -321,8 +324,20 @@ class RateDistortionAllocator:
         total = problem.total_cost
         required = problem.required_cost
         reachable = sum(o.upper * o.unit_cost for o in options)
+        keep_one = False
+        if reachable < required and not allow:
+            # The grid's top levels fall short (a coarse grid, or rounding): let layers go
+            # down to one weight, and say so.
+            keep_one = True
+            options = [
+                build_options(
+                    layer, problem.curves[layer.name], allow_layer_removal=False, keep_one=True
+                )
+                for layer in problem.layers
+            ]
+            reachable = sum(o.upper * o.unit_cost for o in options)
         if reachable < required:
-            hint = "lower the target ratio or relax the per-layer bounds"
+            hint = "lower the target ratio, relax the per-layer bounds or use more --levels"
             if not allow:
                 hint += " (whole layers are kept: allow_layer_removal is off)"
             raise InfeasibleError(
@@ -359,6 +374,7 @@ class RateDistortionAllocator:
             "dp_s": dp.info["dp_s"],
             "dp_notes": dp.info["notes"],
             "time_s": time.perf_counter() - t0,
+            "beyond_grid": keep_one,
             **repair,
         }
         return Allocation(

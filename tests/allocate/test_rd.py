@@ -109,6 +109,15 @@ def test_dp_optimum_and_exact_counts_on_random_problems() -> None:
         if math.prod(o.counts.size for o in options) > 200_000:
             continue  # too many combinations to enumerate
         best = brute_force_dp(problem, options)
+        if best is None and not allow:
+            # The grid falls short: the allocator then offers all-but-one-weight options.
+            options = [
+                build_options(
+                    layer, problem.curves[layer.name], allow_layer_removal=False, keep_one=True
+                )
+                for layer in problem.layers
+            ]
+            best = brute_force_dp(problem, options)
         result = allocate_or_none(problem)
         if best is None:
             assert result is None
@@ -238,8 +247,13 @@ def test_never_removes_a_whole_layer_by_default() -> None:
     }
     problem = AllocationProblem(layers, 0.6, curves)
     result = RateDistortionAllocator().allocate(problem)
-    assert result.counts["dead"] == 99  # all but one weight: the layer is never removed
-    assert result.counts["live"] == 21
+    assert result.counts["dead"] == 90  # the largest grid level below 1.0
+    assert result.counts["live"] == 30
+    assert result.info["beyond_grid"] is False
+    # Only a target the grid cannot reach lets a layer go down to one weight.
+    beyond = RateDistortionAllocator().allocate(AllocationProblem(layers, 0.95, curves))
+    assert beyond.info["beyond_grid"] is True
+    assert sum(beyond.counts.values()) == 190 and max(beyond.counts.values()) <= 99
     allowed = AllocationProblem(layers, 0.6, curves, options={"allow_layer_removal": True})
     result = RateDistortionAllocator().allocate(allowed)
     assert result.counts["dead"] == 100
@@ -257,8 +271,12 @@ def test_options_interpolate_bounds_between_grid_levels() -> None:
     assert list(opt.values[1:-1]) == [9.0, 16.0, 25.0, 36.0, 49.0, 64.0]
     # Bounds on grid levels add nothing; 1.0 is dropped unless allowed.
     plain = build_options(LayerSpec("p", (100,)), Curve("p", s, d), allow_layer_removal=False)
-    assert list(plain.counts) == [*range(0, 100, 10), 99]  # all but one weight at most
-    assert plain.values[-1] == pytest.approx(81 + 0.9 * (100 - 81))
+    assert list(plain.counts) == list(range(0, 100, 10))
+    one = build_options(
+        LayerSpec("p", (100,)), Curve("p", s, d), allow_layer_removal=False, keep_one=True
+    )
+    assert list(one.counts) == [*range(0, 100, 10), 99]  # all but one weight at most
+    assert one.values[-1] == pytest.approx(81 + 0.9 * (100 - 81))
     full = build_options(LayerSpec("p", (100,)), Curve("p", s, d), allow_layer_removal=True)
     assert full.upper == 100
     # Small layers: grid levels that round to the same count are merged.
