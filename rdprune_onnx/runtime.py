@@ -3,12 +3,12 @@
 Sessions are built from in-memory models; the provider is chosen once (``auto`` takes the
 CUDA execution provider when onnxruntime-gpu sees a GPU).
 
-Small models reach ONNX Runtime as one serialised protobuf. A model whose protobuf is larger
-than :data:`EXTERNAL_DATA_THRESHOLD` (protobuf cannot serialise a message over 2 GiB) is
-written to a temporary folder instead: its tensors one at a time into a single data file,
-and a small copy of the graph that points at them. The caller's model is never modified
-and never serialised whole. ONNX Runtime reads the files while the session is created and
-the folder is removed straight away (see ``docs/large_models.md``).
+Small models reach ONNX Runtime as one serialised protobuf. A model whose tensors hold at
+least :data:`EXTERNAL_DATA_THRESHOLD` bytes (protobuf cannot serialise a message over 2 GiB)
+is written to a temporary folder instead: its tensors one at a time into a single data
+file, and a small copy of the graph that points at them. The caller's model is never
+modified, copied whole or serialised whole. ONNX Runtime reads (or maps) the files while the
+session is created and the folder is removed straight away (see ``docs/large_models.md``).
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ TENSOR_MIN_BYTES = 1024
 # allocation granularity, Windows'), so that ONNX Runtime can map them instead of reading.
 _ALIGNMENT = 64 * 1024
 _MODEL_FILE = "model.onnx"
-_DATA_FILE = "model.onnx.data"
 _DATA_FIELDS = frozenset(
     {
         "raw_data",
@@ -292,23 +291,27 @@ def write_for_runtime(
     model: onnx.ModelProto,
     folder: str | os.PathLike[str],
     weights: Mapping[str, np.ndarray] | None = None,
+    *,
+    name: str = _MODEL_FILE,
 ) -> Path:
-    """Write ``model`` into ``folder`` as ``model.onnx`` plus one external data file.
+    """Write ``model`` into ``folder`` as ``name`` plus one fresh data file ``name.data``.
 
     Never serialises the whole model: each large tensor's bytes are written to the data
-    file in turn, and only a small copy of the graph is serialised. ``model`` is read only.
-    ``weights`` replaces the named constants (initializer names, or the output names of
-    Constant nodes, in every scope) as they are written, like
+    file in turn, and only a small copy of the graph is serialised. ``model`` is read only
+    (``onnx.save_model(save_as_external_data=True)`` rewrites the caller's tensors as
+    external references). ``weights`` replaces the named constants (initializer names, or
+    the output names of Constant nodes, in every scope) as they are written, like
     :func:`rdprune_onnx.graph.surgery.replace_weights` without the copy of the model.
     """
     target = Path(folder)
-    with open(target / _DATA_FILE, "wb") as data:
-        writer = _ExternalWriter(data, _DATA_FILE, weights)
+    data_name = name + ".data"
+    with open(target / data_name, "wb") as data:
+        writer = _ExternalWriter(data, data_name, weights)
         small = writer.model(model)
     missing = set(weights or {}) - writer.replaced
     if missing:
         raise KeyError(f"no constant named {sorted(missing)[0]!r} to replace")
-    path = target / _MODEL_FILE
+    path = target / name
     path.write_bytes(small.SerializeToString())
     log.debug("wrote %s with %d external tensors", path, writer.moved)
     return path
