@@ -283,6 +283,29 @@ def fixed_batch(specs: Sequence[InputSpec]) -> int | None:
     return fixed.pop() if len(fixed) == 1 else None
 
 
+def fit_fixed_batch(
+    data: Mapping[str, np.ndarray], specs: Sequence[InputSpec], batch_size: int
+) -> tuple[dict[str, np.ndarray], int]:
+    """The data and batch size to run a model with a fixed batch dimension, if it has one.
+
+    Such a model takes exactly its batch size per run: samples that do not fill a last
+    batch are dropped (with a warning).
+    """
+    fixed = fixed_batch(specs)
+    if fixed is None:
+        return dict(data), batch_size
+    n = sample_count(data)
+    if n < fixed:
+        raise UserError(
+            f"the model's batch dimension is fixed at {fixed}, but only {n} samples given",
+            f"give at least {fixed} samples",
+        )
+    if n % fixed:
+        log.warning("dropping %d samples that do not fill a batch of %d", n % fixed, fixed)
+        data = {k: v[: n - n % fixed] if v.ndim else v for k, v in data.items()}
+    return dict(data), fixed
+
+
 def batches(data: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     n = sample_count(data)
     for start in range(0, n, batch_size):

@@ -424,25 +424,15 @@ def evaluate_files(
     pruned_file = model_files(pruned_path)
     data, label_array = _load_data(data_path, dense, pruned, labels)
 
-    fixed = calib.fixed_batch(calib.model_inputs(dense))
     n = sample_count(data)
     if label_array is not None and (label_array.ndim == 0 or label_array.shape[0] != n):
         raise UserError(
             f"labels {labels!r} have shape {label_array.shape}, but the inputs hold {n} samples",
             "store one class index per sample (the first axis is the sample axis)",
         )
-    if fixed is not None:
-        if n < fixed:
-            raise UserError(
-                f"the model's batch dimension is fixed at {fixed}, but only {n} samples given",
-                f"give at least {fixed} samples",
-            )
-        if n % fixed:
-            log.warning("dropping %d samples that do not fill a batch of %d", n % fixed, fixed)
-            data = {k: v[: n - n % fixed] if v.ndim else v for k, v in data.items()}
-            if label_array is not None:
-                label_array = label_array[: n - n % fixed]
-        batch_size = fixed
+    data, batch_size = calib.fit_fixed_batch(data, calib.model_inputs(dense), batch_size)
+    if label_array is not None:
+        label_array = label_array[: sample_count(data)]
 
     config = SessionConfig(provider=resolve_provider(provider))
     dense_session = Session(dense, config)

@@ -294,20 +294,7 @@ def load_calibration(
         raise UserError(
             "no calibration data", "pass --data FILE.npz or --synthetic N (random inputs)"
         )
-    batch_size = spec.batch_size
-    fixed = calib.fixed_batch(specs)
-    if fixed is not None:
-        batch_size = fixed
-        n = calib.sample_count(data)
-        if n < fixed:
-            raise UserError(
-                f"the model's batch dimension is fixed at {fixed}, but only {n} samples given",
-                f"give at least {fixed} samples",
-            )
-        if n % fixed:
-            log.warning("dropping %d samples that do not fill a batch of %d", n % fixed, fixed)
-            data = {k: v[: n - n % fixed] for k, v in data.items()}
-    return data, batch_size
+    return calib.fit_fixed_batch(data, specs, spec.batch_size)
 
 
 def select_layers(scan: LayerScan, exclude: Sequence[str]) -> list[Layer]:
