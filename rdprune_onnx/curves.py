@@ -26,6 +26,7 @@ from rdprune_onnx.distortion import DistortionMeter
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.cut import Cut, downstream, with_outputs
 from rdprune_onnx.graph.layers import Layer, read_weight
+from rdprune_onnx.graph.load import data_bytes
 from rdprune_onnx.graph.surgery import expose_as_inputs
 from rdprune_onnx.masks import apply_mask, magnitude_order, prune_count
 from rdprune_onnx.runtime import Session, SessionConfig
@@ -119,7 +120,7 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 def infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with inferred value types (needed to cut it); unchanged if inference fails."""
     try:
-        if model.ByteSize() < 2**31 - 1:
+        if data_bytes(model) < 2**31 - 1:
             return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:  # inference is best effort: fall back to whole-model runs
         log.info("shape inference failed (%s); measuring on the whole model", exc)
@@ -140,6 +141,7 @@ class _LayerMeasurer:
     ) -> None:
         self.reference = reference
         self.layer = layer
+        self._first: dict[str, np.ndarray] = {}
         self.cut: Cut | None = None
         if engine != "full":
             self.cut = downstream(expose_as_inputs(typed, [layer.name]), layer.name)
@@ -173,6 +175,7 @@ class _LayerMeasurer:
         if self.cut is None or count == 0:
             return [list(range(count))]
         sample = self._crossing(self.reference.batches[0])
+        self._first = sample  # reused by measure(): the first batch's pass is not repeated
         per_batch = max(1, sum(v.nbytes for v in sample.values()))
         size = max(1, budget // per_batch)
         return [list(range(i, min(count, i + size))) for i in range(0, count, size)]
@@ -186,7 +189,10 @@ class _LayerMeasurer:
         chunks = self._chunks(budget)
         for chunk in chunks:
             if self.cut is not None:
-                crossing = [self._crossing(ref.batches[b]) for b in chunk]
+                crossing = [
+                    self._first if b == 0 and self._first else self._crossing(ref.batches[b])
+                    for b in chunk
+                ]
                 positions = [ref.outputs.index(o) for o in self.cut.outputs]
             for i, ratio in enumerate(ratios):
                 pruned = apply_mask(weight, prune_count(float(ratio), weight.size), order)

@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,10 @@ TENSOR_MIN_BYTES = 1024
 # allocation granularity, Windows'), so that ONNX Runtime can map them instead of reading.
 _ALIGNMENT = 64 * 1024
 _MODEL_FILE = "model.onnx"
+# Staging folders are named ``rdprune-ort-<pid>-<random>``; one whose process is gone and
+# that has not changed for this long (seconds) was left by a killed run and is removed.
+_PREFIX = "rdprune-ort-"
+_STALE_AFTER = 3600
 _DATA_FIELDS = frozenset(
     {
         "raw_data",
@@ -362,7 +367,8 @@ class Session:
         providers: list[str],
         weights: Mapping[str, np.ndarray] | None,
     ) -> ort.InferenceSession:
-        folder = Path(tempfile.mkdtemp(prefix="rdprune-ort-"))
+        _sweep_stale(Path(tempfile.gettempdir()))
+        folder = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
         try:
             try:
                 path = write_for_runtime(model, folder, weights)
@@ -406,6 +412,34 @@ class Session:
                 "check that the calibration data fits the model's inputs",
             ) from None
         return [np.asarray(r) for r in result]
+
+
+def _sweep_stale(parent: Path) -> None:
+    """Remove staging folders of processes that died while creating a session.
+
+    A run killed for memory (likely with models this size) cannot clean up after itself and
+    would leave a copy of the model behind. POSIX only (``os.kill(pid, 0)`` probes there).
+    """
+    if os.name != "posix":
+        return
+    try:
+        entries = [e for e in parent.iterdir() if e.name.startswith(_PREFIX) and e.is_dir()]
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        pid = entry.name[len(_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            newest = max([entry.stat().st_mtime] + [f.stat().st_mtime for f in entry.iterdir()])
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            if now - newest > _STALE_AFTER:
+                log.info("removing %s, left by a process that is gone", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:  # gone meanwhile, or alive under another user
+            continue
 
 
 def _create(

@@ -37,6 +37,19 @@ def iter_all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return tensors
 
 
+def data_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data in the model, from shapes and types (never ``ByteSize()``, which
+    encodes the whole message and raises over 2 GiB)."""
+    total = 0
+    for tensor in iter_all_tensors(model):
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        count = 1
+        for dim in tensor.dims:
+            count *= int(dim)
+        total += count * itemsize
+    return total
+
+
 def uses_external_data(model: onnx.ModelProto) -> bool:
     return any(external_data_helper.uses_external_data(t) for t in iter_all_tensors(model))
 
@@ -87,19 +100,19 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.Mode
             f"{str(p)!r} holds no ONNX graph", "the file is not an ONNX model; re-export it"
         )
     _check_external_locations(model, p.parent)
-    if uses_external_data(model):
-        external_data_helper.load_external_data_for_model(model, str(p.parent))
+    external = uses_external_data(model)
     if check:
         try:
-            if model.ByteSize() < _PROTOBUF_LIMIT:
-                onnx.checker.check_model(model)
-            else:
-                onnx.checker.check_model(str(p))
+            # With external data, check the file (the checker reads the data next to it):
+            # the loaded message may be over protobuf's 2 GiB limit.
+            onnx.checker.check_model(str(p) if external else model)
         except onnx.checker.ValidationError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
             raise UserError(
                 f"{str(p)!r} fails the ONNX checker: {first}", "fix or re-export the model"
             ) from None
+    if external:
+        external_data_helper.load_external_data_for_model(model, str(p.parent))
     return model
 
 
@@ -129,7 +142,7 @@ def save_model(
         raise UserError(f"output folder {str(folder)!r} is not writable", "choose another -o")
     data_name = out.name + ".data"
     if external_data is None:
-        external_data = uses_external_data(model) or model.ByteSize() >= _PROTOBUF_LIMIT
+        external_data = uses_external_data(model) or data_bytes(model) >= _PROTOBUF_LIMIT // 2
     targets = [out] + ([folder / data_name] if external_data else [])
     protected = {Path(p).resolve() for p in protect}
     for target in targets:
@@ -143,8 +156,12 @@ def save_model(
     try:
         tmp_model = tmp / out.name
         if external_data:
+            # save_model rewrites the tensors it externalises: work on a copy, so the
+            # caller's model keeps its data (it may be used after writing).
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
             onnx.save_model(
-                model,
+                copy,
                 str(tmp_model),
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,

@@ -130,3 +130,18 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(UserError, match="No space left"):
         save_model(graphs.cnn(), tmp_path / "x.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_with_external_data_leaves_the_callers_model_intact(tmp_path: Path) -> None:
+    model = graphs.cnn()
+    before = model.SerializeToString()
+    save_model(model, tmp_path / "e.onnx", external_data=True)
+    assert model.SerializeToString() == before  # still holds its own data
+
+
+def test_data_bytes_counts_tensor_data() -> None:
+    from rdprune_onnx.graph.load import data_bytes
+
+    model = graphs.cnn()
+    expected = sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    assert data_bytes(model) == expected
