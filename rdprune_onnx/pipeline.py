@@ -636,6 +636,34 @@ def _finish(
     return result
 
 
+def _allocate_and_finish(
+    job: _Job,
+    settings: PruneSettings,
+    curve_source: CurveSource,
+    *,
+    output: Path | None,
+    force: bool,
+    report: str | os.PathLike[str] | None,
+    started: float,
+    storage: str,
+) -> PruneResult:
+    pruned, allocation, specs, steps, curves = _allocate(job, settings, curve_source)
+    return _finish(
+        job,
+        settings,
+        pruned,
+        allocation,
+        specs,
+        steps,
+        curves,
+        output=output,
+        force=force,
+        report=report,
+        started=started,
+        storage=storage,
+    )
+
+
 def prune(
     model_path: str | os.PathLike[str],
     settings: PruneSettings,
@@ -677,15 +705,10 @@ def prune(
             model, job.layers, reference, settings, job.config, entry, cache_dir, progress
         )
 
-    pruned, allocation, specs, steps, curves = _allocate(job, settings, measure)
-    return _finish(
+    return _allocate_and_finish(
         job,
         settings,
-        pruned,
-        allocation,
-        specs,
-        steps,
-        curves,
+        measure,
         output=out_path if write else None,
         force=force,
         report=report,
@@ -782,15 +805,10 @@ def allocate(
     def fixed(model: onnx.ModelProto, reference: Reference | None) -> dict[str, Curve]:
         return {layer.name: saved.curves[layer.name] for layer in job.layers}
 
-    pruned, result_allocation, specs, steps, curves = _allocate(job, settings, fixed)
-    return _finish(
+    return _allocate_and_finish(
         job,
         settings,
-        pruned,
-        result_allocation,
-        specs,
-        steps,
-        curves,
+        fixed,
         output=out_path if write else None,
         force=force,
         report=report,
