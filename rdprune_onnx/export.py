@@ -58,12 +58,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
+
+from rdprune_onnx.graph.walk import iter_graphs
 
 log = logging.getLogger(__name__)
 
@@ -119,21 +121,10 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _graphs(sub)
-
-
 def _all_names(model: onnx.ModelProto) -> set[str]:
     """Every tensor name used anywhere in the model (all scopes)."""
     names: set[str] = set()
-    for graph in _graphs(model.graph):
+    for graph in iter_graphs(model.graph):
         names.update(t.name for t in graph.initializer)
         names.update(t.values.name for t in graph.sparse_initializer)
         names.update(v.name for v in graph.input)
@@ -149,7 +140,7 @@ def _all_names(model: onnx.ModelProto) -> set[str]:
 def _used_names(model: onnx.ModelProto) -> set[str]:
     """Names read by a node (any scope) or exposed as a graph output."""
     used: set[str] = set()
-    for graph in _graphs(model.graph):
+    for graph in iter_graphs(model.graph):
         for node in graph.node:
             used.update(node.input)
         used.update(v.name for v in graph.output)
@@ -359,9 +350,9 @@ def compact_weights(
     graph = out.graph
     main = {t.name: i for i, t in enumerate(graph.initializer)}
     elsewhere: set[str] = set()
-    for sub in list(_graphs(graph))[1:]:
+    for sub in list(iter_graphs(graph))[1:]:
         elsewhere.update(t.name for t in sub.initializer)
-    for sub in _graphs(graph):
+    for sub in iter_graphs(graph):
         elsewhere.update(n.output[0] for n in sub.node if n.op_type == "Constant" and n.output)
     inputs = {v.name for v in graph.input}
     taken = _all_names(out)

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from rdprune_onnx.graph.walk import iter_graphs
 from tests.graphs import cnn, init
 
 # The IR version each opset needs at least (ONNX's versioning table).
@@ -263,20 +264,9 @@ def loop_shared(seed: int = 0) -> onnx.ModelProto:
 # Comparing a model with its pruned copy
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _graphs(sub)
-
-
 def _slots(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
     """Every constant tensor (initializers and Constant values, all scopes) by its name."""
-    for graph in _graphs(model.graph):
+    for graph in iter_graphs(model.graph):
         for tensor in graph.initializer:
             yield tensor.name, tensor
         for node in graph.node:
