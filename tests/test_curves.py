@@ -122,6 +122,13 @@ def test_grid_and_no_float_output() -> None:
     np.testing.assert_allclose(grid(101)[:3], [0, 0.01, 0.02])
     with pytest.raises(UserError):
         grid(1)
+    from rdprune_onnx.curves import float_outputs
+
+    model = graphs.cnn()
+    assert float_outputs(model) == ["y"]
+    model.graph.output[0].type.tensor_type.elem_type = onnx.TensorProto.INT64
+    with pytest.raises(UserError, match="no float output"):
+        float_outputs(model)
 
 
 def test_softmax_metrics_refuse_embeddings_and_probabilities() -> None:
