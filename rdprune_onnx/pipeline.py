@@ -47,7 +47,7 @@ from rdprune_onnx.evaluate import Evaluation, compare
 from rdprune_onnx.export import STORAGES, compact_weights
 from rdprune_onnx.flops import macs_per_weight
 from rdprune_onnx.graph.layers import Layer, LayerScan, Skipped, find_layers, read_weight
-from rdprune_onnx.graph.load import load_model, save_model, uses_external_data
+from rdprune_onnx.graph.load import read_model, save_model
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.masks import apply_mask
 from rdprune_onnx.reconstruct import SOLVERS, reconstruct
@@ -369,7 +369,7 @@ def _load_job(
     labels: str | None = None,
 ) -> _Job:
     start = time.perf_counter()
-    model = load_model(model_path)
+    model, had_external = read_model(model_path)
     scan = find_layers(model)
     layers = select_layers(scan, settings.exclude)
     job = _Job(
@@ -377,7 +377,7 @@ def _load_job(
         model=model,
         scan=scan,
         layers=layers,
-        had_external=_input_had_external_data(model_path),
+        had_external=had_external,
         config=SessionConfig(provider=resolve_provider(settings.provider)),
     )
     if calibration is not None and calibration.given:
@@ -874,10 +874,6 @@ def _measure_with_cache(
         done=done,
         on_curve=save,
     )
-
-
-def _input_had_external_data(model_path: str | os.PathLike[str]) -> bool:
-    return uses_external_data(onnx.load_model(str(model_path), load_external_data=False))
 
 
 def _load_eval(

@@ -236,3 +236,21 @@ def test_reconstruct_lowers_distortion_and_keeps_the_mask(tmp_path: Path, method
             assert layer.ratio == layer.sparsity_before  # nothing pruned, nothing to refit
         # The same positions are zero: the refit moves kept weights only.
         np.testing.assert_array_equal(before[layer.name] == 0, after[layer.name] == 0)
+
+
+def test_external_data_in_gives_a_fresh_data_file_out(tmp_path: Path) -> None:
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(
+        graphs.cnn(),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
+    before = (tmp_path / "ext.onnx.data").read_bytes()
+    out = tmp_path / "out.onnx"
+    prune(path, PruneSettings(ratio=0.5, method="global"), CalibrationSpec(synthetic=4), output=out)
+    assert (tmp_path / "out.onnx.data").is_file()
+    assert (tmp_path / "ext.onnx.data").read_bytes() == before  # the input's data untouched
+    ort.InferenceSession(str(out))

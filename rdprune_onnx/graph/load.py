@@ -76,7 +76,12 @@ def _check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
 
 
 def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model from a path, with its external data, and run onnx's checker.
+    """Load an ONNX model from a path, with its external data, and run onnx's checker."""
+    return read_model(path, check=check)[0]
+
+
+def read_model(path: str | os.PathLike[str], *, check: bool = True) -> tuple[onnx.ModelProto, bool]:
+    """:func:`load_model`, also telling whether the file kept its tensors in external data.
 
     External data must live in the model's folder (no absolute paths, no escapes through
     ``..`` or symbolic links).
@@ -113,7 +118,7 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.Mode
             ) from None
     if external:
         external_data_helper.load_external_data_for_model(model, str(p.parent))
-    return model
+    return model, external
 
 
 def save_model(
