@@ -9,6 +9,7 @@ finished; a file whose fingerprints do not match is never used.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import onnx
 
 from rdprune_onnx.allocate import Curve
 from rdprune_onnx.errors import UserError
+from rdprune_onnx.graph.external import ExternalWriter, copy_metadata, tensor_array
 from rdprune_onnx.graph.load import iter_all_tensors
 from rdprune_onnx.report import write_json
 
@@ -30,19 +32,33 @@ log = logging.getLogger(__name__)
 FORMAT = "rdprune-onnx-curves/1"
 
 
+class _Skeleton(ExternalWriter):
+    """Copies a model without any tensor data (not even a reference to it)."""
+
+    def tensor(self, src: onnx.TensorProto, dst: onnx.TensorProto, slot: str | None) -> None:
+        copy_metadata(src, dst)
+
+
 def model_fingerprint(model: onnx.ModelProto) -> str:
-    """SHA-256 over the graph's structure and every tensor's bytes."""
+    """SHA-256 over the graph's structure and every tensor's values.
+
+    Tensors are read one at a time (from disk when lazy) and the structure is hashed from a
+    copy without tensor data, so the model is never copied whole; where a tensor's data is
+    stored (inline, typed fields, external file) does not change the fingerprint.
+    """
     digest = hashlib.sha256()
-    stripped = onnx.ModelProto()
-    stripped.CopyFrom(model)
-    for tensor in iter_all_tensors(stripped):
-        content = onnx.numpy_helper.to_array(tensor)
+    for tensor in iter_all_tensors(model):
+        content = tensor_array(tensor)
         digest.update(tensor.name.encode())
         digest.update(str(content.dtype).encode() + str(content.shape).encode())
-        digest.update(np.ascontiguousarray(content).tobytes())
-        tensor.ClearField("raw_data")
-        for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-            tensor.ClearField(name)
+        if content.dtype == object:  # strings: hash the values, not the object pointers
+            for item in content.reshape(-1):
+                value = item if isinstance(item, bytes) else str(item).encode()
+                digest.update(len(value).to_bytes(8, "little") + value)
+        else:
+            digest.update(np.ascontiguousarray(content).tobytes())
+        del content
+    stripped = _Skeleton(io.BytesIO(), "").model(model)
     stripped.ClearField("producer_version")
     digest.update(stripped.graph.SerializeToString(deterministic=True))
     return digest.hexdigest()

@@ -63,8 +63,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, external_data_helper, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
+from rdprune_onnx.graph.external import is_external, is_lazy, tensor_array
 from rdprune_onnx.graph.walk import iter_graphs
 
 log = logging.getLogger(__name__)
@@ -372,7 +373,7 @@ def compact_weights(
         if reason:
             log.info("%s: %s, left dense", name, reason)
             continue
-        array = numpy_helper.to_array(tensor)
+        array = tensor_array(tensor)
         if array.size >= 2**31 - 1:
             log.warning("%s: over 2**31 elements, left dense", name)
             continue
@@ -420,7 +421,7 @@ def _ineligible(tensor: onnx.TensorProto, is_input: bool, min_size: int) -> str 
         return "also a graph input (overridable at run time)"
     if tensor.data_type not in _SUPPORTED_TYPES:
         return f"type {TensorProto.DataType.Name(tensor.data_type)} not supported"
-    if external_data_helper.uses_external_data(tensor) and not tensor.HasField("raw_data"):
+    if is_external(tensor) and not is_lazy(tensor):
         return "external data not loaded"
     size = int(np.prod(tensor.dims, dtype=np.int64))
     if size == 0:
@@ -578,7 +579,7 @@ def densify(model: onnx.ModelProto) -> onnx.ModelProto:
                 if inp and inp not in constants and inp not in producers:
                     if inp not in init_by_name:
                         raise ValueError(f"the rebuild of {name!r} reads {inp!r}, not a constant")
-                    constants[inp] = numpy_helper.to_array(init_by_name[inp])
+                    constants[inp] = tensor_array(init_by_name[inp])
         array = _evaluate(nodes, constants, name)
         dense[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
         dropped.update(id(n) for n in nodes)

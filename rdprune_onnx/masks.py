@@ -22,11 +22,35 @@ def prune_count(ratio: float, size: int) -> int:
 
 
 def apply_mask(weight: np.ndarray, count: int, order: np.ndarray | None = None) -> np.ndarray:
-    """A copy of ``weight`` with its ``count`` smallest-magnitude entries set to zero."""
-    if order is None:
-        order = magnitude_order(weight)
+    """A copy of ``weight`` with its ``count`` smallest-magnitude entries set to zero.
+
+    Without ``order`` the entries are found by selection, not a sort (linear time, no index
+    array): everything below the ``count``-th smallest magnitude, then entries equal to it
+    by flat index, which is exactly ``magnitude_order(weight)[:count]``.
+    """
     pruned = np.array(weight, copy=True)
-    pruned.reshape(-1)[order[:count]] = 0
+    flat = pruned.reshape(-1)
+    if order is not None:
+        flat[order[:count]] = 0
+        return pruned
+    count = max(0, min(int(count), flat.size))
+    if count == 0:
+        return pruned
+    if count == flat.size:
+        flat[:] = 0
+        return pruned
+    magnitude = np.abs(flat)
+    threshold = np.partition(magnitude, count - 1)[count - 1]
+    if np.isnan(threshold):  # NaNs sort last: every number goes, then NaNs by index
+        below = ~np.isnan(magnitude)
+        ties = np.isnan(magnitude)
+    else:
+        below = magnitude < threshold
+        ties = magnitude == threshold
+    taken = int(np.count_nonzero(below))
+    flat[below] = 0
+    del below
+    flat[np.flatnonzero(ties)[: count - taken]] = 0
     return pruned
 
 

@@ -37,3 +37,22 @@ def test_prune_count_and_sparsity() -> None:
     assert prune_count(1.2, 7) == 7
     assert prune_count(-0.1, 7) == 0
     assert sparsity(np.array([0, 1, 0, 2])) == 0.5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize("seed", range(6))
+def test_selection_equals_stable_sort(dtype: type, seed: int) -> None:
+    """apply_mask's selection prunes exactly the first ``count`` of magnitude_order."""
+    rng = np.random.default_rng(seed)
+    w = rng.choice([0.0, -0.0, 0.5, -0.5, 1.0, 2.0, -3.0], size=(7, 9)).astype(dtype)
+    w = w * rng.choice([1.0, 1.0, 1.5], size=w.shape).astype(dtype)
+    if seed % 2:
+        w.reshape(-1)[rng.integers(0, w.size, 3)] = np.nan
+    order = magnitude_order(w)
+    for count in range(w.size + 1):
+        np.testing.assert_array_equal(
+            np.isnan(apply_mask(w, count)), np.isnan(apply_mask(w, count, order))
+        )
+        np.testing.assert_array_equal(
+            np.nan_to_num(apply_mask(w, count)), np.nan_to_num(apply_mask(w, count, order))
+        )

@@ -31,14 +31,23 @@ from rdprune_onnx.allocate.rounding import (
 def layer_magnitudes(
     layers: Sequence[LayerSpec], magnitudes: Mapping[str, FloatArray] | None, method: str
 ) -> list[FloatArray]:
-    """Each layer's flattened |w| as float64, checked against the layer's size."""
+    """Each layer's flattened |w| (fresh arrays), checked against the layer's size.
+
+    Floating-point weights keep their type (|w| is exact in it and orders like float64,
+    at half the memory of a float64 copy for float32 models); others become float64.
+    Layers are read one at a time, so ``magnitudes`` may compute them on access.
+    """
     if magnitudes is None:
         raise ValueError(f"the {method} allocator needs problem.magnitudes")
     out: list[FloatArray] = []
     for layer in layers:
         if layer.name not in magnitudes:
             raise ValueError(f"{method}: no magnitudes for layer {layer.name}")
-        values = np.abs(np.asarray(magnitudes[layer.name], dtype=np.float64).reshape(-1))
+        raw = np.asarray(magnitudes[layer.name])
+        if not np.issubdtype(raw.dtype, np.floating):
+            raw = raw.astype(np.float64)
+        values = np.abs(raw.reshape(-1))
+        del raw
         if values.size != layer.size:
             raise ValueError(
                 f"{method}: layer {layer.name} has {layer.size} weights but "
@@ -79,29 +88,41 @@ def counts_from_scores(
     def cost_of(counts: np.ndarray) -> int:
         return sum(int(k) * c for k, c in zip(counts.tolist(), costs, strict=True))
 
-    def clipped(tau: float, side: Literal["left", "right"]) -> np.ndarray:
+    # All scores compared in one floating type (float32 models stay float32: no copies).
+    dtype = np.result_type(*[s.dtype for s in sorted_scores]) if sorted_scores else np.float64
+    if not np.issubdtype(dtype, np.floating):
+        dtype = np.dtype(np.float64)
+    sorted_scores = [s if s.dtype == dtype else s.astype(dtype) for s in sorted_scores]
+    bits = np.dtype(f"i{dtype.itemsize}")  # same-width integers: the values' bit patterns
+
+    def clipped(tau: np.floating, side: Literal["left", "right"]) -> np.ndarray:
         found = [int(np.searchsorted(s, tau, side=side)) for s in sorted_scores]
         return np.clip(np.array(found, dtype=np.int64), lo, hi)
+
+    def from_bits(pattern: int) -> np.floating:
+        value: np.floating = np.array(pattern, dtype=bits).view(dtype).reshape(-1)[0]
+        return value
 
     counts = lo.copy()
     if cost_of(counts) >= required:
         return _named(layers, counts), math.nan
 
     # Smallest threshold tau (a score value) with cost(scores <= tau) >= required: bisection
-    # on the bit patterns of non-negative float64, which order like the values themselves.
-    if cost_of(clipped(0.0, "right")) >= required:
-        tau = 0.0
+    # on the bit patterns of non-negative floats, which order like the values themselves.
+    zero = from_bits(0)
+    if cost_of(clipped(zero, "right")) >= required:
+        tau = zero
     else:
-        top = max(float(s[-1]) for s in sorted_scores if s.size)
+        top = max((s[-1] for s in sorted_scores if s.size), default=zero)
         low_bits = 0
-        high_bits = int(np.float64(top).view(np.int64))
+        high_bits = int(np.array(top, dtype=dtype).view(bits))
         while high_bits - low_bits > 1:
             mid = (low_bits + high_bits) // 2
-            if cost_of(clipped(float(np.int64(mid).view(np.float64)), "right")) >= required:
+            if cost_of(clipped(from_bits(mid), "right")) >= required:
                 high_bits = mid
             else:
                 low_bits = mid
-        tau = float(np.int64(high_bits).view(np.float64))
+        tau = from_bits(high_bits)
 
     # Everything scored below tau goes; weights scored exactly tau go in layer order.
     counts = clipped(tau, "left")
@@ -115,7 +136,7 @@ def counts_from_scores(
             take = min(avail, -(-left // c))
             counts[i] += take
             left -= take * c
-    return _named(layers, counts), tau
+    return _named(layers, counts), float(tau)
 
 
 def _named(layers: Sequence[LayerSpec], counts: np.ndarray) -> dict[str, int]:

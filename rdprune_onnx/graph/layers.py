@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from rdprune_onnx.graph.external import tensor_array
 from rdprune_onnx.graph.walk import iter_graphs, subgraphs
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -238,7 +238,7 @@ def find_layers(model: onnx.ModelProto) -> LayerScan:
         if name in layers:
             layers[name].uses.append(use)
             continue
-        array = numpy_helper.to_array(tensor)
+        array = tensor_array(tensor)
         layers[name] = Layer(
             name=name,
             shape=dims,
@@ -252,4 +252,4 @@ def find_layers(model: onnx.ModelProto) -> LayerScan:
 
 def read_weight(model: onnx.ModelProto, name: str) -> np.ndarray:
     entry = ConstantIndex(model).constants[name]
-    return numpy_helper.to_array(entry.tensor)
+    return tensor_array(entry.tensor)

@@ -7,12 +7,25 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import external_data_helper
 
 from rdprune_onnx.errors import UserError
+from rdprune_onnx.graph.external import (
+    LAZY_MIN_BYTES,
+    check_data,
+    is_external,
+    is_lazy,
+    make_lazy,
+    materialize,
+    nbytes,
+    write_external,
+)
+from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.graph.walk import iter_graphs
 
 log = logging.getLogger(__name__)
@@ -20,8 +33,6 @@ log = logging.getLogger(__name__)
 # Protobuf refuses to serialise a single message over 2 GiB; models larger than this are
 # written with their tensors in an external data file.
 _PROTOBUF_LIMIT = 2**31 - 1
-# Tensors at least this large go to the external data file when one is written.
-_EXTERNAL_THRESHOLD = 1024
 
 
 def iter_all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -37,21 +48,24 @@ def iter_all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return tensors
 
 
-def data_bytes(model: onnx.ModelProto) -> int:
+def data_bytes(model: onnx.ModelProto, *, in_memory: bool = False) -> int:
     """Bytes of tensor data in the model, from shapes and types (never ``ByteSize()``, which
-    encodes the whole message and raises over 2 GiB)."""
-    total = 0
-    for tensor in iter_all_tensors(model):
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        count = 1
-        for dim in tensor.dims:
-            count *= int(dim)
-        total += count * itemsize
-    return total
+    encodes the whole message and raises over 2 GiB). ``in_memory`` counts only what the
+    message itself holds (tensors still on disk excluded)."""
+    return sum(
+        nbytes(tensor)
+        for tensor in iter_all_tensors(model)
+        if not (in_memory and is_external(tensor))
+    )
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
     return any(external_data_helper.uses_external_data(t) for t in iter_all_tensors(model))
+
+
+def has_lazy(model: onnx.ModelProto) -> bool:
+    """Some tensor's data is still on disk (see :mod:`rdprune_onnx.graph.external`)."""
+    return any(is_lazy(t) for t in iter_all_tensors(model))
 
 
 def _check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
@@ -76,7 +90,7 @@ def _check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
 
 
 def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model from a path, with its external data, and run onnx's checker."""
+    """Load an ONNX model from a path and run onnx's checker (see :func:`read_model`)."""
     return read_model(path, check=check)[0]
 
 
@@ -84,7 +98,10 @@ def read_model(path: str | os.PathLike[str], *, check: bool = True) -> tuple[onn
     """:func:`load_model`, also telling whether the file kept its tensors in external data.
 
     External data must live in the model's folder (no absolute paths, no escapes through
-    ``..`` or symbolic links).
+    ``..`` or symbolic links). Tensors of :data:`~rdprune_onnx.graph.external.LAZY_MIN_BYTES`
+    or more stay on disk (see :mod:`rdprune_onnx.graph.external`): read them with
+    :func:`~rdprune_onnx.graph.external.tensor_array`, write the model with
+    :func:`save_model`. Smaller ones are read in.
     """
     p = Path(path)
     if not p.exists():
@@ -117,8 +134,25 @@ def read_model(path: str | os.PathLike[str], *, check: bool = True) -> tuple[onn
                 f"{str(p)!r} fails the ONNX checker: {first}", "fix or re-export the model"
             ) from None
     if external:
-        external_data_helper.load_external_data_for_model(model, str(p.parent))
+        _attach_external_data(model, p.parent)
     return model, external
+
+
+def _attach_external_data(model: onnx.ModelProto, folder: Path) -> None:
+    for tensor in iter_all_tensors(model):
+        if not is_external(tensor):
+            continue
+        make_lazy(tensor, folder)
+        try:
+            if nbytes(tensor) < LAZY_MIN_BYTES:
+                materialize(tensor)
+            else:
+                check_data(tensor)
+        except (OSError, ValueError, KeyError):
+            raise UserError(
+                f"the external data of tensor {tensor.name!r} is missing or truncated",
+                "copy the model's data file(s) again, whole",
+            ) from None
 
 
 def save_model(
@@ -128,6 +162,7 @@ def save_model(
     external_data: bool | None = None,
     force: bool = False,
     protect: tuple[str | os.PathLike[str], ...] = (),
+    weights: Mapping[str, np.ndarray] | None = None,
 ) -> list[Path]:
     """Write ``model`` to ``path`` atomically and return the files written.
 
@@ -136,6 +171,8 @@ def save_model(
     external data (chosen automatically for models over 2 GiB, or forced by
     ``external_data``) a fresh data file ``<name>.data`` is written beside the output.
     ``protect`` lists paths that must never be overwritten (the input model and its data).
+    ``weights`` replaces the named constants as they are written (see
+    :func:`~rdprune_onnx.graph.external.write_external`).
     """
     out = Path(path)
     folder = out.parent if str(out.parent) else Path()
@@ -148,6 +185,8 @@ def save_model(
     data_name = out.name + ".data"
     if external_data is None:
         external_data = uses_external_data(model) or data_bytes(model) >= _PROTOBUF_LIMIT // 2
+    # Lazy tensors only exist in this process: a model holding them is written with its data.
+    external_data = external_data or uses_external_data(model)
     targets = [out] + ([folder / data_name] if external_data else [])
     protected = {Path(p).resolve() for p in protect}
     for target in targets:
@@ -161,19 +200,12 @@ def save_model(
     try:
         tmp_model = tmp / out.name
         if external_data:
-            # save_model rewrites the tensors it externalises: work on a copy, so the
-            # caller's model keeps its data (it may be used after writing).
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(
-                copy,
-                str(tmp_model),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=_EXTERNAL_THRESHOLD,
-            )
+            # Streams tensor by tensor (lazy ones copied from their files) into one fresh
+            # data file; the caller's model is only read.
+            write_external(model, tmp, weights, name=out.name, durable=True)
         else:
+            if weights:
+                model = replace_weights(model, weights)
             onnx.save_model(model, str(tmp_model))
         for target in reversed(targets):  # data file first, the model last
             src = tmp / target.name
