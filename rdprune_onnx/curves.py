@@ -4,31 +4,53 @@ For every prunable layer and every level of the grid, only that layer is pruned 
 magnitude and the whole model is run on the calibration data; the distortion of its float
 outputs against the dense model's is recorded. One ONNX Runtime session per layer serves
 every level of that layer: the layer's weight becomes a graph input, so each candidate is
-fed at run time instead of building a session per point. Where the graph can be cut below
-the layer, only the downstream part runs for each candidate (see
-:mod:`rdprune_onnx.graph.cut`).
+fed at run time instead of building a session per point.
+
+What makes it fast, each shortcut giving the values a full-model run gives (to float
+rounding; tests/test_curves_engine.py checks them against such runs):
+
+* Where the graph can be cut below the layer, only the downstream part runs for each
+  candidate (:mod:`rdprune_onnx.graph.cut`); the weight is its only new input, so ONNX
+  Runtime still folds and fuses everything else. The cut is built straight from the model
+  (no whole-model copy per layer), and a BatchNormalization right after the layer's Conv is
+  folded into the fed weight (the mask still chosen on the original weight).
+* One dense pass keeps the tensors that cross every layer's cut, within a memory budget:
+  above it layers are grouped (one pass per group) and a layer whose tensors alone do not
+  fit streams over chunks of batches.
+* Masks: one stable sort per layer, then each level zeroes only the positions the previous
+  level kept. Levels that prune no more than the zeros already there are the measured
+  model's own distortion and are not run; levels with the same count are run once.
+* On the CPU two candidates run at once on one session (:func:`worker_layout`); the next
+  layer's session is built on another thread meanwhile. On CUDA the dense tensors, inputs
+  and candidates stay on the GPU between runs (IOBinding).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 from tqdm import tqdm
 
 from rdprune_onnx.allocate import Curve
 from rdprune_onnx.calibration import batches
 from rdprune_onnx.distortion import DistortionMeter
 from rdprune_onnx.errors import UserError
-from rdprune_onnx.graph.cut import Cut, downstream, with_outputs
+from rdprune_onnx.graph.cut import Cut, build_cut, downstream, node_inputs, with_outputs
 from rdprune_onnx.graph.layers import Layer, read_weight
 from rdprune_onnx.graph.load import data_bytes
 from rdprune_onnx.graph.surgery import expose_as_inputs
-from rdprune_onnx.masks import apply_mask, magnitude_order, prune_count
+from rdprune_onnx.masks import prune_count
 from rdprune_onnx.runtime import Session, SessionConfig
 
 log = logging.getLogger(__name__)
@@ -112,107 +134,622 @@ def measure_distortion(
 
 ProgressHook = Callable[[str, Curve], None]
 ENGINES = ("auto", "downstream", "full")
-# Crossing tensors kept in memory at once, per layer; above this, calibration batches are
-# processed in chunks (one extra dense pass per chunk).
+# Dense crossing tensors kept in memory at once (over all the layers measured from them, on
+# the session's device); above this, layers are measured in groups (one dense pass each)
+# and a layer whose own tensors do not fit streams over chunks of calibration batches.
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+# The next layer's session is built while this one runs only for models up to this size
+# (their tensors' bytes): it holds a second cut of the model meanwhile.
+PREFETCH_MAX_BYTES = 512 * 1024**2
+# Tests set this to run the IOBinding route (the CUDA one) on the CPU provider.
+_FORCE_BINDING = False
+
+
+@dataclass
+class LayerCandidates:
+    """What to feed for one layer's candidates instead of the plain masked weight.
+
+    ``names[0]`` is the layer's weight; the others are further tensors of the model (e.g.
+    the layer's bias initializer) fed together with it. ``make`` receives the masked weight
+    (a fresh array, pruned positions zero) and the level's ratio and returns an array for
+    every name in ``names``.
+    """
+
+    names: list[str]
+    make: Callable[[np.ndarray, float], dict[str, np.ndarray]]
+
+
+# Called once per measured layer with the layer and its dense weight; None: plain masking.
+CandidateFactory = Callable[[Layer, np.ndarray], LayerCandidates | None]
 
 
 def infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with inferred value types (needed to cut it); unchanged if inference fails."""
     try:
-        if data_bytes(model) < 2**31 - 1:
+        if data_bytes(model, in_memory=True) < 2**31 - 1:  # tensors on disk are not in it
             return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:  # inference is best effort: fall back to whole-model runs
         log.info("shape inference failed (%s); measuring on the whole model", exc)
     return model
 
 
-class _LayerMeasurer:
-    """Measures one layer's curve, on the downstream cut when it can, else the whole model."""
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_layout(config: SessionConfig, workers: int | None = None) -> tuple[int, SessionConfig]:
+    """How many candidates run at once, and the session settings of each.
+
+    On the CPU the thread budget (``config.intra_op_threads``, 0 = every core) is split
+    over ``workers`` concurrent runs of one shared session (default: 2 when the budget
+    allows it; measured faster than one run on two intra-op threads, see
+    ``docs/benchmark.md``). On CUDA one run at a time.
+    """
+    if config.provider != "cpu":
+        return 1, config
+    total = config.intra_op_threads or _cpu_count()
+    count = max(1, workers) if workers is not None else min(2, total)
+    per = max(1, total // count)
+    return count, replace(config, intra_op_threads=per)
+
+
+def _elem_bytes(value: onnx.ValueInfoProto) -> int:
+    try:
+        kind = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        return int(np.dtype(kind).itemsize)
+    except Exception:  # an element type without a numpy equivalent
+        return 8
+
+
+class _Schedule:
+    """Which levels of a layer need a run; the others copy a run's value or the base's.
+
+    A level that prunes no more weights than are zero already leaves the weight as it is:
+    its distortion is the measured model's own (0 when it is the dense one), known without
+    running. Levels with the same count share one mask, hence one value.
+    """
+
+    def __init__(self, ratios: np.ndarray, size: int, zeros: int, plain: bool) -> None:
+        self.counts = [prune_count(float(r), size) for r in ratios]
+        self.base: list[int] = []
+        self.copies: dict[int, int] = {}
+        self.runs: list[int] = []
+        first: dict[int, int] = {}
+        for index in sorted(range(len(ratios)), key=lambda i: (self.counts[i], i)):
+            count = self.counts[index]
+            if plain and count <= zeros:
+                self.base.append(index)
+            elif plain and count in first:
+                self.copies[index] = first[count]
+            else:
+                first.setdefault(count, index)
+                self.runs.append(index)
+
+    def segments(self, parts: int) -> list[list[int]]:
+        """The levels to run in ``parts`` contiguous runs of increasing count."""
+        parts = max(1, min(parts, len(self.runs)))
+        bounds = np.linspace(0, len(self.runs), parts + 1).round().astype(int)
+        return [self.runs[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def _constant_arrays(graph: onnx.GraphProto, names: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """The values of constant tensors: initializers, Constant outputs, or either through
+    Identity nodes (exporters share equal tensors that way); None if one is not constant."""
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output if o}
+    found: dict[str, np.ndarray] = {}
+    for name in names:
+        source = name
+        for _ in range(len(producers) + 1):
+            node = producers.get(source)
+            if node is None or node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+                break
+            source = node.input[0]
+        try:
+            if source in inits:
+                found[name] = numpy_helper.to_array(inits[source])
+                continue
+            node = producers.get(source)
+            value = _constant_tensor(node) if node is not None else None
+            if value is None:
+                return None
+            found[name] = numpy_helper.to_array(value)
+        except Exception:  # data this numpy cannot read here (e.g. not loaded)
+            return None
+    return found
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            return attr.t
+    return None
+
+
+def _fold_batchnorm(
+    model: onnx.ModelProto, weight: str
+) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Fold the BatchNormalization that follows the Conv of ``weight`` into the Conv.
+
+    With the weight a graph input ONNX Runtime cannot fold the norm itself (nor fuse the
+    activation after it). The rewritten graph takes the weight scaled per output channel
+    (the returned function scales a candidate) and a folded bias: the same function to
+    float rounding, with the mask still chosen on the original weight. ``model`` (a cut
+    built for this layer) is edited in place; None when the pattern is not there.
+    """
+    graph = model.graph
+    users = [n for n in graph.node if weight in node_inputs(n)]
+    if len(users) != 1:
+        return None
+    conv = users[0]
+    if (
+        conv.op_type != "Conv"
+        or conv.domain not in ("", "ai.onnx")
+        or list(conv.input).count(weight) != 1
+        or len(conv.input) < 2
+        or conv.input[1] != weight
+    ):
+        return None
+    produced = conv.output[0]
+    readers = [n for n in graph.node if produced in node_inputs(n)]
+    if len(readers) != 1 or produced in {o.name for o in graph.output}:
+        return None
+    norm = readers[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in norm.attribute}
+    if (
+        norm.op_type != "BatchNormalization"
+        or norm.domain not in ("", "ai.onnx")
+        or list(norm.input).index(produced) != 0
+        or list(norm.input).count(produced) != 1
+        or len([o for o in norm.output if o]) != 1
+        or not norm.output[0]
+        or attrs.get("training_mode", 0)
+    ):
+        return None
+    params = list(norm.input[1:5])
+    bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+    arrays = _constant_arrays(graph, [*params, *([bias_name] if bias_name else [])])
+    if arrays is None or len(params) != 4:
+        return None
+    scale, beta, mean, var = (arrays[p].astype(np.float64) for p in params)
+    epsilon = float(attrs.get("epsilon", 1e-5))
+    factor = scale / np.sqrt(var + epsilon)
+    weight_type = next((i for i in graph.input if i.name == weight), None)
+    if weight_type is None:
+        return None
+    dims = [d.dim_value for d in weight_type.type.tensor_type.shape.dim]
+    dtype = helper.tensor_dtype_to_np_dtype(weight_type.type.tensor_type.elem_type)
+    if not dims or dims[0] != factor.size:
+        return None
+    bias = arrays[bias_name].astype(np.float64) if bias_name else np.zeros(factor.size)
+    folded_name = f"{weight}__rdprune_bn_bias"
+    folded = ((bias - mean) * factor + beta).astype(dtype)
+    graph.initializer.append(numpy_helper.from_array(folded, folded_name))
+    if len(conv.input) > 2:
+        conv.input[2] = folded_name
+    else:
+        conv.input.append(folded_name)
+    conv.output[0] = norm.output[0]
+    kept = [n for n in graph.node if n is not norm]
+    del graph.node[:]
+    graph.node.extend(kept)
+    still_used = {n for node in graph.node for n in node_inputs(node)}
+    unused = {p for p in [*params, bias_name] if p and p not in still_used}
+    unused &= {t.name for t in graph.initializer}
+    if unused:
+        keep_init = [t for t in graph.initializer if t.name not in unused]
+        del graph.initializer[:]
+        graph.initializer.extend(keep_init)
+    keep_info = [v for v in graph.value_info if v.name != produced]
+    del graph.value_info[:]
+    graph.value_info.extend(keep_info)
+    shaped = factor.astype(dtype).reshape((-1,) + (1,) * (len(dims) - 1))
+
+    def scaled(candidate: np.ndarray) -> np.ndarray:
+        result: np.ndarray = candidate * shaped
+        return result
+
+    return scaled
+
+
+class _Context:
+    """What every layer's measurement shares: the model, the targets, the workers."""
 
     def __init__(
         self,
         model: onnx.ModelProto,
         typed: onnx.ModelProto,
-        layer: Layer,
         reference: Reference,
         config: SessionConfig,
         engine: str,
+        metric: str,
+        budget: int,
+        workers: int,
+        pool: ThreadPoolExecutor | None,
+        bar: tqdm,
     ) -> None:
+        self.model = model
+        self.typed = typed
         self.reference = reference
-        self.layer = layer
-        self._first: dict[str, np.ndarray] = {}
-        self.cut: Cut | None = None
-        if engine != "full":
-            self.cut = downstream(expose_as_inputs(typed, [layer.name]), layer.name)
-            if self.cut is not None:
-                # Only the float outputs are measured (integer ones, e.g. argmax, are not).
-                self.cut.outputs = [o for o in self.cut.outputs if o in reference.outputs]
-            if self.cut is None and engine == "downstream":
-                log.info("%s: cannot cut the graph below it; running the whole model", layer.name)
-        if self.cut is None:
-            self.session = Session(expose_as_inputs(model, [layer.name]), config)
-            self.upstream: Session | None = None
+        self.config = config
+        self.engine = engine
+        self.metric = metric
+        self.budget = budget
+        self.workers = workers
+        self.pool = pool
+        self.bar = bar
+        self.binding = config.provider == "cuda" or _FORCE_BINDING
+        self.inputs = set(reference.batches[0]) if reference.batches else set()
+        self._types: dict[str, onnx.ValueInfoProto] | None = None
+        self.sample: dict[str, Any] | None = None
+        self.sample_session: Session | None = None
+        self._last_session: Session | None = None
+        self._capture = False
+        # crossing_values edits ``typed`` for a moment while the next layer's measurer
+        # reads it on the builder thread: both hold this lock.
+        self.lock = threading.Lock()
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``fn`` over ``items`` on the workers (in order of the items)."""
+        if self.pool is None or len(items) < 2:
+            return [fn(item) for item in items]
+        return list(self.pool.map(fn, items))
+
+    @property
+    def types(self) -> dict[str, onnx.ValueInfoProto]:
+        if self._types is None:
+            graph = self.typed.graph
+            types = {v.name: v for v in graph.value_info}
+            types.update({v.name: v for v in graph.output})
+            types.update({v.name: v for v in graph.input})
+            self._types = types
+        return self._types
+
+    def batch_bytes(self, names: Sequence[str]) -> dict[str, int | None]:
+        """Bytes of each named tensor over all calibration batches, from the inferred
+        shapes with the inputs' symbolic dimensions bound to the batches' sizes (None where
+        a dimension stays unknown)."""
+        bindings: list[dict[str, int]] = []
+        graph_inputs = {i.name: i for i in self.typed.graph.input}
+        for feeds in self.reference.batches:
+            bound: dict[str, int] = {}
+            for name, array in feeds.items():
+                spec = graph_inputs.get(name)
+                if spec is None or not spec.type.HasField("tensor_type"):
+                    continue
+                for dim, size in zip(spec.type.tensor_type.shape.dim, array.shape, strict=False):
+                    if dim.dim_param:
+                        bound[dim.dim_param] = int(size)
+            bindings.append(bound)
+        out: dict[str, int | None] = {}
+        for name in names:
+            value = self.types.get(name)
+            if value is None or not value.type.tensor_type.HasField("shape"):
+                out[name] = None
+                continue
+            total: int | None = 0
+            for bound in bindings:
+                size = _elem_bytes(value)
+                for dim in value.type.tensor_type.shape.dim:
+                    if dim.HasField("dim_value"):
+                        size *= dim.dim_value
+                    elif dim.dim_param in bound:
+                        size *= bound[dim.dim_param]
+                    else:
+                        total = None
+                        break
+                if total is None:
+                    break
+                total += size
+            out[name] = total
+        return out
+
+    def crossing_values(self, names: Sequence[str], batch_ids: Sequence[int]) -> _Store:
+        """The dense model's values of ``names`` (crossing tensors) on the given batches,
+        from one pass (graph inputs are taken from the batches as they are). Batch 0's
+        values kept by :meth:`keep_sample` are used, and then let go."""
+        internal = [n for n in names if n not in self.inputs]
+        store: _Store = {b: {} for b in batch_ids}
+        batches = self.reference.batches
+        for b in batch_ids:
+            for name in names:
+                if name in self.inputs:
+                    store[b][name] = batches[b][name]
+        todo = list(batch_ids)
+        reuse: Session | None = None
+        if self.sample is not None and not self._capture:
+            # The first pass after the sample uses it if it can; either way it is let go.
+            if all(n in self.sample for n in internal):
+                reuse = self.sample_session
+                if 0 in store:
+                    store[0].update({n: self.sample[n] for n in internal})
+                    todo.remove(0)
+            self.sample = self.sample_session = None
+        if not internal or not todo:
+            return store
+        if reuse is not None:
+            session = reuse  # it outputs these tensors already (and more)
+        elif self.typed is not self.model:
+            # Our own typed copy: add the outputs for the session, then take them off.
+            graph = self.typed.graph
+            before = len(graph.output)
+            existing = {o.name for o in graph.output}
+            with self.lock:
+                graph.output.extend(self.types[n] for n in internal if n not in existing)
+                try:
+                    session = Session(self.typed, self.config)
+                finally:
+                    del graph.output[before:]
         else:
-            self.session = Session(self.cut.model, config)
-            inputs = set(reference.batches[0]) if reference.batches else set()
-            self.internal = [n for n in self.cut.crossing if n not in inputs]
-            self.upstream = (
-                Session(with_outputs(typed, self.internal), config) if self.internal else None
-            )
+            session = Session(with_outputs(self.typed, internal), self.config)
 
-    def _crossing(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        assert self.cut is not None
-        values = {n: feeds[n] for n in self.cut.crossing if n in feeds}
-        if self.upstream is not None:
-            got = self.upstream.run(feeds, self.internal)
-            values.update(zip(self.internal, got, strict=True))
-        return values
+        if self._capture:
+            self._last_session = session
 
-    def _chunks(self, budget: int) -> list[list[int]]:
-        """Batch indices grouped so that one group's crossing tensors fit the budget."""
-        count = len(self.reference.batches)
-        if self.cut is None or count == 0:
-            return [list(range(count))]
-        sample = self._crossing(self.reference.batches[0])
-        self._first = sample  # reused by measure(): the first batch's pass is not repeated
-        per_batch = max(1, sum(v.nbytes for v in sample.values()))
-        size = max(1, budget // per_batch)
-        return [list(range(i, min(count, i + size))) for i in range(0, count, size)]
+        def dense(b: int) -> list[Any]:
+            if self.binding:
+                return session.run_bound(batches[b], internal, on_device=True)
+            return session.run(batches[b], internal)
+
+        for b, got in zip(todo, self.map(dense, todo), strict=True):
+            store[b].update(zip(internal, got, strict=True))
+        return store
+
+    def keep_sample(self, names: Sequence[str]) -> dict[str, Any]:
+        """Batch 0's values of ``names``, kept (with the session that made them) for the
+        first dense pass that needs no other tensors."""
+        self.sample = self.sample_session = None
+        self._capture = True
+        try:
+            sample = self.crossing_values(names, [0])[0]
+        finally:
+            self._capture = False
+        self.sample, self.sample_session = sample, self._last_session
+        self._last_session = None
+        return sample
+
+
+_Store = dict[int, dict[str, Any]]
+
+
+def _magnitude_order(weight: np.ndarray) -> np.ndarray:
+    order: np.ndarray = np.argsort(np.abs(weight).reshape(-1), kind="stable")
+    return order
+
+
+class _LayerMeasurer:
+    """Measures one layer's curve, on the downstream cut when it can, else the whole model.
+
+    Built once per measured layer (after its dense crossing tensors, if any, are known).
+    """
+
+    def __init__(
+        self,
+        context: _Context,
+        layer: Layer,
+        weight: np.ndarray,
+        plan: Cut | None,
+        factory: CandidateFactory | None,
+    ) -> None:
+        self.context = context
+        self.layer = layer
+        self.weight = weight
+        # The magnitude order, once per layer in the weight's own type (|w| is exact, so it
+        # is masks.magnitude_order: ties by flat index). Measurers are built on the builder
+        # thread while the previous layer runs, so this sort costs no wall time there.
+        self.order = _magnitude_order(weight)
+        self.candidates = factory(layer, weight) if factory is not None else None
+        # The state of the chunk being measured (set by measure, read by the workers).
+        self.current: _Store | None = None
+        self.chunk: list[int] = []
+        self.last = True
+        names = [layer.name]
+        if self.candidates is not None:
+            names = list(dict.fromkeys(self.candidates.names))
+            if not names or names[0] != layer.name:
+                raise ValueError(f"candidate names for {layer.name} must start with it")
+            if plan is not None and names != [layer.name]:
+                with context.lock:
+                    plan = downstream(context.typed, names, build=False)
+        self.names = names
+        self.cut = plan
+        self.scale: Callable[[np.ndarray], np.ndarray] | None = None
+        config = context.config
+        if self.cut is not None and not set(self.cut.outputs) & set(context.reference.outputs):
+            self.cut = None  # it reaches no float output: the whole model says so
+        if self.cut is not None:
+            with context.lock:
+                cut_model = build_cut(context.typed, self.cut)
+            # Only the float outputs are measured (integer ones, e.g. argmax, are not).
+            self.cut.outputs = [o for o in self.cut.outputs if o in context.reference.outputs]
+            keep = set(self.cut.outputs)
+            if len(keep) != len(cut_model.graph.output):
+                outs = [o for o in cut_model.graph.output if o.name in keep]
+                del cut_model.graph.output[:]
+                cut_model.graph.output.extend(outs)
+            if self.candidates is None:
+                self.scale = _fold_batchnorm(cut_model, layer.name)
+            self.session = Session(cut_model, config)
+            del cut_model
+            ref = context.reference
+            self.positions = [ref.outputs.index(o) for o in self.cut.outputs]
+        else:
+            self.session = Session(expose_as_inputs(context.model, names), config)
+
+    def close(self) -> None:
+        self.session.close()
+        self.current = None
+
+    def _feeds(self, masked: np.ndarray, ratio: float) -> dict[str, np.ndarray]:
+        if self.candidates is not None:
+            made = self.candidates.make(masked.copy(), ratio)
+            missing = set(self.names) - set(made)
+            if missing:
+                raise ValueError(f"candidates for {self.layer.name} lack {sorted(missing)}")
+            return {n: made[n] for n in self.names}
+        if self.scale is not None:
+            return {self.layer.name: self.scale(masked)}
+        return {self.layer.name: masked}
 
     def measure(
-        self, weight: np.ndarray, ratios: np.ndarray, metric: str, budget: int, bar: tqdm
+        self, ratios: np.ndarray, store: _Store | None, chunks: list[list[int]]
     ) -> np.ndarray:
-        order = magnitude_order(weight)
-        meters = [DistortionMeter(metric) for _ in ratios]
-        ref = self.reference
-        chunks = self._chunks(budget)
-        for chunk in chunks:
+        """The curve at ``ratios``; ``store`` holds the crossing tensors of the batches of
+        the first chunk (None: the layer computes its own, chunk by chunk)."""
+        context = self.context
+        ref = context.reference
+        plain = self.candidates is None
+        zeros = int(np.count_nonzero(self.weight == 0)) if plain else 0
+        schedule = _Schedule(ratios, self.weight.size, zeros, plain)
+        self.meters = {i: DistortionMeter(context.metric) for i in schedule.runs}
+        self.schedule = schedule
+        self.ratios = ratios
+        segments = schedule.segments(context.workers)
+        for position, chunk in enumerate(chunks):
             if self.cut is not None:
-                crossing = [
-                    self._first if b == 0 and self._first else self._crossing(ref.batches[b])
-                    for b in chunk
-                ]
-                positions = [ref.outputs.index(o) for o in self.cut.outputs]
-            for i, ratio in enumerate(ratios):
-                pruned = apply_mask(weight, prune_count(float(ratio), weight.size), order)
-                for j, b in enumerate(chunk):
-                    if self.cut is None:
-                        feeds = dict(ref.batches[b])
-                        feeds[self.layer.name] = pruned
-                        outs = self.session.run(feeds, ref.outputs)
+                if store is None or position > 0:
+                    store = context.crossing_values(self.cut.crossing, chunk)
+                else:
+                    missing = [n for n in self.cut.crossing if n not in store[chunk[0]]]
+                    if missing:  # candidates widened the cut
+                        extra = context.crossing_values(missing, chunk)
+                        store = {b: {**store[b], **extra[b]} for b in chunk}
+                current = {b: {n: store[b][n] for n in self.cut.crossing} for b in chunk}
+            else:
+                current = {b: dict(ref.batches[b]) for b in chunk}
+            if context.binding:
+                # Calibration inputs go to the device once per layer and chunk.
+                for b in chunk:
+                    current[b] = {
+                        n: self.session.to_device(v) if isinstance(v, np.ndarray) else v
+                        for n, v in current[b].items()
+                    }
+            self.chunk = chunk
+            self.current = current
+            self.last = position == len(chunks) - 1
+            context.map(self._run_segment, segments)
+        values = np.zeros(len(ratios), dtype=np.float64)
+        for level, meter in self.meters.items():
+            values[level] = meter.value()
+        for level, source in schedule.copies.items():
+            values[level] = values[source]
+        if schedule.base:
+            meter = DistortionMeter(context.metric)
+            for b, target in enumerate(ref.values):
+                meter.add(target, (ref.base or ref.values)[b])
+            values[schedule.base] = meter.value()
+        context.bar.update(len(schedule.copies) + len(schedule.base))
+        return values
+
+    def _run_segment(self, levels: list[int]) -> None:
+        """Run ``levels`` (increasing counts) on the current chunk, masking incrementally:
+        each level zeroes only the positions the previous one kept."""
+        ref = self.context.reference
+        buffer = np.array(self.weight, copy=True)
+        flat = buffer.reshape(-1)
+        done = 0
+        device_weights: dict[str, Any] = {}
+        for level in levels:
+            count = self.schedule.counts[level]
+            flat[self.order[done:count]] = 0
+            done = count
+            feeds: Mapping[str, Any] = self._feeds(buffer, float(self.ratios[level]))
+            if self.context.binding:
+                for name, array in feeds.items():
+                    if name in device_weights:
+                        self.session.update_device(device_weights[name], array)
                     else:
-                        feeds = dict(crossing[j])
-                        feeds[self.layer.name] = pruned
-                        got = self.session.run(feeds, self.cut.outputs)
-                        # Outputs the layer cannot affect keep the measured model's values.
-                        outs = list((ref.base or ref.values)[b])
-                        for position, value in zip(positions, got, strict=True):
-                            outs[position] = value
-                    meters[i].add(ref.values[b], outs)
-                if len(chunks) == 1 or chunk is chunks[-1]:
-                    bar.update(1)
-        return np.array([m.value() for m in meters], dtype=np.float64)
+                        device_weights[name] = self.session.to_device(array)
+                feeds = device_weights
+            for b in self.chunk:
+                self.meters[level].add(ref.values[b], self._outputs(b, feeds, self.current))
+            if self.last:
+                self.context.bar.update(1)
+
+    def _outputs(self, b: int, weights: Mapping[str, Any], store: _Store | None) -> list[Any]:
+        context = self.context
+        ref = context.reference
+        assert store is not None
+        feeds = dict(store[b])
+        feeds.update(weights)
+        names = ref.outputs if self.cut is None else self.cut.outputs
+        if context.binding:
+            got = self.session.run_bound(feeds, names)
+        else:
+            got = self.session.run(feeds, names)
+        if self.cut is None:
+            return got
+        # Outputs the layer cannot affect keep the measured model's values.
+        outs = list((ref.base or ref.values)[b])
+        for position, value in zip(self.positions, got, strict=True):
+            outs[position] = value
+        return outs
+
+
+def _groups(
+    context: _Context, plans: list[tuple[Layer, Cut | None]]
+) -> list[tuple[list[tuple[Layer, Cut | None]], list[list[int]]]]:
+    """Layers in order, grouped so that each group's dense crossing tensors (over all
+    batches) fit the budget: one dense pass per group. A layer whose own tensors do not fit
+    is alone, with its batches in chunks that do."""
+    count = len(context.reference.batches)
+    everything = [list(range(count))]
+    names = sorted({n for _, cut in plans if cut is not None for n in cut.crossing})
+    internal = [n for n in names if n not in context.inputs]
+    sizes = context.batch_bytes(internal)
+    unknown = [n for n, s in sizes.items() if s is None]
+    if unknown and count:
+        # Sizes from one batch's dense pass; when the rest looks small it samples every
+        # tensor, kept for the first group's pass (which then skips that batch).
+        known = sum(size or 0 for size in sizes.values())
+        sample = context.keep_sample(internal if known <= context.budget else unknown)
+        for name in unknown:
+            value = sample[name]
+            nbytes = value.nbytes if isinstance(value, np.ndarray) else _value_bytes(value)
+            sizes[name] = nbytes * count
+    groups: list[tuple[list[tuple[Layer, Cut | None]], list[list[int]]]] = []
+    current: list[tuple[Layer, Cut | None]] = []
+    held: set[str] = set()
+    held_bytes = 0
+    for layer, cut in plans:
+        own = {n for n in cut.crossing if n not in context.inputs} if cut is not None else set()
+        own_bytes = sum(sizes[n] or 0 for n in own)
+        if (cut is None or own_bytes > context.budget) and current:  # keep the order
+            groups.append((current, everything))
+            current, held, held_bytes = [], set(), 0
+        if cut is None:
+            groups.append(([(layer, None)], everything))
+            continue
+        if own_bytes > context.budget:
+            per_batch = max(1, own_bytes // max(1, count))
+            size = max(1, context.budget // per_batch)
+            chunks = [list(range(i, min(count, i + size))) for i in range(0, count, size)]
+            groups.append(([(layer, cut)], chunks))
+            continue
+        extra = own - held
+        extra_bytes = sum(sizes[n] or 0 for n in extra)
+        if current and held_bytes + extra_bytes > context.budget:
+            groups.append((current, everything))
+            current, held, held_bytes = [], set(), 0
+            extra, extra_bytes = own, own_bytes
+        current.append((layer, cut))
+        held |= extra
+        held_bytes += extra_bytes
+    if current:
+        groups.append((current, everything))
+    return groups
+
+
+def _value_bytes(value: Any) -> int:
+    """Bytes of an ONNX Runtime value left on the device (from its shape and type)."""
+    kinds = {"tensor(float)": 4, "tensor(double)": 8, "tensor(float16)": 2, "tensor(int64)": 8}
+    itemsize = kinds.get(value.data_type(), 4)
+    return int(np.prod(value.shape(), dtype=np.int64)) * itemsize
 
 
 def measure_curves(
@@ -228,37 +765,85 @@ def measure_curves(
     progress: bool = False,
     done: Mapping[str, Curve] | None = None,
     on_curve: ProgressHook | None = None,
+    candidates: CandidateFactory | None = None,
+    workers: int | None = None,
 ) -> dict[str, Curve]:
     """Measure each layer's curve at ``ratios``.
 
     ``engine`` ``downstream`` (``auto``) runs, for each candidate, only the part of the
-    graph below the layer, fed with the dense model's tensors that cross the cut; ``full``
-    runs the whole model with the layer's weight as a graph input. Both give the same
-    values to float tolerance. ``done`` holds curves already measured (from a cache); they
-    are not measured again. ``on_curve`` is called after each new curve, e.g. to save it.
+    graph below the layer, fed with the dense model's tensors that cross the cut (from one
+    dense pass shared by all layers, within ``memory_budget``); ``full`` runs the whole
+    model with the layer's weight as a graph input. Both give the same values to float
+    tolerance. ``done`` holds curves already measured (from a cache); they are not measured
+    again. ``on_curve`` is called after each new curve, e.g. to save it. ``candidates``
+    makes, per layer, what is fed for each level instead of the masked weight (see
+    :class:`LayerCandidates`). ``workers``: candidates run at once on the CPU (default from
+    :func:`worker_layout`).
     """
     if engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}", f"choose one of {', '.join(ENGINES)}")
     config = config or SessionConfig()
+    count, run_config = worker_layout(config, workers)
     done = dict(done or {})
     curves: dict[str, Curve] = {}
     todo = [layer for layer in layers if layer.name not in done]
+    ratios = np.asarray(ratios, dtype=np.float64)
     total = len(todo) * len(ratios)
     typed = infer_types(model) if engine != "full" and todo else model
     started = time.perf_counter()
-    with tqdm(
-        total=total, disable=not progress, unit="pt", desc="curves", leave=False, delay=0.5
-    ) as bar:
-        for layer in layers:
-            if layer.name in done:
-                curves[layer.name] = done[layer.name]
-                continue
-            measurer = _LayerMeasurer(model, typed, layer, reference, config, engine)
-            weight = read_weight(model, layer.name)
-            distortion = measurer.measure(weight, ratios, metric, memory_budget, bar)
-            curve = Curve(layer.name, np.asarray(ratios, dtype=np.float64), distortion)
-            curves[layer.name] = curve
-            if on_curve is not None:
-                on_curve(layer.name, curve)
+    pool = ThreadPoolExecutor(count) if count > 1 else None
+    # Builds the next layer's measurer (cut, session, sort) while this one runs; not for
+    # large models, where two layers' sessions at once would cost too much memory.
+    builder = ThreadPoolExecutor(1)
+    prefetch = data_bytes(model) <= PREFETCH_MAX_BYTES
+    measured: dict[str, Curve] = {}
+    try:
+        with tqdm(
+            total=total, disable=not progress, unit="pt", desc="curves", leave=False, delay=0.5
+        ) as bar:
+            context = _Context(
+                model, typed, reference, run_config, engine, metric, memory_budget, count, pool, bar
+            )
+            plans: list[tuple[Layer, Cut | None]] = []
+            for layer in todo:
+                plan = downstream(typed, layer.name, build=False) if engine != "full" else None
+                if plan is None and engine == "downstream":
+                    log.info(
+                        "%s: cannot cut the graph below it; running the whole model", layer.name
+                    )
+                plans.append((layer, plan))
+            groups = _groups(context, plans)
+            queue = [(layer, plan) for group, _ in groups for layer, plan in group]
+
+            def build(index: int) -> _LayerMeasurer:
+                layer, plan = queue[index]
+                weight = read_weight(model, layer.name)
+                return _LayerMeasurer(context, layer, weight, plan, candidates)
+
+            index = 0
+            ahead: Future[_LayerMeasurer] | None = None
+            for group, chunks in groups:
+                names = sorted({n for _, cut in group if cut is not None for n in cut.crossing})
+                store = context.crossing_values(names, chunks[0]) if names else None
+                for layer, _plan in group:
+                    measurer = ahead.result() if ahead is not None else build(index)
+                    ahead = None
+                    if prefetch and index + 1 < len(queue):
+                        ahead = builder.submit(build, index + 1)
+                    index += 1
+                    distortion = measurer.measure(ratios, store, chunks)
+                    measurer.close()
+                    del measurer
+                    curve = Curve(layer.name, ratios.copy(), distortion)
+                    measured[layer.name] = curve
+                    if on_curve is not None:
+                        on_curve(layer.name, curve)
+                del store
+    finally:
+        builder.shutdown(cancel_futures=True)
+        if pool is not None:
+            pool.shutdown()
+    for layer in layers:
+        curves[layer.name] = done[layer.name] if layer.name in done else measured[layer.name]
     log.info("measured %d curve points in %.1f s", total, time.perf_counter() - started)
     return curves

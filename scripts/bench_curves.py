@@ -10,14 +10,17 @@ against the dense model's. Timed, in one run:
     copy (no_grad), the whole model runs, the weight is restored;
 (b) ONNX Runtime, a new session per curve point: the model re-serialised with the pruned
     weight baked in (what SparseML did);
-(c) rdprune-onnx's engine, ``measure_curves(engine="downstream")``: one session per layer with
-    the weight as a graph input, only the graph below the layer run per candidate;
+(c) rdprune-onnx's engine, ``measure_curves(engine="downstream")`` with its defaults: one
+    dense pass keeps the tensors that cross every layer's cut, then per layer one session of
+    the graph below the layer (the weight its only new input) serves every level; on the CPU
+    two candidates run at once (2 workers x 1 intra-op thread on 2 cores);
 (d) the same engine with ``engine="full"`` (whole model per candidate), to show what the
     downstream cut buys.
-On CPU it also times (a) and (c) with 1 thread, and (c) split over two workers (threads, then
-processes) of one intra-op thread each, to choose how to use two cores. ``--ways`` picks a
-subset. (b) costs about the same per point everywhere, so by default it measures a spread of
-``--session-points`` points and extrapolates to the whole set.
+On CPU it also times (a) and (c) with 1 thread, (c) as one worker on 2 intra-op threads, and
+(c) with the layers split over two Python threads or processes of one thread each, to choose
+how to use two cores. ``--ways`` picks a subset. (b) costs about the same per point
+everywhere, so by default it measures a spread of ``--session-points`` points and
+extrapolates to the whole set.
 
 The curves of every way are checked against (d) (or the first ONNX Runtime way timed): the
 largest relative difference over the points whose distortion is not tiny is printed, and the
@@ -29,8 +32,9 @@ Run it with the torch virtualenv (the project installed in it)::
 
     .venv-torch/bin/python scripts/bench_curves.py --out /tmp/bench_curves.json
 
-The CPU defaults take about 8 minutes of CPU time (ResNet-18 at 64x64 on 32 images and a
-4-layer MiniLM on 8 x 64 tokens, 11 levels); on a busy shared 2-core machine, 16 minutes.
+The CPU defaults (ResNet-18 at 64x64 on 32 images and a 4-layer MiniLM on 8 x 64 tokens, 11
+levels) took 7 minutes on a busy shared 2-core machine. ``--markdown RECORD.json`` prints the
+tables of a written record again, in Markdown (as in docs/benchmark.md).
 
 On the GPU machine (ResNet-50 at 224x224 on 256 images, torch on cuda, ORT's CUDA provider;
 onnxruntime-gpu installed as /work/shared/gpu/README.md says)::
@@ -63,7 +67,14 @@ import onnx
 
 from rdprune_onnx.allocate import Curve
 from rdprune_onnx.calibration import batches
-from rdprune_onnx.curves import Reference, grid, measure_curves, measure_distortion, run_reference
+from rdprune_onnx.curves import (
+    Reference,
+    grid,
+    measure_curves,
+    measure_distortion,
+    run_reference,
+    worker_layout,
+)
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.layers import Layer, find_layers, read_weight
 from rdprune_onnx.graph.load import load_model
@@ -123,7 +134,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch threads and ORT intra-op threads")
     p.add_argument(
         "--ways",
-        help="comma list of the ways to time (a, b, c, d, and on CPU a1, c1, c2t, c2p); "
+        help="comma list of the ways to time (a, b, c, d, and on CPU a1, c1, c12, c2t, c2p); "
         "default: all of them (a, b, c, d on cuda)",
     )
     p.add_argument("--tf32", action="store_true", help="allow TF32 in torch on cuda")
@@ -161,7 +172,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown way(s) {unknown}; choose from {', '.join(WAYS)}")
     if args.device == "cuda" and set(args.ways) - set("abcd"):
         p.error("on cuda only the ways a, b, c, d are timed")
-    if not set(args.ways) & {"b", "c", "d", "c1", "c2t", "c2p"}:
+    if not set(args.ways) & {"b", "c", "d", "c1", "c12", "c2t", "c2p"}:
         p.error("--ways needs at least one ONNX Runtime way (b, c, d, ...)")
     return args
 
@@ -468,6 +479,7 @@ def time_engine(
     ratios: np.ndarray,
     config: SessionConfig,
     engine: str,
+    workers: int | None = None,
 ) -> Timing:
     """(c)/(d) rdprune-onnx's engine, with the time each layer's curve took."""
     stamps: list[float] = []
@@ -479,12 +491,18 @@ def time_engine(
         ratios=ratios,
         config=config,
         engine=engine,
+        workers=workers,
         on_curve=lambda _name, _curve: stamps.append(time.perf_counter()),
     )
     seconds = time.perf_counter() - start
     per_layer = np.diff([start, *stamps]).tolist()
     points = len(layers) * len(ratios)
-    extra = {"per_layer_s": dict(zip([layer.name for layer in layers], per_layer, strict=True))}
+    count, each = worker_layout(config, workers)
+    extra = {
+        "per_layer_s": dict(zip([layer.name for layer in layers], per_layer, strict=True)),
+        "workers": count,
+        "intra_op_threads_per_worker": each.intra_op_threads,
+    }
     return Timing(_as_arrays(curves), seconds, points, points, extra)
 
 
@@ -609,6 +627,7 @@ WAYS = {
     "d": "(d) rdprune full model",
     "a1": "(a) torch, 1 thread",
     "c1": "(c) downstream, 1 intra-op thread",
+    "c12": "(c) downstream, 1 worker x 2 intra-op threads",
     "c2t": "(c) 2 threads x 1 intra-op, layers split",
     "c2p": "(c) 2 processes x 1 intra-op, layers split",
 }
@@ -667,6 +686,9 @@ def bench_case(case: Case, args: argparse.Namespace, provider: str) -> dict[str,
         ),
         "a1": lambda: time_torch(case, mapping, ratios, args.device, threads=1),
         "c1": lambda: time_engine(model, layers, reference, ratios, one, "downstream"),
+        "c12": lambda: time_engine(
+            model, layers, reference, ratios, config, "downstream", workers=1
+        ),
         "c2t": lambda: time_split_threads(model, layers, reference, ratios, provider, 2),
         "c2p": lambda: time_split_processes(model, layers, reference, ratios, provider, 2),
     }
@@ -676,7 +698,7 @@ def bench_case(case: Case, args: argparse.Namespace, provider: str) -> dict[str,
 
     power = float(np.mean([np.mean(np.square(v[0], dtype=np.float64)) for v in reference.values]))
     floor = args.tiny * power
-    base = next(k for k in ("d", "c", "c1", "b", "c2t", "c2p") if k in timings)
+    base = next(k for k in ("d", "c", "c1", "c12", "b", "c2t", "c2p") if k in timings)
     want = timings[base].curves
     checks = {key: compare(t.curves, want, floor) for key, t in timings.items() if key != base}
     worst = max((c["max_rel_diff"] for c in checks.values()), default=0.0)
@@ -735,6 +757,43 @@ def bench_case(case: Case, args: argparse.Namespace, provider: str) -> dict[str,
 
 
 # --------------------------------------------------------------------------- report
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The tables of a JSON record (``--out``) in Markdown, for docs and the README."""
+    env = record["versions"]
+    lines = [
+        f"onnxruntime {env['onnxruntime']}, torch {env['torch']}, {env['cpu_count']} CPUs "
+        f"({env['processor']}); load average at the start "
+        f"{env['load_average_start'][0]:.1f}.",
+        "",
+        "| model | points | way | s/point | total s | CPU s |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in record["results"]:
+        for t in r["timings"].values():
+            mark = "" if t["points_measured"] == r["points"] else "*"
+            lines.append(
+                f"| {r['model']} | {r['points']} | {t['way']} | {t['per_point_s']:.4f} | "
+                f"{t['total_s']:.1f}{mark} | {t['cpu_s']:.1f} |"
+            )
+    lines += [
+        "",
+        "| model | (c)/(a) | (c)/(b) | (d)/(a) | (c)/(d) | (c)/(a), 1 thread | (c)/(a) in CPU s "
+        "| max rel diff |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    nan = float("nan")
+    for r in record["results"]:
+        q = r["ratios"]
+        t = r["timings"]
+        cpu = t["c"]["cpu_s"] / t["a"]["cpu_s"] if "a" in t and "c" in t else nan
+        lines.append(
+            f"| {r['model']} | {q.get('c/a', nan):.2f} | {q.get('c/b', nan):.2f} | "
+            f"{q.get('d/a', nan):.2f} | {q.get('c/d', nan):.2f} | {q.get('c1/a1', nan):.2f} | "
+            f"{cpu:.2f} | {r['checks']['max_rel_diff']:.1e} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def print_report(results: Sequence[dict[str, Any]], cpus: int) -> None:
@@ -799,6 +858,11 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if len(argv) == 2 and argv[0] == "--markdown":  # tables of an earlier run's JSON
+        print(markdown(json.loads(Path(argv[1]).read_text())), end="")
+        return 0
     args = parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # for torch_models
     if args.omp_wait_policy != "default" and "torch" not in sys.modules:
@@ -840,7 +904,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": results,
     }
     args.out.write_text(json.dumps(record, indent=1) + "\n")
-    say(f"\nwrote {args.out}")
+    say("\n" + markdown(record))
+    say(f"wrote {args.out}; its tables again: {Path(__file__).name} --markdown {args.out}")
     failed = [r["model"] for r in results if not r["checks"]["passed"]]
     if failed:
         say(f"\nFAILED: curves differ by more than {args.tolerance:g} (relative) for {failed}")

@@ -1,4 +1,4 @@
-"""Cutting a graph below a layer: the part that a change of one weight can affect.
+"""Cutting a graph below a layer: the part that a change of some weights can affect.
 
 When only one layer's weight changes, everything upstream of it computes the same values
 as in the dense model. :func:`downstream` builds a model of the nodes that depend on the
@@ -6,12 +6,17 @@ weight, fed by the tensors that cross from the unchanged upstream part (activati
 connections, inputs used again later). Running the dense model once with those crossing
 tensors as extra outputs, then only the downstream model for each candidate weight, gives
 the same outputs as running the whole model for each candidate.
+
+The weights may be graph inputs already, or constants of the main graph (initializers or
+``Constant`` nodes): the cut then takes them as inputs itself, so that the model need not
+be copied first (:func:`rdprune_onnx.graph.surgery.expose_as_inputs` copies it whole).
+Only the kept part of the graph is copied into the cut model, once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import onnx
 from onnx import helper
@@ -21,9 +26,17 @@ from rdprune_onnx.graph.walk import subgraphs
 
 @dataclass
 class Cut:
-    model: onnx.ModelProto  # inputs: the crossing tensors and the weight
+    """The downstream part of a graph below some weights.
+
+    ``model`` is None when the cut was planned without building it (``build=False``);
+    :func:`build_cut` builds it.
+    """
+
+    model: onnx.ModelProto | None  # inputs: the crossing tensors, then the weights
     crossing: list[str]  # tensors computed upstream (or graph inputs) that it needs
-    outputs: list[str]  # the original graph outputs that depend on the weight
+    outputs: list[str]  # the original graph outputs that depend on the weights
+    weights: list[str] = field(default_factory=list)  # the fed tensors, in input order
+    keep: list[int] = field(default_factory=list)  # indices of the kept nodes
 
 
 def _subgraph_references(node: onnx.NodeProto) -> set[str]:
@@ -51,25 +64,71 @@ def _value_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     return types
 
 
-def downstream(model: onnx.ModelProto, weight: str) -> Cut | None:
-    """The part of ``model`` that depends on the graph input ``weight``.
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or not node.output:
+        return None
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            return attr.t
+    return None
 
-    ``model`` should be shape-inferred (crossing tensors need types) and have the weight
-    exposed as a graph input (:func:`rdprune_onnx.graph.surgery.expose_as_inputs`).
 
-    Returns None when the cut cannot be made (the weight is used inside a subgraph, or a
-    crossing tensor has no known type); the caller then runs the whole model instead.
+def _weight_types(
+    graph: onnx.GraphProto, weights: Sequence[str], types: dict[str, onnx.ValueInfoProto]
+) -> dict[str, onnx.ValueInfoProto] | None:
+    """The value types of the weights: graph inputs, initializers or Constant outputs."""
+    found: dict[str, onnx.ValueInfoProto] = {}
+    wanted = set(weights)
+    inputs = {i.name for i in graph.input}
+    for name in wanted & inputs:
+        found[name] = types[name]
+    for tensor in graph.initializer:
+        if tensor.name in wanted and tensor.name not in found:
+            found[tensor.name] = helper.make_tensor_value_info(
+                tensor.name, tensor.data_type, list(tensor.dims)
+            )
+    for node in graph.node:
+        value = _constant_value(node)
+        if value is not None and node.output[0] in wanted and node.output[0] not in found:
+            found[node.output[0]] = helper.make_tensor_value_info(
+                node.output[0], value.data_type, list(value.dims)
+            )
+    if set(found) != wanted:
+        return None
+    return found
+
+
+def downstream(
+    model: onnx.ModelProto, weights: str | Sequence[str], *, build: bool = True
+) -> Cut | None:
+    """The part of ``model`` that depends on the tensors ``weights``.
+
+    ``model`` should be shape-inferred (crossing tensors need types). Each weight is a graph
+    input, an initializer or the output of a ``Constant`` node of the main graph; in the cut
+    it is a graph input (after the crossing tensors), so candidates are fed at run time.
+    ``build=False`` only plans the cut (crossing tensors, outputs, kept nodes) without
+    copying anything; :func:`build_cut` builds it later.
+
+    Returns None when the cut cannot be made (a weight is used inside a subgraph or is not a
+    constant of the main graph, or a crossing tensor has no known type); the caller then
+    runs the whole model instead.
     """
+    names = [weights] if isinstance(weights, str) else list(dict.fromkeys(weights))
+    wanted = set(names)
     graph = model.graph
     nodes = list(graph.node)
     initializers = {t.name for t in graph.initializer}
-    affected: set[str] = {weight}
+    affected: set[str] = set(wanted)
     selected: list[bool] = []
-    for node in nodes:
-        inputs = node_inputs(node)
-        if weight in _subgraph_references(node):
+    producers: set[int] = set()  # Constant nodes that make a weight: dropped
+    for index, node in enumerate(nodes):
+        if wanted & _subgraph_references(node):
             return None
-        hit = bool(inputs & affected)
+        if _constant_value(node) is not None and node.output[0] in wanted:
+            producers.add(index)
+            selected.append(False)
+            continue
+        hit = bool(node_inputs(node) & affected)
         selected.append(hit)
         if hit:
             affected.update(o for o in node.output if o)
@@ -77,10 +136,14 @@ def downstream(model: onnx.ModelProto, weight: str) -> Cut | None:
         return None
     # Constant-only producers (Constant nodes, shape arithmetic on initializers) that the
     # selected nodes read are copied in rather than crossing the cut.
-    constant: set[str] = set(initializers)
+    constant: set[str] = initializers - wanted
     constant_nodes: list[bool] = []
-    for node in nodes:
-        is_const = node.op_type != "If" and all(n in constant for n in node_inputs(node))
+    for index, node in enumerate(nodes):
+        is_const = (
+            index not in producers
+            and node.op_type != "If"
+            and all(n in constant for n in node_inputs(node))
+        )
         constant_nodes.append(is_const)
         if is_const:
             constant.update(o for o in node.output if o)
@@ -101,27 +164,48 @@ def downstream(model: onnx.ModelProto, weight: str) -> Cut | None:
     for node, kept in zip(nodes, keep, strict=True):
         if kept:
             produced.update(node.output)
-    crossing = sorted(n for n in needed if n not in produced and n not in initializers)
-    crossing = [n for n in crossing if n != weight]
+    crossing = sorted(
+        n for n in needed if n not in produced and n not in initializers and n not in wanted
+    )
     types = _value_types(model)
-    if weight not in types or any(
+    if _weight_types(graph, names, types) is None or any(
         n not in types or not types[n].type.tensor_type.elem_type for n in crossing
     ):
         return None
     outputs = [o.name for o in graph.output if o.name in affected]
-    sub = helper.make_graph(
-        [node for node, kept in zip(nodes, keep, strict=True) if kept],
-        graph.name + "_downstream",
-        [types[n] for n in crossing] + [types[weight]],
-        [o for o in graph.output if o.name in affected],
-        [t for t in graph.initializer if t.name in needed and t.name != weight],
-        value_info=[v for v in graph.value_info if v.name in produced],
-    )
-    out = helper.make_model(sub, opset_imports=list(model.opset_import))
+    cut = Cut(None, crossing, outputs, names, [i for i, k in enumerate(keep) if k])
+    if build:
+        cut.model = build_cut(model, cut)
+    return cut
+
+
+def build_cut(model: onnx.ModelProto, cut: Cut) -> onnx.ModelProto:
+    """The model of a planned cut; only the kept nodes and tensors are copied (once)."""
+    graph = model.graph
+    types = _value_types(model)
+    weight_types = _weight_types(graph, cut.weights, types)
+    if weight_types is None:
+        raise ValueError("the cut's weights are not in this model")
+    nodes = graph.node
+    kept = [nodes[i] for i in cut.keep]
+    produced = {o for node in kept for o in node.output}
+    needed = {n for node in kept for n in node_inputs(node)}
+    fed = set(cut.weights)
+    out = onnx.ModelProto()
     out.ir_version = model.ir_version
-    for func in model.functions:
-        out.functions.append(func)
-    return Cut(out, crossing, outputs)
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    sub = out.graph
+    sub.name = graph.name + "_downstream"
+    sub.node.extend(kept)
+    sub.input.extend(types[n] for n in cut.crossing)
+    sub.input.extend(weight_types[n] for n in cut.weights)
+    sub.output.extend(o for o in graph.output if o.name in cut.outputs)
+    sub.initializer.extend(t for t in graph.initializer if t.name in needed and t.name not in fed)
+    sub.value_info.extend(
+        v for v in graph.value_info if v.name in produced and v.name not in cut.outputs
+    )
+    return out
 
 
 def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
