@@ -11,6 +11,7 @@ from rdprune_onnx import UserError, inspect_model
 from rdprune_onnx.cache import default_cache_dir
 from rdprune_onnx.pipeline import allocate, measure, output_for_ratio, prune
 from rdprune_onnx.plot import check_plot_target, plot_result
+from rdprune_onnx.reconstruct import SOLVERS
 from rdprune_onnx.report import to_json
 
 from .eval_cmd import eval_command, plot_command
@@ -117,6 +118,13 @@ def prune_command(model: str, **kwargs: Any) -> None:
 @click.option("-o", "--output", type=click.Path(), required=True, help="Curves file (JSON).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Layers not to measure.")
 @measurement_options
+@click.option(
+    "--refit-solver",
+    type=click.Choice(SOLVERS),
+    default="auto",
+    show_default=True,
+    help="With --refit-curves: the solver of each point's refit.",
+)
 @calibration_options
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Curve cache folder.")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the curve cache.")

@@ -69,6 +69,12 @@ def measurement_options(func: F) -> F:
             click.option(
                 "--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True
             ),
+            click.option(
+                "--refit-curves",
+                is_flag=True,
+                help="Measure each rd point with the layer pruned and refit (as --reconstruct "
+                "refits it; prune: implies --reconstruct). Needs calibration data.",
+            ),
         ],
     )
 
@@ -170,6 +176,7 @@ def build_settings(kwargs: dict[str, Any], *, ratio: float) -> PruneSettings:
         overrides=read_overrides(overrides) if overrides else {},
         reconstruct=kwargs.pop("reconstruct", False),
         refit_solver=kwargs.pop("refit_solver", "auto"),
+        refit_curves=kwargs.pop("refit_curves", False),
     )
 
 

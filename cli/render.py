@@ -129,6 +129,7 @@ def show_curves(entry: CurveFile) -> str:
     ]
     return table(["layer", "params", "d(0.5)", "d(1.0)"], rows, "lrrr") + (
         f"\n{len(entry.curves)} curves, {len(next(iter(entry.curves.values())).ratios)} levels"
+        + (", each point pruned and refit" if "refit" in entry.settings else "")
         if entry.curves
         else ""
     )

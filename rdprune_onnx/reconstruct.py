@@ -81,13 +81,14 @@ from itertools import islice
 import numpy as np
 import onnx
 from numpy.lib.stride_tricks import sliding_window_view
-from onnx import helper, numpy_helper
+from onnx import helper
 from tqdm import tqdm
 
 from rdprune_onnx.calibration import batches, sample_count
 from rdprune_onnx.curves import DEFAULT_MEMORY_BUDGET, infer_types
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.cut import node_inputs, with_outputs
+from rdprune_onnx.graph.external import tensor_array
 from rdprune_onnx.graph.layers import ConstantIndex, Layer
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.runtime import Session, SessionConfig
@@ -281,7 +282,7 @@ class _Graph:
         resolved, reason = self.constants.resolve(name)
         if reason is not None:
             return None
-        return resolved, numpy_helper.to_array(self.constants.constants[resolved].tensor)
+        return resolved, tensor_array(self.constants.constants[resolved].tensor)
 
     def real_consumers(self, name: str) -> list[onnx.NodeProto]:
         """Non-Identity nodes reading ``name`` directly or through Identity chains."""
@@ -553,7 +554,7 @@ class _Sums:
     def add(self, x: Array, ys: Sequence[Array]) -> None:
         """Rows ``x`` (g, n, d) and, per layer, its targets (g, n, r_i)."""
         g, n, d = x.shape
-        step = max(1, _CHUNK_BYTES // (8 * g * (d + 1 + max(y.shape[2] for y in ys))))
+        step = max(1, _CHUNK_BYTES // (8 * g * (d + 1 + max((y.shape[2] for y in ys), default=0))))
         for a in range(0, n, step):
             chunk = x[:, a : a + step].astype(np.float64)
             xc = np.concatenate([chunk, np.ones((g, chunk.shape[1], 1))], axis=2)
@@ -653,12 +654,51 @@ def _blas_threads(limit: int) -> Iterator[None]:
         yield
 
 
-def solve_exact(damped: Array, cross: Array, mask: Array) -> Array:
+class Factors:
+    """The mask-independent factorisations of one layer's damped Hessian, computed on
+    first use and kept: every solve against the same ``damped`` and ``cross`` (the levels of
+    a refit-aware curve, :mod:`rdprune_onnx.refit_curves`) reuses them.
+
+    ``inverse`` (g, D, D) = ``(H + λI)⁻¹`` (exact's pruned form, SparseGPT), ``free``
+    (g, D, r) = ``inverse @ cross``, the unconstrained optimum, and ``upper(k)``, the upper
+    Cholesky factor of group k's (symmetrised) inverse (SparseGPT).
+    """
+
+    def __init__(self, damped: Array, cross: Array) -> None:
+        self.damped = damped
+        self.cross = cross
+        self._inverse: Array | None = None
+        self._free: Array | None = None
+        self._upper: dict[int, Array] = {}
+
+    @property
+    def inverse(self) -> Array:
+        if self._inverse is None:
+            self._inverse = np.linalg.inv(self.damped)
+        return self._inverse
+
+    @property
+    def free(self) -> Array:
+        if self._free is None:
+            self._free = self.inverse @ self.cross
+        return self._free
+
+    def upper(self, k: int) -> Array:
+        """Raises ``np.linalg.LinAlgError`` when the inverse is not positive definite."""
+        if k not in self._upper:
+            inverse = self.inverse[k]
+            self._upper[k] = np.linalg.cholesky((inverse + inverse.T) / 2.0).T
+        return self._upper[k]
+
+
+def solve_exact(damped: Array, cross: Array, mask: Array, factors: Factors | None = None) -> Array:
     """Per output row, the damped least squares restricted to its kept inputs.
 
     ``damped`` (g, D, D) is ``H + λI``, ``cross`` (g, D, r) is ``X̂ᵀY``, ``mask`` (g, D, r)
     the kept entries. Returns ``W`` (g, D, r), exactly zero where ``mask`` is False.
+    ``factors`` (of the same ``damped`` and ``cross``) shares the inverse between calls.
     """
+    factors = factors if factors is not None else Factors(damped, cross)
     g, d, r = mask.shape
     out = np.zeros((g, d, r))
     kept_sets: list[Array] = []
@@ -697,8 +737,8 @@ def solve_exact(damped: Array, cross: Array, mask: Array) -> Array:
     # Pruned form: w = w* - Hinv[:, P] (Hinv[P, P])⁻¹ w*[P], w* = Hinv G.
     systems = np.flatnonzero(~use_kept)
     if systems.size:
-        inverse = np.linalg.inv(damped)
-        free = inverse @ cross  # (g, D, r)
+        inverse = factors.inverse
+        free = factors.free  # (g, D, r)
         order = systems[np.argsort(pruned_size[systems], kind="stable")]
         sizes = pruned_size[order]
         per = 8.0 * (np.maximum(sizes, 1) ** 2 + (d + 2) * np.maximum(sizes, 1) + d)
@@ -717,22 +757,23 @@ def solve_exact(damped: Array, cross: Array, mask: Array) -> Array:
 
 
 def solve_sparsegpt(
-    damped: Array, cross: Array, mask: Array, block_size: int = BLOCK_SIZE
+    damped: Array,
+    cross: Array,
+    mask: Array,
+    block_size: int = BLOCK_SIZE,
+    factors: Factors | None = None,
 ) -> Array:
     """SparseGPT's blockwise OBS reconstruction with a fixed mask (see the module doc).
 
     Same arguments and result as :func:`solve_exact`. Raises ``np.linalg.LinAlgError``
     when the damped Hessian is not positive definite.
     """
+    factors = factors if factors is not None else Factors(damped, cross)
     g, d, r = mask.shape
     out = np.zeros((g, d, r))
     for k in range(g):
-        h = damped[k]
-        free = np.linalg.solve(h, cross[k])  # unconstrained optimum (d, r)
-        inverse = np.linalg.inv(h)
-        inverse = (inverse + inverse.T) / 2.0
-        upper = np.linalg.cholesky(inverse).T  # inverse = upperᵀ upper
-        w = np.ascontiguousarray(free.T)  # (r, d): one row per output row
+        upper = factors.upper(k)  # inverse = upperᵀ upper
+        w = np.ascontiguousarray(factors.free[k].T)  # (r, d): one row per output row
         keep = mask[k].T
         for i1 in range(0, d, block_size):
             i2 = min(i1 + block_size, d)
@@ -1078,43 +1119,73 @@ def _refit_group(
 
 def _solve_layer(ctx: _Context, item: _Todo, stats: _Stats) -> _Refit:
     plan = item.plans[0]
-    keep = item.masked != 0
-    mask = _to_effective(keep, plan) != 0
-    groups, d, r = mask.shape
-    if item.bias is not None:
-        mask = np.concatenate([mask, np.ones((groups, 1, r), dtype=bool)], axis=1)
-    width = mask.shape[1]
-    if stats.rows < width:
+    width = stats.hessian.shape[1]
+    d = width - (1 if item.bias is not None else 0)
+    _warn_few_rows(item.name, stats.rows, width)
+    damped = _damped(stats.hessian, ctx.damping, d)
+    return _refit_masked(
+        item.name, plan, item.masked, item.bias, stats, ctx.solver, Factors(damped, stats.cross)
+    )
+
+
+def _warn_few_rows(name: str, rows: int, width: int) -> None:
+    if rows < width:
         log.warning(
             "%s: %d calibration rows for %d inputs; the refit may fit the calibration data "
             "rather than the layer (use more samples or a larger damping)",
-            item.name,
-            stats.rows,
+            name,
+            rows,
             width,
         )
-    error_before = stats.error(_effective_with_bias(item.masked, item.bias, plan))
-    method = ctx.solver if ctx.solver != "auto" else choose_solver(mask)
-    info = LayerRefit(item.name, method, error_before, error_before, 0.0)
-    damped = _damped(stats.hessian, ctx.damping, d)
+
+
+def _keep_mask(masked: Array, plan: _Plan, bias: bool) -> Array:
+    """The ``(g, D, r)`` keep-mask of a masked weight (zeros = pruned), bias row kept."""
+    mask = _to_effective(masked != 0, plan) != 0
+    if bias:
+        groups, _d, r = mask.shape
+        mask = np.concatenate([mask, np.ones((groups, 1, r), dtype=bool)], axis=1)
+    return mask
+
+
+def _refit_masked(
+    name: str,
+    plan: _Plan,
+    masked: Array,
+    bias: Array | None,
+    stats: _Stats,
+    solver: str,
+    factors: Factors,
+) -> _Refit:
+    """Refit ``masked`` (and ``bias``) on ``stats`` with the damped Hessian's ``factors``;
+    the plain mask (and the original bias) when the refit does not lower the error."""
+    keep = masked != 0
+    mask = _keep_mask(masked, plan, bias is not None)
+    d = mask.shape[1] - (1 if bias is not None else 0)
+    error_before = stats.error(_effective_with_bias(masked, bias, plan))
+    method = solver if solver != "auto" else choose_solver(mask)
+    info = LayerRefit(name, method, error_before, error_before, 0.0)
     try:
         if method == "exact":
-            solved = solve_exact(damped, stats.cross, mask)
+            solved = solve_exact(factors.damped, factors.cross, mask, factors)
         else:
-            solved = solve_sparsegpt(damped, stats.cross, mask)
+            solved = solve_sparsegpt(factors.damped, factors.cross, mask, factors=factors)
     except np.linalg.LinAlgError as exc:
         info.reason = f"solver failed ({exc}); kept mask"
         return _Refit(info)
-    weight = _cast_weight(solved[:, :d], plan, item.masked, keep)
-    bias: Array | None = None
-    if item.bias is not None:
-        bias = _bias_from_effective(solved[:, d], plan).astype(item.bias.dtype)
-    if not np.all(np.isfinite(weight)) or (bias is not None and not np.all(np.isfinite(bias))):
+    weight = _cast_weight(solved[:, :d], plan, masked, keep)
+    new_bias: Array | None = None
+    if bias is not None:
+        new_bias = _bias_from_effective(solved[:, d], plan).astype(bias.dtype)
+    if not np.all(np.isfinite(weight)) or (
+        new_bias is not None and not np.all(np.isfinite(new_bias))
+    ):
         info.reason = "refit overflows the weight dtype; kept mask"
         return _Refit(info)
-    error_after = stats.error(_effective_with_bias(weight, bias, plan))
+    error_after = stats.error(_effective_with_bias(weight, new_bias, plan))
     if not error_after < error_before:
         info.reason = "refit did not help; kept mask"
         return _Refit(info)
     info.error_after = error_after
     info.bias = plan.bias
-    return _Refit(info, weight, bias)
+    return _Refit(info, weight, new_bias)
