@@ -4,13 +4,16 @@ verify -> write. :func:`prune` is the one call the command line and Python users
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
 import os
 import platform
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import ChainMap
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,13 +49,16 @@ from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import Evaluation, compare
 from rdprune_onnx.export import STORAGES, compact_weights
 from rdprune_onnx.flops import macs_per_weight
+from rdprune_onnx.graph.external import write_external
 from rdprune_onnx.graph.layers import Layer, LayerScan, Skipped, find_layers, read_weight
-from rdprune_onnx.graph.load import read_model, save_model
+from rdprune_onnx.graph.load import has_lazy, read_model, save_model
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.masks import apply_mask
 from rdprune_onnx.reconstruct import SOLVERS, reconstruct
+from rdprune_onnx.refit_curves import REFIT_DAMPING, RefitCandidates
 from rdprune_onnx.report import write_json
 from rdprune_onnx.runtime import Session, SessionConfig, resolve_provider, versions
+from rdprune_onnx.weights import ModelWeights
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +106,13 @@ class PruneSettings:
     overrides: Mapping[str, LayerBounds] = field(default_factory=dict)
     reconstruct: bool = False  # refit the kept weights of each layer after masking
     refit_solver: str = "auto"  # exact | sparsegpt | auto (by layer width)
+    # rd curves measured with each layer pruned AND refit (rdprune_onnx.refit_curves);
+    # implies ``reconstruct``: the allocation is then chosen for what will be applied.
+    refit_curves: bool = False
+
+    def __post_init__(self) -> None:
+        if self.refit_curves:
+            self.reconstruct = True
 
     def check(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -129,6 +142,16 @@ class PruneSettings:
         if self.refit_solver not in SOLVERS:
             raise UserError(
                 f"unknown refit solver {self.refit_solver!r}", f"choose one of {', '.join(SOLVERS)}"
+            )
+        if self.refit_curves and self.method != "rd":
+            raise UserError(
+                f"--refit-curves changes the rd curves; --method {self.method} uses none",
+                "drop --refit-curves, or use --method rd",
+            )
+        if self.refit_curves and self.steps > 1:
+            raise UserError(
+                "--refit-curves with --steps > 1 is not supported",
+                "use --steps 1 with --refit-curves, or plain curves with --steps",
             )
         for label, value in (
             ("--min-layer-ratio", self.min_layer_ratio),
@@ -329,6 +352,9 @@ class _Job:
     layers: list[Layer]
     had_external: bool
     config: SessionConfig
+    # Large tensors still on disk (external data): weights are read and masked one layer at
+    # a time, and the pruned model is written before it is verified (see _finish).
+    lazy: bool = False
     data: dict[str, np.ndarray] | None = None
     batch_size: int = 32
     reference: Reference | None = None
@@ -379,6 +405,7 @@ def _load_job(
         layers=layers,
         had_external=had_external,
         config=SessionConfig(provider=resolve_provider(settings.provider)),
+        lazy=has_lazy(model),
     )
     if calibration is not None and calibration.given:
         job.data, job.batch_size = load_calibration(model, calibration)
@@ -441,14 +468,23 @@ def _allocate(
     settings: PruneSettings,
     curve_source: CurveSource | None,
 ) -> tuple[
-    dict[str, np.ndarray],
+    Mapping[str, np.ndarray],
     Allocation,
     list[LayerSpec],
     list[dict[str, Any]],
     dict[str, Curve] | None,
 ]:
-    """Choose ratios (in ``settings.steps`` steps) and mask; returns the pruned weights."""
-    pruned = {layer.name: read_weight(job.model, layer.name) for layer in job.layers}
+    """Choose ratios (in ``settings.steps`` steps) and mask; returns the pruned weights.
+
+    For a lazy job they come as a :class:`~rdprune_onnx.weights.ModelWeights` that masks
+    each layer when it is read, so no step holds every layer's weight at once.
+    """
+    names = [layer.name for layer in job.layers]
+    pruned: Mapping[str, np.ndarray]
+    if job.lazy:
+        pruned = ModelWeights(job.model, names)
+    else:
+        pruned = {name: read_weight(job.model, name) for name in names}
     current = job.model
     curves: dict[str, Curve] | None = None
     steps: list[dict[str, Any]] = []
@@ -460,8 +496,10 @@ def _allocate(
             assert curve_source is not None
             t = time.perf_counter()
             reference = job.reference
-            if step > 1 and reference is not None:
-                reference = reference.rebased(current, job.config)
+            if step > 1:
+                current = replace_weights(job.model, pruned)
+                if reference is not None:
+                    reference = reference.rebased(current, job.config)
             curves = curve_source(current, reference)
             job.timings["curves"] = job.timings.get("curves", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
@@ -470,17 +508,17 @@ def _allocate(
             layers=specs,
             target_ratio=step_ratio,
             curves=curves,
-            magnitudes=(
-                {n: np.abs(w.astype(np.float64)).ravel() for n, w in pruned.items()}
-                if settings.method in ("global", "lamp")
-                else None
-            ),
+            # The allocators take |w| themselves, one layer at a time.
+            magnitudes=pruned if settings.method in ("global", "lamp") else None,
             options={"allow_layer_removal": settings.allow_layer_removal},
         )
         allocation = get_allocator(settings.method).allocate(problem)
         job.timings["allocate"] = job.timings.get("allocate", 0.0) + time.perf_counter() - t
-        pruned = {name: apply_mask(w, int(allocation.counts[name])) for name, w in pruned.items()}
-        current = replace_weights(job.model, pruned)
+        del problem
+        if job.lazy:
+            pruned = ModelWeights(job.model, names, allocation.counts)
+        else:
+            pruned = {n: apply_mask(w, int(allocation.counts[n])) for n, w in pruned.items()}
         steps.append(
             {
                 "step": step,
@@ -491,6 +529,18 @@ def _allocate(
         )
     assert allocation is not None
     return pruned, allocation, specs, steps, curves
+
+
+@contextlib.contextmanager
+def _staging(job: _Job, output: Path | None) -> Iterator[Path | None]:
+    """Where a lazy job's pruned model is written before it is verified (beside the
+    output, so that nothing big lands in the temporary folder); None for other jobs."""
+    if not job.lazy:
+        yield None
+        return
+    parent = output.parent if output is not None else None
+    with tempfile.TemporaryDirectory(prefix=".rdprune-", dir=parent) as folder:
+        yield Path(folder)
 
 
 def _finish(
@@ -507,8 +557,14 @@ def _finish(
     report: str | os.PathLike[str] | None,
     started: float,
     storage: str = "dense",
+    staging: Path | None = None,
 ) -> PruneResult:
-    """Verify, compare, write the model and the report."""
+    """Verify, compare, write the model and the report.
+
+    A lazy job's pruned model is first written to ``staging`` (see :func:`_staging`),
+    streaming one weight at a time, and verified from there: the dense weights stay on
+    disk and only ONNX Runtime holds a copy of the pruned ones.
+    """
     timings = dict(job.timings)
     refits: dict[str, Any] = {}
     biases: dict[str, np.ndarray] = {}
@@ -534,12 +590,25 @@ def _finish(
             for r in refit.layers
         }
         timings["reconstruct"] = time.perf_counter() - t
-    pruned_model = replace_weights(job.model, {**pruned, **biases})
+    staged: Path | None = None
+    if staging is None:
+        pruned_model = replace_weights(job.model, {**pruned, **biases})
+    else:
+        t = time.perf_counter()
+        staged = write_external(
+            job.model,
+            staging,
+            ChainMap(biases, dict(pruned)) if biases else pruned,
+            name="pruned.onnx",
+        )
+        pruned_model = read_model(staged, check=False)[0]
+        pruned = ModelWeights(pruned_model, list(pruned))
+        timings["stage"] = time.perf_counter() - t
     measured = None
     if job.reference is not None:
         t = time.perf_counter()
         measured = measure_distortion(
-            Session(pruned_model, job.config), job.reference, settings.metric
+            Session(pruned_model, job.config, path=staged), job.reference, settings.metric
         )
         timings["verify"] = time.perf_counter() - t
     results = []
@@ -623,7 +692,7 @@ def _finish(
         allocation_info=info,
         curves=curves,
         evaluation=evaluation,
-        model=pruned_model,
+        model=pruned_model if staging is None else _reload(written, storage),
     )
     if report is not None:
         try:
@@ -634,6 +703,13 @@ def _finish(
                 path.unlink(missing_ok=True)
             raise
     return result
+
+
+def _reload(written: str | None, storage: str) -> onnx.ModelProto | None:
+    """The written dense model, loaded lazily (None when not written, or compacted)."""
+    if written is None or storage != "dense":
+        return None
+    return read_model(written, check=False)[0]
 
 
 def _allocate_and_finish(
@@ -648,20 +724,22 @@ def _allocate_and_finish(
     storage: str,
 ) -> PruneResult:
     pruned, allocation, specs, steps, curves = _allocate(job, settings, curve_source)
-    return _finish(
-        job,
-        settings,
-        pruned,
-        allocation,
-        specs,
-        steps,
-        curves,
-        output=output,
-        force=force,
-        report=report,
-        started=started,
-        storage=storage,
-    )
+    with _staging(job, output) as staging:
+        return _finish(
+            job,
+            settings,
+            pruned,
+            allocation,
+            specs,
+            steps,
+            curves,
+            output=output,
+            force=force,
+            report=report,
+            started=started,
+            storage=storage,
+            staging=staging,
+        )
 
 
 def prune(
@@ -702,7 +780,16 @@ def prune(
             model, job.layers, job.data, settings, job.config.provider, job.batch_size
         )
         return _measure_with_cache(
-            model, job.layers, reference, settings, job.config, entry, cache_dir, progress
+            model,
+            job.layers,
+            reference,
+            settings,
+            job.config,
+            entry,
+            cache_dir,
+            progress,
+            candidates=_refit_candidates(model, job.data, job.batch_size, settings, job.config),
+            timings=job.timings,
         )
 
     return _allocate_and_finish(
@@ -744,7 +831,15 @@ def measure(
         job.model, job.layers, job.data, settings, job.config.provider, job.batch_size
     )
     entry.curves = _measure_with_cache(
-        job.model, job.layers, job.reference, settings, job.config, entry, cache_dir, progress
+        job.model,
+        job.layers,
+        job.reference,
+        settings,
+        job.config,
+        entry,
+        cache_dir,
+        progress,
+        candidates=_refit_candidates(job.model, job.data, job.batch_size, settings, job.config),
     )
     if output is not None:
         write_json(entry.to_dict(), output, force=force)
@@ -801,6 +896,11 @@ def allocate(
         )
     if job.data is not None and saved.data != data_fingerprint(job.data):
         log.warning("the calibration data differs from the data the curves were measured on")
+    if "refit" in saved.settings and not settings.reconstruct:
+        log.warning(
+            "the curves were measured with --refit-curves (each layer pruned and refit); "
+            "without --reconstruct the allocation assumes a refit that is not applied"
+        )
 
     def fixed(model: onnx.ModelProto, reference: Reference | None) -> dict[str, Curve]:
         return {layer.name: saved.curves[layer.name] for layer in job.layers}
@@ -830,17 +930,45 @@ def curve_entry(
     provider: str,
     batch_size: int,
 ) -> CurveFile:
-    """The identity of a set of curves: model, data and every setting that changes them."""
+    """The identity of a set of curves: model, data and every setting that changes them.
+
+    Refit-aware curves (``refit_curves``) add a ``refit`` entry (solver, damping), so they
+    never share a key, a cache file or an ``allocate`` input with plain-mask curves; plain
+    curves keep the key they always had.
+    """
+    measured: dict[str, Any] = {
+        "metric": settings.metric,
+        "levels": settings.levels,
+        "provider": provider,
+        "batch_size": batch_size,
+    }
+    if settings.refit_curves:
+        measured["refit"] = {"solver": settings.refit_solver, "damping": REFIT_DAMPING}
     return CurveFile(
         model=model_fingerprint(model),
         data=data_fingerprint(data),
-        settings={
-            "metric": settings.metric,
-            "levels": settings.levels,
-            "provider": provider,
-            "batch_size": batch_size,
-        },
+        settings=measured,
         layers={layer.name: layer.size for layer in layers},
+    )
+
+
+def _refit_candidates(
+    model: onnx.ModelProto,
+    data: Mapping[str, np.ndarray],
+    batch_size: int,
+    settings: PruneSettings,
+    config: SessionConfig,
+) -> RefitCandidates | None:
+    """The candidate factory of refit-aware curves, or None for plain-mask curves."""
+    if not settings.refit_curves:
+        return None
+    return RefitCandidates(
+        model,
+        data,
+        batch_size=batch_size,
+        config=config,
+        solver=settings.refit_solver,
+        damping=REFIT_DAMPING,
     )
 
 
@@ -853,6 +981,9 @@ def _measure_with_cache(
     entry: CurveFile,
     cache_dir: str | os.PathLike[str] | None,
     progress: bool,
+    *,
+    candidates: RefitCandidates | None = None,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, Curve]:
     cache = CurveCache(cache_dir) if cache_dir is not None else None
     done = cache.load(entry) if cache is not None else {}
@@ -863,7 +994,7 @@ def _measure_with_cache(
         if cache is not None:
             cache.store(entry)
 
-    return measure_curves(
+    curves = measure_curves(
         model,
         layers,
         reference,
@@ -873,7 +1004,16 @@ def _measure_with_cache(
         progress=progress,
         done=done,
         on_curve=save,
+        candidates=candidates,
     )
+    if candidates is not None and candidates.costs:
+        cost = candidates.summary()
+        log.info("refit-aware curves: %s", cost)
+        if timings is not None:
+            for key in ("hessian_s", "solve_s"):
+                name = f"curves_refit_{key.removesuffix('_s')}"
+                timings[name] = timings.get(name, 0.0) + float(cost[key])
+    return curves
 
 
 def _load_eval(

@@ -404,7 +404,6 @@ def child_session(kind: str, path: Path, hidden: int) -> None:
 def child_phases(method: str, path: Path, output: Path, levels: int) -> None:
     """Run the prune pipeline in-process with its steps wrapped, recording memory."""
     from rdprune_onnx import curves, pipeline
-    from rdprune_onnx.graph.load import load_model
     from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings
 
     events: list[dict[str, Any]] = []
@@ -439,8 +438,9 @@ def child_phases(method: str, path: Path, output: Path, levels: int) -> None:
         setattr(module, name, wrapper)
 
     for name in (
-        "load_model",
+        "read_model",
         "find_layers",
+        "model_fingerprint",
         "run_reference",
         "read_weight",
         "get_allocator",
@@ -449,13 +449,14 @@ def child_phases(method: str, path: Path, output: Path, levels: int) -> None:
         "Session",
         "measure_distortion",
         "measure_curves",
+        "write_external",
         "save_model",
     ):
-        wrap(pipeline, name)
+        if hasattr(pipeline, name):
+            wrap(pipeline, name)
     for name in ("expose_as_inputs", "Session", "downstream", "with_outputs", "infer_types"):
-        wrap(curves, name)
-    # As the command line's fallback: the checker path of load_model cannot size the model.
-    load_model.__kwdefaults__["check"] = False
+        if hasattr(curves, name):
+            wrap(curves, name)
     reset_peak()
     record("start")
     result = pipeline.prune(
@@ -506,6 +507,8 @@ def _cases(
             yield f"session: {kind}", [*me, "--child", f"session-{kind}", *common], None, None
     if "prune" in args.cases:
         for method, extra in (("global", []), ("rd", ["--levels", str(args.levels)])):
+            if method not in args.methods:
+                continue
             out = args.workdir / f"out_{method}.onnx"
             arguments = [
                 "prune",
@@ -607,6 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=8192)
     parser.add_argument("--levels", type=int, default=3)
     parser.add_argument("--cases", default=",".join(ALL_CASES), help="comma-separated subset")
+    parser.add_argument("--methods", default="global,rd", help="prune cases: comma-separated")
     parser.add_argument("--workdir", type=Path, default=None, help="[a new temporary folder]")
     parser.add_argument("--model", type=Path, default=None, help="reuse a generated model")
     parser.add_argument("--keep", action="store_true", help="keep the generated model")
@@ -631,6 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench_large.py needs Linux (/proc)", file=sys.stderr)
         return 2
     args.cases = {c.strip() for c in args.cases.split(",") if c.strip()}
+    args.methods = {m.strip() for m in args.methods.split(",") if m.strip()}
     own_workdir = args.workdir is None
     args.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-large-")).resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rdprune_onnx import runtime
 from rdprune_onnx.errors import UserError
+from rdprune_onnx.graph import external
 from rdprune_onnx.graph.load import iter_all_tensors
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.runtime import Session, SessionConfig, write_for_runtime
@@ -108,7 +109,7 @@ def staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 def _external_route(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runtime, "EXTERNAL_DATA_THRESHOLD", 0)
-    monkeypatch.setattr(runtime, "TENSOR_MIN_BYTES", 64)
+    monkeypatch.setattr(external, "TENSOR_MIN_BYTES", 64)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -143,7 +144,7 @@ def test_external_route_matches_in_memory(
 def test_written_model_is_the_same_model(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runtime, "TENSOR_MIN_BYTES", 64)
+    monkeypatch.setattr(external, "TENSOR_MIN_BYTES", 64)
     model = MODELS[name]()
     path = write_for_runtime(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
@@ -165,7 +166,7 @@ def test_written_model_is_the_same_model(
     # Everything but the tensors' storage is unchanged.
     for m in (model, loaded):
         for t in runtime_tensors(m):
-            for field in runtime._DATA_FIELDS:
+            for field in external._DATA_FIELDS:
                 t.ClearField(field)
     assert loaded.SerializeToString() == model.SerializeToString()
 
@@ -176,12 +177,12 @@ def runtime_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 def test_nested_scopes_go_external(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Initializers and Constant values inside subgraphs, and typed storage, are moved."""
-    monkeypatch.setattr(runtime, "TENSOR_MIN_BYTES", 64)
+    monkeypatch.setattr(external, "TENSOR_MIN_BYTES", 64)
     small = onnx.load_model(
         str(write_for_runtime(_nested_scopes(), tmp_path)), load_external_data=False
     )
-    external = {t.name for t in runtime_tensors(small) if t.data_location == TensorProto.EXTERNAL}
-    assert external == {"typed_v", "w_in", "c_in_v"}
+    moved = {t.name for t in runtime_tensors(small) if t.data_location == TensorProto.EXTERNAL}
+    assert moved == {"typed_v", "w_in", "c_in_v"}
     offsets = [
         int(e.value) for t in runtime_tensors(small) for e in t.external_data if e.key == "offset"
     ]
@@ -355,3 +356,95 @@ def test_session_over_2gib(staging: Path) -> None:
     np.testing.assert_allclose(y, x * scale, rtol=1e-5)
     assert not any(staging.iterdir())
     assert not os.listdir(staging)
+
+
+class _Generated(Mapping[str, np.ndarray]):
+    """Weights made when the writer reaches them: the model never exists in memory whole."""
+
+    def __init__(self, names: list[str], n: int) -> None:
+        self.names, self.n = names, n
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        rng = np.random.default_rng(self.names.index(name))
+        weight = rng.standard_normal((self.n, self.n), dtype=np.float32)
+        weight *= np.float32(1 / np.sqrt(self.n))
+        return weight
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_mem_available() < 8 * 1024**3, reason="needs about 8 GiB of free memory")
+@pytest.mark.parametrize("method", ["global", "rd"])
+def test_prune_over_2gib_under_twice_its_size(tmp_path: Path, method: str) -> None:
+    """The prune command on a 2.25 GiB model with external data peaks under 2x its size."""
+    import resource
+
+    n, count = 8192, 9
+    names = [f"w{i}" for i in range(count)]
+    nodes = []
+    previous = "x"
+    for i, name in enumerate(names):
+        nodes.append(helper.make_node("MatMul", [previous, name], [f"m{i}"]))
+        nodes.append(helper.make_node("Relu", [f"m{i}"], [f"h{i}"]))
+        previous = f"h{i}"
+    shells = []  # type and shape only: the writer asks _Generated for the values
+    for name in names:
+        shell = TensorProto(name=name, data_type=TensorProto.FLOAT)
+        shell.dims.extend([n, n])
+        shells.append(shell)
+    graph = helper.make_graph(
+        nodes,
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n])],
+        [helper.make_tensor_value_info(previous, TensorProto.FLOAT, ["N", n])],
+        shells,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", graphs.OPSET)])
+    path = external.write_external(model, tmp_path, _Generated(names, n), name="big.onnx")
+    size = (tmp_path / "big.onnx.data").stat().st_size
+    assert size >= 9 * n * n * 4
+    out = tmp_path / "out" / "pruned.onnx"
+    out.parent.mkdir()
+    command = [
+        sys.executable,
+        "-m",
+        "rdprune_onnx_cli.main",
+        "prune",
+        str(path),
+        "--ratio",
+        "0.5",
+        "--method",
+        method,
+        "--levels",
+        "3",
+        "--synthetic",
+        "2",
+        "-o",
+        str(out),
+        "--no-cache",
+        "--no-progress",
+        "--provider",
+        "cpu",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    assert peak < 2 * size, f"peak {peak / 2**30:.2f} GiB for a {size / 2**30:.2f} GiB model"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pruned.onnx", "pruned.onnx.data"]
+    pruned = onnx.load_model(str(out), load_external_data=False)
+    zeros = total = 0
+    for tensor in pruned.graph.initializer:
+        array = external.tensor_array(_attached(tensor, out.parent))
+        zeros += int(np.count_nonzero(array == 0))
+        total += array.size
+    assert zeros == total // 2
+
+
+def _attached(tensor: onnx.TensorProto, folder: Path) -> onnx.TensorProto:
+    external.make_lazy(tensor, folder)
+    return tensor
