@@ -200,11 +200,7 @@ class Session:
         try:
             result = self._session.run(list(outputs) if outputs else None, dict(feeds))
         except Exception as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            raise UserError(
-                f"ONNX Runtime failed to run the model: {message[:300]}",
-                "check that the calibration data fits the model's inputs",
-            ) from None
+            raise _run_error(exc) from None
         return [np.asarray(r) for r in result]
 
     # --- IOBinding: values kept on the session's device between runs (the CUDA path) ---
@@ -243,14 +239,18 @@ class Session:
         try:
             self._session.run_with_iobinding(binding)
         except Exception as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            raise UserError(
-                f"ONNX Runtime failed to run the model: {message[:300]}",
-                "check that the calibration data fits the model's inputs",
-            ) from None
+            raise _run_error(exc) from None
         if on_device:
             return list(binding.get_outputs())
         return [np.asarray(v) for v in binding.copy_outputs_to_cpu()]
+
+
+def _run_error(exc: Exception) -> UserError:
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+    return UserError(
+        f"ONNX Runtime failed to run the model: {message[:300]}",
+        "check that the calibration data fits the model's inputs",
+    )
 
 
 def _sweep_stale(parent: Path) -> None:

@@ -34,7 +34,7 @@ Run it with the torch virtualenv (the project installed in it)::
 
 The CPU defaults (ResNet-18 at 64x64 on 32 images and a 4-layer MiniLM on 8 x 64 tokens, 11
 levels) took 7 minutes on a busy shared 2-core machine. ``--markdown RECORD.json`` prints the
-tables of a written record again, in Markdown (as in docs/benchmark.md).
+tables of a written record again, in Markdown (as in docs/bench_curves.md).
 
 On the GPU machine (ResNet-50 at 224x224 on 256 images, torch on cuda, ORT's CUDA provider;
 onnxruntime-gpu installed as /work/shared/gpu/README.md says)::
