@@ -595,12 +595,19 @@ def _finish(
         pruned_model = replace_weights(job.model, {**pruned, **biases})
     else:
         t = time.perf_counter()
-        staged = write_external(
-            job.model,
-            staging,
-            ChainMap(biases, dict(pruned)) if biases else pruned,
-            name="pruned.onnx",
-        )
+        try:
+            staged = write_external(
+                job.model,
+                staging,
+                ChainMap(biases, dict(pruned)) if biases else pruned,
+                name="pruned.onnx",
+            )
+        except OSError as exc:
+            raise UserError(
+                f"could not write the pruned model to {str(staging)!r}: {exc.strerror or exc}",
+                "free disk space next to the output (it is written there first) or choose "
+                "another -o",
+            ) from None
         pruned_model = read_model(staged, check=False)[0]
         pruned = ModelWeights(pruned_model, list(pruned))
         timings["stage"] = time.perf_counter() - t

@@ -19,7 +19,9 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
+import rdprune_onnx.graph.load
 import rdprune_onnx.report
+from rdprune_onnx.graph import external
 from rdprune_onnx_cli.main import cli
 from tests import graphs
 
@@ -304,6 +306,43 @@ def disk_full_model(folder: Path, mp: pytest.MonkeyPatch) -> Setup:
     return _synthetic(model, "-o", str(folder / OUTPUT))
 
 
+def _full_disk_writer(mp: pytest.MonkeyPatch, location: str) -> None:
+    """The external data writer on a disk that is full when it writes ``location``."""
+    real = external.ExternalWriter.tensor
+
+    def tensor(self: external.ExternalWriter, *args: object) -> None:
+        if self.location == location:
+            self.data.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(self, *args)  # type: ignore[arg-type]
+
+    mp.setattr(external.ExternalWriter, "tensor", tensor)
+
+
+def _lazy_cnn(folder: Path, mp: pytest.MonkeyPatch) -> Path:
+    """graphs.cnn with external data whose tensors all stay on disk (the large-model route)."""
+    mp.setattr(rdprune_onnx.graph.load, "LAZY_MIN_BYTES", 0)
+    return _external(folder, "m.data")
+
+
+def disk_full_staging(folder: Path, mp: pytest.MonkeyPatch) -> Setup:
+    model = _lazy_cnn(folder, mp)
+    _full_disk_writer(mp, "pruned.onnx.data")  # the copy written before verification
+    return _synthetic(model, "-o", str(folder / OUTPUT))
+
+
+def disk_full_session(folder: Path, mp: pytest.MonkeyPatch) -> Setup:
+    model = _lazy_cnn(folder, mp)
+    _full_disk_writer(mp, "model.onnx.data")  # the copy a session is created from
+    return _synthetic(model, "-o", str(folder / OUTPUT))
+
+
+def disk_full_external_output(folder: Path, mp: pytest.MonkeyPatch) -> Setup:
+    model = _lazy_cnn(folder, mp)
+    _full_disk_writer(mp, OUTPUT + ".data")
+    return _synthetic(model, "-o", str(folder / OUTPUT))
+
+
 def report_folder_missing(folder: Path, mp: pytest.MonkeyPatch) -> Setup:
     return _synthetic(
         _cnn(folder), "-o", str(folder / OUTPUT), "--report", str(folder / "nope" / "r.json")
@@ -362,6 +401,9 @@ CASES: list[object] = [
     pytest.param(output_is_a_directory, "", id="output-is-a-directory"),
     pytest.param(output_folder_not_writable, "not writable", id="output-folder-not-writable"),
     pytest.param(disk_full_model, "No space left", id="disk-full-model"),
+    pytest.param(disk_full_staging, "the pruned model", id="disk-full-staging"),
+    pytest.param(disk_full_session, "for ONNX Runtime", id="disk-full-session-staging"),
+    pytest.param(disk_full_external_output, "No space left", id="disk-full-external-output"),
     pytest.param(report_folder_missing, "does not exist", id="report-folder-missing"),
     pytest.param(disk_full_report, "No space left", id="disk-full-report"),
 ]
