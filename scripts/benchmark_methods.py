@@ -7,7 +7,8 @@ sparsity ratios, on two real models.
 * ``minilm``: all-MiniLM-L6-v2 exported to ONNX by ``scripts/export_minilm.py``
   (``models/minilm/``), calibrated on ``calib_small.npz`` (32 docstring texts, 64 tokens),
   scored by recall@1 and MRR on 300 (query, document) docstring pairs that share no text with
-  the calibration set (``scripts/retrieval.py``).
+  the calibration set, and by the mean cosine of the 600 held-out embeddings to the dense
+  model's (``scripts/retrieval.py``).
 
 Rows: ``rd`` with several distortion metrics (one-shot, and iterative with re-measured curves),
 the baselines ``uniform``, ``uniform-plus``, ``global``, ``lamp``, ``erk`` (all through
@@ -28,10 +29,30 @@ adds MiniLM rd runs on 8 calibration texts (as is, on the vector before the L2 n
 on a 41-level grid) and with capped layer ratios. ``--report-only JSON...`` rebuilds the
 tables and the plot from recorded runs (merging their rows).
 
+Reconstruction (issue 7, part 5): every ``rd`` and baseline row also gets a ``+ reconstruct``
+row: the same masks (re-pruned from the cached curves, checked against the plain row's per-layer
+ratios) with the kept weights and biases refit by :func:`rdprune_onnx.reconstruct.reconstruct`,
+the call ``--reconstruct`` makes, on the task's calibration data. ``--refit-solver`` (digits,
+default ``auto``) and ``--minilm-refit-solver`` (default ``sparsegpt``) pick the solver;
+``--minilm-refit-compare auto`` refits the MiniLM rows again with ``auto`` (exact on MiniLM:
+rows labelled ``... + reconstruct (auto)``). ``--digits-refit-data NPZ`` and
+``--minilm-refit-data NPZ`` / ``--minilm-refit-unpadded T`` refit some rows again on other
+calibration data (labelled ``(N calib)`` / ``(NxT calib)``). A MiniLM refit of the whole model
+took 17-105 s with ``sparsegpt`` (load average 3-6) and 16-58 s with ``auto`` (exact) at load
+1-2, but 617 s for one ``auto`` refit at 0.5 under a load average of ~5 (exact per-row solves at
+50% sparsity are the costly case); a digits refit 1-18 s.
+
+Resuming: ``--resume JSON...`` keeps the rows of earlier records (a finished
+``benchmark_methods.json`` or the ``benchmark_methods.partial.json`` written after every row)
+and computes only the missing ones; a resumed row that lacks a score the scorer now gives
+(MiniLM's ``cosine``) is recomputed (``--rescore``, default: our rows only).
+
 MiniLM dominates the cost (2 shared CPU cores): its 36 curves on a 21-level grid took 1,255 s
 under a load average of ~10; scoring a pruned model (600 texts) 6-30 s; onnxsim SparseGPT
 265-1,092 s per call, so it runs at ``--minilm-sparsegpt-ratios`` (default 0.5) only. With
-warm curves the full run took 19 min (27.7 min with ``--diagnose-minilm``).
+warm curves the full run without reconstruction took 19 min (27.7 min with
+``--diagnose-minilm``); the recorded reconstruction rows took about 110 min more, over five
+resumed runs (commands in docs/findings.md).
 
 Outputs in ``--out-dir`` (default ``docs``): ``benchmark_methods.json`` (configuration,
 versions, timings, every row), ``benchmark.md`` (the tables) and ``benchmark_methods.png``
@@ -56,6 +77,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -70,6 +92,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+import rdprune_onnx
 from rdprune_onnx import CalibrationSpec, PruneSettings, prune
 from rdprune_onnx.allocate import AllocationProblem, Curve, LayerSpec, get_allocator
 from rdprune_onnx.curves import Reference, run_reference
@@ -80,6 +103,7 @@ from rdprune_onnx.graph.load import load_model
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.masks import apply_mask
 from rdprune_onnx.pipeline import load_calibration
+from rdprune_onnx.reconstruct import SOLVERS, reconstruct
 from rdprune_onnx.runtime import Session, SessionConfig, versions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +116,9 @@ MODELS = ("digits", "minilm")
 # MiniLM's mean-pooled sentence vector before the L2 normalisation (the input of the final Div).
 PRE_NORM = {"pre-norm": "/Div_output_0"}
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "rdprune-bench-cache"
+RECONSTRUCT_SUFFIX = " + reconstruct"
+# The onnxsim passes that the reconstruction table sets beside our refit rows.
+RECONSTRUCT_PEERS = ("onnxsim SparseGPT", "onnxsim Wanda (per row)", "onnxsim Wanda (global)")
 
 
 # ------------------------------------------------------------------------------ variants
@@ -118,6 +145,11 @@ class Variant:
     @property
     def ours(self) -> bool:
         return self.family != "onnxsim"
+
+    @property
+    def refit_label(self) -> str:
+        """The label of this variant's row with the kept weights refit (``--reconstruct``)."""
+        return f"{self.label}{RECONSTRUCT_SUFFIX}"
 
 
 def rd_label(
@@ -160,6 +192,17 @@ def baseline_variants(methods: Sequence[str]) -> list[Variant]:
 # ------------------------------------------------------------------------------ tasks
 
 
+@dataclass(frozen=True)
+class Compare:
+    """Some rows' masks refit again: with ``solver`` (labelled "... + reconstruct (S)") or on
+    the calibration file ``data`` (labelled "... + reconstruct (N calib)" or "(NxT calib)")."""
+
+    solver: str
+    labels: tuple[str, ...]
+    data: Path | None = None
+    ratios: tuple[float, ...] | None = None  # None: every ratio of the run
+
+
 @dataclass
 class Task:
     """A model, its calibration data and how a pruned copy of it is scored."""
@@ -176,6 +219,11 @@ class Task:
     variants: list[Variant]
     score_fn: Callable[[Session], dict[str, float]] | None = None
     notes: list[str] = field(default_factory=list)
+    # The solver of the "+ reconstruct" rows (every rd and baseline row refit after masking);
+    # None: no such rows.
+    refit_solver: str | None = None
+    # Rows refit a second time, with another solver or on other calibration data.
+    compares: list[Compare] = field(default_factory=list)
 
 
 def digits_scorer(test_path: Path) -> Callable[[Session], dict[str, float]]:
@@ -192,16 +240,24 @@ def digits_scorer(test_path: Path) -> Callable[[Session], dict[str, float]]:
     return score
 
 
-def minilm_scorer(folder: Path, pairs: int | None) -> Callable[[Session], dict[str, float]]:
+def minilm_scorer(
+    folder: Path, pairs: int | None, threads: int
+) -> Callable[[Session], dict[str, float]]:
+    """Retrieval figures, and the mean cosine of each held-out embedding to the dense one."""
     import retrieval  # scripts/retrieval.py (the folder is put on sys.path by main)
 
     queries, docs = retrieval.load_pairs(folder)
     if pairs is not None:
         queries = {k: v[:pairs] for k, v in queries.items()}
         docs = {k: v[:pairs] for k, v in docs.items()}
+    dense_session = Session(
+        load_model(folder / "minilm.onnx"), SessionConfig(provider="cpu", intra_op_threads=threads)
+    )
+    dense = (retrieval.embed(dense_session, queries), retrieval.embed(dense_session, docs))
+    del dense_session
 
     def score(session: Session) -> dict[str, float]:
-        result: dict[str, float] = retrieval.evaluate(session, queries, docs)
+        result: dict[str, float] = retrieval.evaluate(session, queries, docs, dense=dense)
         return result
 
     return score
@@ -266,6 +322,11 @@ def make_tasks(args: argparse.Namespace, work: Path) -> list[Task]:
                 extra_scores=(),
                 variants=[*rd, *baselines, *onnxsim_variants(peers), *diagnostics],
                 score_fn=digits_scorer(ROOT / "models" / "digits_test.npz"),
+                refit_solver=args.refit_solver if "digits" in args.reconstruct_models else None,
+                compares=[
+                    Compare(args.refit_solver, tuple(args.digits_refit_compare_rows), path)
+                    for path in args.digits_refit_data
+                ],
             )
         )
     if "minilm" in args.models:
@@ -351,10 +412,39 @@ def make_tasks(args: argparse.Namespace, work: Path) -> list[Task]:
                 metrics=EMBEDDING_METRICS,
                 score="recall_at_1",
                 score_label=f"retrieval recall@1 ({args.pairs or 300} docstring pairs)",
-                extra_scores=("mrr", "recall_at_5"),
+                extra_scores=("mrr", "recall_at_5", "cosine"),
                 variants=[*rd, *baselines, *peer_variants],
-                score_fn=minilm_scorer(folder, args.pairs),
+                score_fn=minilm_scorer(folder, args.pairs, args.threads),
                 notes=notes,
+                refit_solver=(
+                    args.minilm_refit_solver if "minilm" in args.reconstruct_models else None
+                ),
+                compares=(
+                    [
+                        Compare(
+                            args.minilm_refit_compare,
+                            tuple(args.minilm_refit_compare_rows),
+                            ratios=tuple(args.minilm_refit_compare_ratios) or None,
+                        )
+                    ]
+                    if args.minilm_refit_compare
+                    else []
+                )
+                + [
+                    Compare(
+                        args.minilm_refit_data_solver,
+                        tuple(args.minilm_refit_data_rows),
+                        path,
+                        tuple(args.minilm_refit_data_ratios) or None,
+                    )
+                    for path in [
+                        *args.minilm_refit_data,
+                        *(
+                            unpadded_calib(folder / "calib.npz", n, work)
+                            for n in args.minilm_refit_unpadded
+                        ),
+                    ]
+                ],
             )
         )
     return tasks
@@ -369,6 +459,20 @@ def calib_subset(path: Path, n: int, folder: Path) -> Path:
     if not out.exists():
         with np.load(path) as f:
             np.savez(out, **{k: np.asarray(f[k])[:n] for k in f.files})
+    return out
+
+
+def unpadded_calib(path: Path, length: int, folder: Path) -> Path:
+    """The texts of a token calibration file with at least ``length`` tokens, cut to
+    ``length`` (the last kept token replaced by [SEP]): every row a real token, no padding."""
+    out = folder / f"{path.stem}.unpadded{length}.npz"
+    if not out.exists():
+        with np.load(path) as f:
+            arrays = {k: np.asarray(f[k]) for k in f.files}
+        keep = arrays["attention_mask"].sum(axis=1) >= length
+        cut = {k: np.ascontiguousarray(v[keep, :length]) for k, v in arrays.items()}
+        cut["input_ids"][:, length - 1] = 102  # [SEP] of the BERT vocabulary
+        np.savez(out, **cut)
     return out
 
 
@@ -523,7 +627,20 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def run_task(task: Task, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_task(
+    task: Task,
+    args: argparse.Namespace,
+    work: Path,
+    done: Mapping[tuple[str, float], dict[str, Any]] | None = None,
+    save: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Every row of ``task``; rows found in ``done`` (resumed runs) are kept, not recomputed.
+
+    A resumed row of our methods that lacks a score the scorer now gives (MiniLM's ``cosine``)
+    is recomputed (``--rescore ours``; ``all`` also recomputes onnxsim rows). ``save`` gets the
+    task's record after every row, so that an interrupted run can be resumed.
+    """
+    done = dict(done or {})
     # One intra-op thread: on 2 shared cores it embedded the 600 MiniLM texts in 14-16 s,
     # against 19-22 s with 2 threads.
     config = SessionConfig(provider="cpu", intra_op_threads=args.threads)
@@ -536,80 +653,274 @@ def run_task(task: Task, args: argparse.Namespace, work: Path) -> dict[str, Any]
     dense_row = measure_model(dense, task, reference, dense_layers, config)
     dense_row["eval_s"] = 0.0
     print(f"dense: {fmt_scores(task, dense_row['scores'])}", flush=True)
+    score_keys = set(dense_row["scores"])
     has_onnxsim = onnxsim_version() is not None
     skipped: list[str] = []
-    rows: list[dict[str, Any]] = []
+    rows: dict[tuple[str, float], dict[str, Any]] = {}
     errors: list[dict[str, Any]] = []
     measured: dict[str, tuple[str, dict[str, Any]]] = {}  # weights digest -> (row, measurement)
+    refits: dict[str, dict[str, Any]] = {}  # masked weights digest -> reconstructed row
+    for row in done.values():
+        if row.get("reconstruct") and "mask_digest" in row and "same_as" not in row:
+            key = f"{row['mask_digest']} {row['solver']} {row.get('refit_calib_samples')}"
+            refits.setdefault(key, row)
     curves: dict[str, dict[str, Curve]] = {}  # metric -> one-shot curves on the dense model
-    for variant in task.variants:
+    resumed = [0]  # rows taken from --resume
+    order = {v.label: i for i, v in enumerate(task.variants)}
+
+    def record() -> dict[str, Any]:
+        def key(row: Mapping[str, Any]) -> tuple[int, bool, float]:
+            base = row.get("base", row["label"])
+            return (order.get(base, len(order)), bool(row.get("reconstruct")), row["ratio"])
+
+        return {
+            "name": task.name,
+            "title": task.title,
+            "model": _shown(task.model),
+            "calibration": _shown(task.calib),
+            "calibration_samples": len(next(iter(data.values()))),
+            "batch_size": batch_size,
+            "levels": task.levels,
+            "metrics": list(task.metrics),
+            "score": task.score,
+            "score_label": task.score_label,
+            "extra_scores": list(task.extra_scores),
+            "refit_solver": task.refit_solver,
+            "layers": {layer.name: layer.size for layer in dense_layers.layers},
+            "dense": dense_row,
+            "rows": sorted(rows.values(), key=key),
+            "resumed_rows": resumed[0],
+            "notes": task.notes,
+            "errors": errors,
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def complete(row: Mapping[str, Any]) -> bool:
+        if score_keys <= set(row["scores"]) or args.rescore == "none":
+            return True
+        return args.rescore == "ours" and row["family"] == "onnxsim"
+
+    def failed(label: str, ratio: float, exc: Exception) -> None:
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        errors.append({"label": label, "ratio": ratio, "error": message})
+        print(f"{label:<34} {ratio:.2f}  FAILED: {message}", flush=True)
+
+    # Our methods first (uniform-plus last of them), then onnxsim: an interrupted MiniLM run
+    # has the main rows and their reconstruction first.
+    def priority(v: Variant) -> tuple[int, int]:
+        rank = 2 if v.family == "onnxsim" else 1 if v.method == "uniform-plus" else 0
+        return (rank, order[v.label])
+
+    def process(variant: Variant) -> None:
         if args.only_diagnostics and variant.family != "diagnostic":
-            continue
+            return
         if variant.family == "onnxsim" and not has_onnxsim:
             if variant.label not in skipped:
                 skipped.append(variant.label)
-            continue
+            return
+        refit = task.refit_solver is not None and variant.family in ("rd", "baseline")
         ratios = variant.ratios or tuple(args.ratios)
         for ratio in ratios:
             if ratio not in args.ratios:
                 continue
-            try:
-                row = run_variant(
-                    task,
-                    variant,
-                    ratio,
-                    dense,
-                    data,
-                    batch_size,
-                    reference,
-                    dense_layers,
-                    config,
-                    work,
-                    args.cache_dir,
-                    measured,
-                )
-            except Exception as exc:  # one failing row must not lose the whole run
-                message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                errors.append({"label": variant.label, "ratio": ratio, "error": message})
-                print(f"{variant.label:<34} {ratio:.2f}  FAILED: {message}", flush=True)
+            model: onnx.ModelProto | None = None
+            prior = done.get((variant.label, ratio))
+            if prior is not None and complete(prior):
+                rows[(variant.label, ratio)] = prior
+                resumed[0] += 1
+            else:
+                try:
+                    row, model = run_variant(
+                        task,
+                        variant,
+                        ratio,
+                        dense,
+                        data,
+                        batch_size,
+                        reference,
+                        dense_layers,
+                        config,
+                        work,
+                        args.cache_dir,
+                        measured,
+                    )
+                except Exception as exc:  # one failing row must not lose the whole run
+                    failed(variant.label, ratio, exc)
+                    continue
+                if prior is not None:
+                    row["rescored"] = True
+                    before, after = prior["scores"][task.score], row["scores"][task.score]
+                    if abs(before - after) > 1e-9:
+                        task.notes.append(
+                            f"{variant.label} at {ratio:g} rescored: {task.score} {before:.4f} "
+                            f"in the resumed run, {after:.4f} now"
+                        )
+                curves_here = row.pop("curves", None)
+                if (
+                    curves_here
+                    and variant.steps == 1
+                    and variant.calib_samples is None
+                    and (variant.levels or task.levels) == task.levels
+                ):
+                    curves.setdefault(variant.metric, curves_here)
+                rows[(variant.label, ratio)] = row
+                print(fmt_row(task, row), flush=True)
+                if save is not None:
+                    save(record())
+            if not refit or (variant.refit_label, ratio) in done:
+                if refit:
+                    rows[(variant.refit_label, ratio)] = done[(variant.refit_label, ratio)]
+                    resumed[0] += 1
                 continue
-            curves_here = row.pop("curves", None)
-            if (
-                curves_here
-                and variant.steps == 1
-                and variant.calib_samples is None
-                and (variant.levels or task.levels) == task.levels
-            ):
-                curves.setdefault(variant.metric, curves_here)
-            rows.append(row)
-            print(fmt_row(task, row), flush=True)
+            assert task.refit_solver is not None
+            refit_row(variant, ratio, model, task.refit_solver, variant.refit_label)
+
+    def refit_row(
+        variant: Variant,
+        ratio: float,
+        model: onnx.ModelProto | None,
+        solver: str,
+        label: str,
+        refit_data: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        try:
+            if model is None:  # the plain row was resumed: the same masks again
+                model = build_ours(
+                    task, variant, ratio, dense, dense_layers, batch_size, work, args.cache_dir
+                )[0]
+            row = run_reconstruct(
+                task,
+                variant,
+                ratio,
+                model,
+                dense,
+                data if refit_data is None else refit_data,
+                batch_size,
+                reference,
+                dense_layers,
+                config,
+                solver,
+                refits,
+                label,
+            )
+        except Exception as exc:  # one failing row must not lose the whole run
+            failed(label, ratio, exc)
+            return
+        plain = rows.get((variant.label, ratio))
+        if plain is not None and plain["layer_ratios"] != row["layer_ratios"]:
+            task.notes.append(
+                f"{label} at {ratio:g}: the re-pruned masks differ from the plain row's "
+                "(per-layer ratios)"
+            )
+        rows[(label, ratio)] = row
+        print(fmt_row(task, row), flush=True)
+        if save is not None:
+            save(record())
+
+    variants = sorted(task.variants, key=priority)
+    for variant in variants:
+        if variant.family != "onnxsim":
+            process(variant)
+    # The same masks refit with another solver (--minilm-refit-compare) or on other data
+    # (--digits-refit-data, --minilm-refit-data), for a few methods.
+    for compare in task.compares if task.refit_solver is not None else []:
+        compare_data = None
+        tag = compare.solver
+        if compare.data is not None:
+            compare_data = load_calibration(dense, CalibrationSpec(data=compare.data))[0]
+            first = next(iter(compare_data.values()))
+            shape = "x".join(map(str, first.shape[:2] if first.ndim == 2 else first.shape[:1]))
+            tag = f"{shape} calib"
+        for variant in variants:
+            if variant.label not in compare.labels:
+                continue
+            label = f"{variant.refit_label} ({tag})"
+            for ratio in compare.ratios or variant.ratios or tuple(args.ratios):
+                if ratio not in args.ratios:
+                    continue
+                if (label, ratio) in done:
+                    rows[(label, ratio)] = done[(label, ratio)]
+                    resumed[0] += 1
+                else:
+                    refit_row(variant, ratio, None, compare.solver, label, compare_data)
+    for variant in variants:
+        if variant.family == "onnxsim":
+            process(variant)
+    # Resumed rows this run did not ask for (other ratios or compare settings) are kept.
+    for key, row in done.items():
+        if key not in rows and not (args.only_diagnostics and row["family"] != "diagnostic"):
+            rows[key] = row
+            resumed[0] += 1
     # Score every allocation of our methods with the rd objective of each metric.
-    for row in rows:
-        if row["family"] != "onnxsim":
-            row["curve_sum"] = {m: curve_sum(c, row["layer_ratios"]) for m, c in curves.items()}
+    for row in rows.values():
+        if row["family"] != "onnxsim" and not row.get("reconstruct") and curves:
+            sums = {m: curve_sum(c, row["layer_ratios"]) for m, c in curves.items()}
+            row["curve_sum"] = {**row.get("curve_sum", {}), **sums}
     if skipped:
         task.notes.append(
             "onnxsim is not importable in this environment: skipped " + ", ".join(skipped)
         )
-    return {
-        "name": task.name,
-        "title": task.title,
-        "model": _shown(task.model),
-        "calibration": _shown(task.calib),
-        "calibration_samples": len(next(iter(data.values()))),
-        "batch_size": batch_size,
-        "levels": task.levels,
-        "metrics": list(task.metrics),
-        "score": task.score,
-        "score_label": task.score_label,
-        "extra_scores": list(task.extra_scores),
-        "layers": {layer.name: layer.size for layer in dense_layers.layers},
-        "dense": dense_row,
-        "rows": rows,
-        "notes": task.notes,
-        "errors": errors,
-        "seconds": time.perf_counter() - t0,
+    return record()
+
+
+def build_ours(
+    task: Task,
+    variant: Variant,
+    ratio: float,
+    dense: onnx.ModelProto,
+    dense_layers: DenseLayers,
+    batch_size: int,
+    work: Path,
+    cache_dir: Path,
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The model our ``variant`` prunes to ``ratio`` (plain masks), and the row's fields."""
+    calib_path = task.calib
+    if variant.calib_samples is not None:
+        calib_path = calib_subset(task.calib, variant.calib_samples, work)
+    levels = variant.levels or task.levels
+    settings = PruneSettings(
+        ratio=ratio,
+        method=variant.method,
+        metric=variant.metric,
+        levels=levels,
+        provider="cpu",
+        steps=variant.steps,
+    )
+    model_path = task.model
+    if variant.output is not None:
+        model_path = work / f"{task.model.stem}.{variant.output}.onnx"
+        if not model_path.exists():
+            onnx.save(with_output(dense, PRE_NORM[variant.output]), str(model_path))
+    result = prune(
+        model_path,
+        settings,
+        CalibrationSpec(data=calib_path, batch_size=batch_size),
+        write=False,
+        cache_dir=cache_dir,
+    )
+    assert result.model is not None
+    model = result.model
+    predicted = result.predicted_distortion
+    if variant.cap:
+        assert result.curves is not None
+        model, predicted = capped_allocation(dense, dense_layers, result.curves, ratio, levels)
+    if variant.output is not None:  # the same weights in the unmodified model
+        model = replace_weights(
+            dense, {layer.name: read_weight(model, layer.name) for layer in dense_layers.layers}
+        )
+    fields: dict[str, Any] = {
+        "metric": variant.metric,
+        "steps": variant.steps,
+        "levels": levels,
+        "calib_samples": result.samples,
+        "predicted": predicted,
+        # the capped model is not the one prune() verified: measured by measure_model
+        "measured": None if variant.cap else result.measured_distortion,
+        "timings": result.timings,
     }
+    if variant.method == "rd":
+        fields["curves"] = result.curves
+    return model, fields
 
 
 def run_variant(
@@ -625,7 +936,8 @@ def run_variant(
     work: Path,
     cache_dir: Path,
     measured: dict[str, tuple[str, dict[str, Any]]],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], onnx.ModelProto]:
+    """The row of ``variant`` at ``ratio``, and the pruned model it measured."""
     row: dict[str, Any] = {
         "label": variant.label,
         "family": variant.family,
@@ -634,52 +946,10 @@ def run_variant(
     }
     t = time.perf_counter()
     if variant.ours:
-        calib_path = task.calib
-        if variant.calib_samples is not None:
-            calib_path = calib_subset(task.calib, variant.calib_samples, work)
-        levels = variant.levels or task.levels
-        settings = PruneSettings(
-            ratio=ratio,
-            method=variant.method,
-            metric=variant.metric,
-            levels=levels,
-            provider="cpu",
-            steps=variant.steps,
+        model, fields = build_ours(
+            task, variant, ratio, dense, dense_layers, batch_size, work, cache_dir
         )
-        model_path = task.model
-        if variant.output is not None:
-            model_path = work / f"{task.model.stem}.{variant.output}.onnx"
-            if not model_path.exists():
-                onnx.save(with_output(dense, PRE_NORM[variant.output]), str(model_path))
-        result = prune(
-            model_path,
-            settings,
-            CalibrationSpec(data=calib_path, batch_size=batch_size),
-            write=False,
-            cache_dir=cache_dir,
-        )
-        assert result.model is not None
-        model = result.model
-        predicted = result.predicted_distortion
-        if variant.cap:
-            assert result.curves is not None
-            model, predicted = capped_allocation(dense, dense_layers, result.curves, ratio, levels)
-        if variant.output is not None:  # the same weights in the unmodified model
-            model = replace_weights(
-                dense, {layer.name: read_weight(model, layer.name) for layer in dense_layers.layers}
-            )
-        row.update(
-            metric=variant.metric,
-            steps=variant.steps,
-            levels=levels,
-            calib_samples=result.samples,
-            predicted=predicted,
-            # the capped model is not the one prune() verified: measured by measure_model
-            measured=None if variant.cap else result.measured_distortion,
-            timings=result.timings,
-        )
-        if variant.method == "rd":
-            row["curves"] = result.curves
+        row.update(fields)
     else:
         batches = [
             {k: v[s : s + batch_size] for k, v in data.items()}
@@ -702,7 +972,110 @@ def run_variant(
         row.update(measured[key][1])
     if row.get("method") == "rd" and row.get("measured") is None:
         row["measured"] = row["distortion"].get(row["metric"])
+    return row, model
+
+
+def run_reconstruct(
+    task: Task,
+    variant: Variant,
+    ratio: float,
+    masked: onnx.ModelProto,
+    dense: onnx.ModelProto,
+    data: Mapping[str, np.ndarray],
+    batch_size: int,
+    reference: Reference,
+    dense_layers: DenseLayers,
+    config: SessionConfig,
+    solver: str,
+    refits: dict[str, dict[str, Any]],
+    label: str,
+) -> dict[str, Any]:
+    """``variant``'s masks at ``ratio`` with the kept weights refit (what ``--reconstruct`` does).
+
+    The same call as the pipeline's: :func:`rdprune_onnx.reconstruct.reconstruct` on the
+    dense model, the masked weights and the task's calibration data, with ONNX Runtime's
+    default threads. Masks already refit by an earlier row (same masked weights) are not
+    refit again: that row's measurement is copied.
+    """
+    pruned = dense_layers.weights(masked)
+    digest = weights_digest(pruned)
+    samples = len(next(iter(data.values())))
+    row: dict[str, Any] = {
+        "label": label,
+        "family": variant.family,
+        "method": variant.method,
+        "ratio": ratio,
+        "reconstruct": True,
+        "base": variant.label,
+        "metric": variant.metric,
+        "steps": variant.steps,
+        "solver": solver,
+        "compare": label != variant.refit_label,  # another solver or data, the same masks
+        "mask_digest": digest,
+        "refit_calib_samples": samples,
+        "prune_s": 0.0,
+    }
+    earlier = refits.get(f"{digest} {solver} {samples}")
+    if earlier is not None:
+        keep = ("achieved_ratio", "layer_ratios", "distortion", "scores", "refit", "refit_summary")
+        row.update({k: earlier[k] for k in keep if k in earlier})
+        row.update(
+            same_as=f"{earlier['label']} @ {earlier['ratio']:g}", reconstruct_s=0.0, eval_s=0.0
+        )
+        return row
+    warned = _Collect()
+    logger = logging.getLogger("rdprune_onnx.reconstruct")
+    logger.addHandler(warned)
+    t = time.perf_counter()
+    try:
+        refit = reconstruct(
+            dense,
+            pruned,
+            dense_layers.layers,
+            data,
+            batch_size=batch_size,
+            config=SessionConfig(provider="cpu"),
+            solver=solver,
+        )
+    finally:
+        logger.removeHandler(warned)
+    row["reconstruct_s"] = time.perf_counter() - t
+    row["refit_warnings"] = warned.messages
+    model = replace_weights(dense, {**pruned, **refit.all_weights()})
+    layers: dict[str, dict[str, Any]] = {
+        r.name: {
+            "method": r.method,
+            "error_before": None if math.isnan(r.error_before) else r.error_before,
+            "error_after": None if math.isnan(r.error_after) else r.error_after,
+            "seconds": r.seconds,
+            "reason": r.reason,
+        }
+        for r in refit.layers
+    }
+    solvers: dict[str, int] = {}
+    for info in layers.values():
+        solvers[info["method"]] = solvers.get(info["method"], 0) + 1
+    row["refit"] = layers
+    row["refit_summary"] = {
+        "solvers": solvers,
+        "kept_mask": sum(1 for i in layers.values() if i["reason"] and "kept mask" in i["reason"]),
+        "error_before": sum(i["error_before"] or 0.0 for i in layers.values()),
+        "error_after": sum(i["error_after"] or 0.0 for i in layers.values()),
+    }
+    row.update(measure_model(model, task, reference, dense_layers, config))
+    refits[f"{digest} {solver} {samples}"] = row
     return row
+
+
+class _Collect(logging.Handler):
+    """The warnings the refit logs (fewer calibration rows than a layer has inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def capped_allocation(
@@ -749,6 +1122,8 @@ def fmt_row(task: Task, row: Mapping[str, Any]) -> str:
     extra = f"  (same model as {row['same_as']})" if "same_as" in row else ""
     if row.get("predicted") is not None and row["method"] == "rd":
         extra += f"  predicted {row['predicted']:.4g} measured {row['measured']:.4g}"
+    if row.get("reconstruct"):
+        extra += f"  refit {row['reconstruct_s']:.1f}s ({row['solver']})"
     return (
         f"{row['label']:<34} {row['ratio']:.2f}  sparsity {row['achieved_ratio']:.4f}  "
         f"{fmt_scores(task, row['scores'])}{extra}  ({row['prune_s']:.1f}s + {row['eval_s']:.1f}s)"
@@ -756,7 +1131,86 @@ def fmt_row(task: Task, row: Mapping[str, Any]) -> str:
 
 
 def main_rows(task: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [r for r in task["rows"] if r["family"] != "diagnostic"]
+    """The rows of the main table: no diagnostics, no reconstruction."""
+    return [r for r in task["rows"] if r["family"] != "diagnostic" and not r.get("reconstruct")]
+
+
+def refit_rows(task: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The rows of the reconstruction table: each refit method after its plain row, then
+    the same masks refit with a second solver, then onnxsim's SparseGPT and Wanda."""
+    rows = task["rows"]
+    refit = [r for r in rows if r.get("reconstruct")]
+    bases = {r["base"] for r in refit}
+    out = []
+    for label in labels_in_order(main_rows(task)):
+        if label in bases:
+            out += [r for r in rows if r["label"] == label and not r.get("reconstruct")]
+            out += [r for r in refit if r["base"] == label and not r.get("compare")]
+    out += [r for r in refit if r.get("compare")]
+    for label in RECONSTRUCT_PEERS:
+        out += [r for r in rows if r["label"] == label]
+    return out
+
+
+def refit_cell(task: Mapping[str, Any], row: Mapping[str, Any]) -> str:
+    """The task figure; MiniLM: recall@1 / mean cosine to the dense embeddings."""
+    text = f"{row['scores'][task['score']]:.3f}"
+    if "cosine" in task["extra_scores"]:
+        cosine = row["scores"].get("cosine")
+        text += " / " + ("–" if cosine is None else f"{cosine:.3f}")
+    return text
+
+
+def refit_table(task: Mapping[str, Any], ratios: Sequence[float]) -> str:
+    """Markdown: with and without reconstruction, one column per ratio (best in bold)."""
+    rows = refit_rows(task)
+    key = task["score"]
+    cell = {(r["label"], r["ratio"]): r for r in rows}
+    best = {
+        ratio: max((r["scores"][key] for r in rows if r["ratio"] == ratio), default=None)
+        for ratio in ratios
+    }
+    lines = [
+        "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+        "| --- |" + " ---: |" * len(ratios),
+    ]
+    for label in labels_in_order(rows):
+        cells = []
+        for ratio in ratios:
+            row = cell.get((label, ratio))
+            if row is None:
+                cells.append("")
+                continue
+            text = refit_cell(task, row)
+            if best[ratio] is not None and row["scores"][key] >= best[ratio] - 1e-12:
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def refit_time_table(task: Mapping[str, Any], ratios: Sequence[float]) -> str:
+    """Markdown: seconds of each refit (the whole model), and the solvers it used."""
+    rows = [r for r in task["rows"] if r.get("reconstruct")]
+    cell = {(r["label"], r["ratio"]): r for r in rows}
+    lines = [
+        "| refit | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+        "| --- |" + " ---: |" * len(ratios),
+    ]
+    for label in labels_in_order(rows):
+        cells = []
+        for ratio in ratios:
+            row = cell.get((label, ratio))
+            if row is None:
+                cells.append("")
+            elif "same_as" in row:
+                cells.append(f"= {row['same_as'].rsplit(' @ ', 1)[0]}")
+            else:
+                solvers = row.get("refit_summary", {}).get("solvers", {})
+                used = "+".join(f"{n} {m}" for m, n in sorted(solvers.items()))
+                cells.append(f"{row['reconstruct_s']:.1f} ({used})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def capped_rows(task: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -858,7 +1312,10 @@ def rank_analysis(task: Mapping[str, Any], ratios: Sequence[float]) -> list[dict
         at = [
             r
             for r in task["rows"]
-            if r["family"] != "onnxsim" and r["ratio"] == ratio and "same_as" not in r
+            if r["family"] != "onnxsim"
+            and r["ratio"] == ratio
+            and "same_as" not in r
+            and not r.get("reconstruct")
         ]
         if not at:
             continue
@@ -1013,6 +1470,32 @@ def write_markdown(record: Mapping[str, Any], path: Path) -> None:
             for (label, other), at in same.items():
                 out.append(f"- {label} = {other} at {', '.join(f'{x:g}' for x in at)}")
             out.append("")
+        if any(r.get("reconstruct") for r in task["rows"]):
+            solver = task.get("refit_solver")
+            out += [
+                f"### With reconstruction ({task['name']})",
+                "",
+                "`+ reconstruct`: the row above it (the same masks) with the kept weights and "
+                "biases refit after masking, as `--reconstruct` does "
+                f"(`rdprune_onnx.reconstruct.reconstruct`, solver `{solver}`, on the same "
+                f"{task['calibration_samples']} calibration samples); a `(S)` suffix: the same "
+                "masks refit with solver S. onnxsim's SparseGPT (its own masks and update) and "
+                "Wanda rows as peers."
+                + (
+                    " Cells: recall@1 / mean cosine of the 600 held-out embeddings to the "
+                    "dense model's ('–': not measured)."
+                    if "cosine" in task["extra_scores"]
+                    else ""
+                ),
+                "",
+                refit_table(task, ratios),
+                "",
+                "Refit time per run in seconds (whole model, solvers used per layer; '= X': the "
+                "same masks as row X, not refit again):",
+                "",
+                refit_time_table(task, ratios),
+                "",
+            ]
         diag = [r for r in task["rows"] if r["family"] == "diagnostic"]
         if diag:
             out += [
@@ -1036,20 +1519,84 @@ def write_markdown(record: Mapping[str, Any], path: Path) -> None:
         "Curves come from the cache when an earlier run measured them with the same model, data "
         "and settings; 'curves' is what this run measured.",
         "",
-        "| model | seconds | curves (s) | pruning (s) | scoring (s) | rows |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | seconds | curves (s) | pruning (s) | refit (s) | scoring (s) | rows |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for task in record["tasks"]:
         rows = task["rows"]
         curves_s = sum(r.get("timings", {}).get("curves", 0.0) for r in rows)
         prune_s = sum(r["prune_s"] for r in rows)
+        refit_s = sum(r.get("reconstruct_s", 0.0) for r in rows)
         eval_s = sum(r["eval_s"] for r in rows)
         out.append(
             f"| {task['name']} | {task['seconds']:.0f} | {curves_s:.0f} | {prune_s:.0f} | "
-            f"{eval_s:.0f} | {len(rows)} |"
+            f"{refit_s:.0f} | {eval_s:.0f} | {len(rows)} |"
         )
+    out += [
+        "",
+        "Rows taken from earlier runs (`--resume`) count in the sums but not in 'seconds'.",
+        "",
+    ]
     out.append("")
     path.write_text("\n".join(out))
+
+
+# The refit on other calibration data drawn in the reconstruction panel (dotted), per task.
+PLOT_REFIT_DATA = {"minilm": "128x128 calib"}
+
+
+def plot_refit(ax: Any, task: Mapping[str, Any], colours: Mapping[str, Any]) -> None:
+    """Task figure vs ratio with the default (``auto``) refit (dashed) over the plain row of
+    the same masks (solid, faint), onnxsim's SparseGPT and Wanda (dash-dot) and, where
+    :data:`PLOT_REFIT_DATA` names one, the refit on more calibration data (dotted). Rows with
+    a forced solver are in the tables only."""
+    key = task["score"]
+    data_tag = PLOT_REFIT_DATA.get(task["name"])
+
+    def shown(r: Mapping[str, Any]) -> bool:
+        if not r.get("reconstruct"):
+            return True
+        if r.get("solver") != "auto":
+            return False
+        if r.get("refit_calib_samples", task["calibration_samples"]) == task["calibration_samples"]:
+            return True
+        return data_tag is not None and r["label"].endswith(f"({data_tag})")
+
+    rows = [r for r in refit_rows(task) if shown(r)]
+    for label in labels_in_order(rows):
+        pts = sorted((r["ratio"], r["scores"][key]) for r in rows if r["label"] == label)
+        first = next(r for r in rows if r["label"] == label)
+        base = first.get("base", label)
+        colour = colours.get(base, "black")
+        other_data = (
+            first.get("refit_calib_samples", task["calibration_samples"])
+            != task["calibration_samples"]
+        )
+        if first.get("reconstruct") and other_data:
+            style = {"linestyle": ":", "linewidth": 2.2, "marker": "D", "markersize": 4}
+        elif first.get("reconstruct"):
+            style = {"linestyle": "--", "linewidth": 2.0, "marker": "o", "markersize": 5}
+        elif first["family"] == "onnxsim":
+            style = {"linestyle": "-.", "linewidth": 1.4, "marker": "^", "markersize": 5}
+        else:
+            style = {"linestyle": "-", "linewidth": 1.0, "marker": ".", "alpha": 0.35}
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            color=colour,
+            label=label if first.get("reconstruct") or first["family"] == "onnxsim" else None,
+            **style,
+        )
+    ax.axhline(task["dense"]["scores"][key], color="grey", linestyle=":", label="dense")
+    ax.set_title(
+        f"{task['name']}: --reconstruct, auto (dashed) vs the same masks plain (faint)"
+        + (f"\ndotted: refit on {data_tag}" if data_tag else ""),
+        fontsize=10,
+    )
+    ax.set_xlabel("sparsity (fraction of prunable weights zeroed)")
+    ax.set_ylabel(task["score_label"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3)
 
 
 def plot(record: Mapping[str, Any], path: Path) -> None:
@@ -1068,12 +1615,13 @@ def plot(record: Mapping[str, Any], path: Path) -> None:
     for task in tasks:
         for i, label in enumerate(labels_in_order(capped_rows(task))):
             colours.setdefault(label, ("black", "dimgrey")[i % 2])
+    refit = any(r.get("reconstruct") for t in tasks for r in t["rows"])
     fig, axes = plt.subplots(
-        2,
+        3 if refit else 2,
         len(tasks),
-        figsize=(7.5 * len(tasks), 12),
+        figsize=(7.5 * len(tasks), 19 if refit else 12),
         squeeze=False,
-        gridspec_kw={"height_ratios": [1.5, 1]},
+        gridspec_kw={"height_ratios": [1.5, 1.5, 1] if refit else [1.5, 1]},
     )
     for col, task in enumerate(tasks):
         ax = axes[0][col]
@@ -1104,7 +1652,9 @@ def plot(record: Mapping[str, Any], path: Path) -> None:
         ax.set_ylabel(task["score_label"])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3)
-        ax2 = axes[1][col]
+        if refit:
+            plot_refit(axes[1][col], task, colours)
+        ax2 = axes[-1][col]
         rd_rows = [r for r in rows if r["method"] == "rd" and r["predicted"]]
         for label in labels_in_order(rd_rows):
             pts = sorted(
@@ -1174,6 +1724,97 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--pairs", type=int, default=None, help="use only the first N MiniLM pairs")
     parser.add_argument(
+        "--reconstruct-models",
+        default=None,
+        help="models whose rd and baseline rows also get a '+ reconstruct' row (the masks refit "
+        "as --reconstruct does); comma-separated, '' for none; default: digits,minilm "
+        "(quick: digits)",
+    )
+    parser.add_argument("--refit-solver", default="auto", choices=SOLVERS, help="digits")
+    parser.add_argument(
+        "--minilm-refit-solver",
+        default="sparsegpt",
+        choices=SOLVERS,
+        help="MiniLM (auto picks exact, ~5-6 min a model at 0.5 on 2 cores; sparsegpt ~1 min)",
+    )
+    parser.add_argument(
+        "--minilm-refit-compare",
+        default="auto",
+        help="refit some MiniLM rows again with this solver ('' for none)",
+    )
+    parser.add_argument(
+        "--minilm-refit-compare-rows",
+        default="rd (mse),uniform,uniform-plus,global,lamp,erk",
+        help="the rows (labels, comma-separated) of --minilm-refit-compare",
+    )
+    parser.add_argument(
+        "--minilm-refit-compare-ratios",
+        default="",
+        help="the ratios of --minilm-refit-compare (comma-separated; default: all)",
+    )
+    parser.add_argument(
+        "--digits-refit-data",
+        type=Path,
+        nargs="*",
+        default=[],
+        metavar="NPZ",
+        help="refit some digits rows again on these calibration files (e.g. the whole training "
+        "split), to see what more calibration rows than fc1's 257 inputs change",
+    )
+    parser.add_argument(
+        "--minilm-refit-data",
+        type=Path,
+        nargs="*",
+        default=[],
+        metavar="NPZ",
+        help="refit some MiniLM rows again on these calibration files (more texts, no padding)",
+    )
+    parser.add_argument(
+        "--minilm-refit-data-solver",
+        default="auto",
+        choices=SOLVERS,
+        help="the solver of --minilm-refit-data and --minilm-refit-unpadded",
+    )
+    parser.add_argument(
+        "--minilm-refit-unpadded",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="T",
+        help="also refit on the calib.npz texts of at least T tokens cut to T (no padding rows)",
+    )
+    parser.add_argument(
+        "--minilm-refit-data-rows",
+        default="rd (mse),uniform",
+        help="the rows (labels, comma-separated) of --minilm-refit-data",
+    )
+    parser.add_argument(
+        "--minilm-refit-data-ratios",
+        default="",
+        help="the ratios of --minilm-refit-data (comma-separated; default: all)",
+    )
+    parser.add_argument(
+        "--digits-refit-compare-rows",
+        default="rd (mse),uniform,global,lamp,erk",
+        help="the rows (labels, comma-separated) of --digits-refit-data",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="keep the rows of these records (benchmark_methods.json or .partial.json; later "
+        "files win) and compute only the missing ones",
+    )
+    parser.add_argument(
+        "--rescore",
+        choices=("none", "ours", "all"),
+        default="ours",
+        help="with --resume: recompute resumed rows that lack a score the scorer now gives "
+        "(ours: only our methods' rows; onnxsim's are kept)",
+    )
+    parser.add_argument(
         "--diagnose",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -1201,6 +1842,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             args.pairs = 64
     if args.diagnose is None:
         args.diagnose = not args.quick
+    if args.reconstruct_models is None:
+        args.reconstruct_models = "digits" if args.quick else ",".join(MODELS)
+    args.reconstruct_models = [m.strip() for m in args.reconstruct_models.split(",") if m.strip()]
+    if args.minilm_refit_compare not in ("", *SOLVERS):
+        parser.error(f"--minilm-refit-compare: choose from {', '.join(SOLVERS)} or ''")
+    if args.minilm_refit_compare in ("", args.minilm_refit_solver):
+        args.minilm_refit_compare = None
+    args.minilm_refit_compare_rows = [
+        r.strip() for r in args.minilm_refit_compare_rows.split(",") if r.strip()
+    ]
+    args.digits_refit_compare_rows = [
+        r.strip() for r in args.digits_refit_compare_rows.split(",") if r.strip()
+    ]
+    args.minilm_refit_data_rows = [
+        r.strip() for r in args.minilm_refit_data_rows.split(",") if r.strip()
+    ]
+    args.minilm_refit_compare_ratios = [
+        float(r) for r in args.minilm_refit_compare_ratios.split(",") if r.strip()
+    ]
+    args.minilm_refit_data_ratios = [
+        float(r) for r in args.minilm_refit_data_ratios.split(",") if r.strip()
+    ]
     if args.out_dir is None:
         args.out_dir = Path(tempfile.mkdtemp(prefix="rdbench-")) if args.quick else ROOT / "docs"
     return args
@@ -1225,12 +1888,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     load_start = os.getloadavg()[0]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
-    results = []
+    done = resumed_rows(args.resume or [])
+    results: list[dict[str, Any]] = []
+    partial = args.out_dir / "benchmark_methods.partial.json"
+
+    def save(current: dict[str, Any]) -> None:
+        """Every finished row so far (resumable with --resume PARTIAL), written atomically."""
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"tasks": [*results, current]}, default=_json_default) + "\n")
+        tmp.replace(partial)
+
     with tempfile.TemporaryDirectory(prefix="rdbench-") as work:
         for task in make_tasks(args, Path(work)):
-            results.append(run_task(task, args, Path(work)))
-            partial = args.out_dir / "benchmark_methods.partial.json"
-            partial.write_text(json.dumps(results, default=_json_default) + "\n")
+            results.append(run_task(task, args, Path(work), done.get(task.name), save))
+            partial.write_text(json.dumps({"tasks": results}, default=_json_default) + "\n")
     total = time.perf_counter() - start
     record = {
         "config": {
@@ -1249,6 +1920,23 @@ def main(argv: Sequence[str] | None = None) -> None:
             "minilm_sparsegpt_ratios": args.minilm_sparsegpt_ratios,
             "threads": args.threads,
             "cache_dir": str(args.cache_dir),
+            "reconstruct_models": args.reconstruct_models,
+            "refit_solver": args.refit_solver,
+            "minilm_refit_solver": args.minilm_refit_solver,
+            "minilm_refit_compare": args.minilm_refit_compare,
+            "minilm_refit_compare_rows": args.minilm_refit_compare_rows,
+            "minilm_refit_compare_ratios": args.minilm_refit_compare_ratios,
+            "digits_refit_data": [str(p) for p in args.digits_refit_data],
+            "digits_refit_compare_rows": args.digits_refit_compare_rows,
+            "minilm_refit_data": [str(p) for p in args.minilm_refit_data],
+            "minilm_refit_data_rows": args.minilm_refit_data_rows,
+            "minilm_refit_data_ratios": args.minilm_refit_data_ratios,
+            "minilm_refit_unpadded": args.minilm_refit_unpadded,
+            "minilm_refit_data_solver": args.minilm_refit_data_solver,
+            "resume": [str(p) for p in args.resume or []],
+            "rescore": args.rescore,
+            # where the library came from (a snapshot on PYTHONPATH, or the checkout)
+            "library": str(Path(rdprune_onnx.__file__).resolve().parent),
         },
         "versions": versions()
         | {"python": platform.python_version(), "onnxsim": onnxsim_version()},
@@ -1261,11 +1949,34 @@ def main(argv: Sequence[str] | None = None) -> None:
         "timings": {"total_s": total} | {t["name"]: t["seconds"] for t in results},
         "tasks": results,
     }
+    if args.resume:  # the runs whose rows were kept: their configuration and timings
+        record["resumed_from"] = []
+        for path in args.resume:
+            if path.is_file() and isinstance(old := json.loads(path.read_text()), dict):
+                kept = {k: old[k] for k in ("config", "timings", "host", "versions") if k in old}
+                kept["resumed_from"] = old.get("resumed_from", [])
+                record["resumed_from"].append({"path": _shown(path.resolve()), **kept})
     add_analysis(record)
     json_path = args.out_dir / "benchmark_methods.json"
     json_path.write_text(json.dumps(record, indent=1, default=_json_default) + "\n")
     (args.out_dir / "benchmark_methods.partial.json").unlink(missing_ok=True)
     report(record, args.out_dir)
+
+
+def resumed_rows(paths: Sequence[Path]) -> dict[str, dict[tuple[str, float], dict[str, Any]]]:
+    """Per model, the rows of earlier records by (label, ratio); later files win."""
+    out: dict[str, dict[tuple[str, float], dict[str, Any]]] = {}
+    for path in paths:
+        if not path.is_file():
+            print(f"--resume: {path} not found, skipped", flush=True)
+            continue
+        loaded = json.loads(path.read_text())
+        tasks = loaded["tasks"] if isinstance(loaded, dict) else loaded  # old partial: a list
+        for task in tasks:
+            into = out.setdefault(task["name"], {})
+            for row in task["rows"]:
+                into[(row["label"], row["ratio"])] = row
+    return out
 
 
 def merge_records(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Retrieval figures for the MiniLM benchmark: recall@1, recall@5 and MRR with ONNX Runtime.
+"""Retrieval figures for the MiniLM benchmark: recall@1, recall@5 and MRR with ONNX Runtime,
+and (given the dense model's embeddings) the cosine of each pruned embedding to the dense one.
 
 The data are the files ``scripts/export_minilm.py`` writes to ``models/minilm/``:
 ``eval_queries.npz`` and ``eval_docs.npz`` (row i of one matches row i of the other), each an
@@ -77,11 +78,36 @@ def retrieval_metrics(q_emb: np.ndarray, d_emb: np.ndarray) -> dict[str, float]:
     }
 
 
+def mean_cosine(emb: np.ndarray, reference: np.ndarray) -> float:
+    """Mean cosine similarity of each row of ``emb`` to the same row of ``reference``.
+
+    A row that is NaN or zero counts as cosine 0 (no similarity), not as NaN.
+    """
+    a = emb.astype(np.float64)
+    b = reference.astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cos = np.where(norms > 0, (a * b).sum(axis=1) / np.maximum(norms, 1e-300), 0.0)
+    return float(np.nan_to_num(cos, nan=0.0).mean())
+
+
 def evaluate(
     session: Session,
     queries: Mapping[str, np.ndarray],
     docs: Mapping[str, np.ndarray],
     batch_size: int = 32,
+    dense: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Recall@1, recall@5 and MRR of the model behind ``session`` on the pairs."""
-    return retrieval_metrics(embed(session, queries, batch_size), embed(session, docs, batch_size))
+    """Recall@1, recall@5 and MRR of the model behind ``session`` on the pairs.
+
+    With ``dense`` (the dense model's query and document embeddings, from :func:`embed`),
+    also ``cosine``: the mean cosine of the model's embedding of each of the held-out texts
+    (queries and documents) to the dense model's embedding of the same text.
+    """
+    q_emb = embed(session, queries, batch_size)
+    d_emb = embed(session, docs, batch_size)
+    out = retrieval_metrics(q_emb, d_emb)
+    if dense is not None:
+        out["cosine"] = mean_cosine(
+            np.concatenate([q_emb, d_emb]), np.concatenate([dense[0], dense[1]])
+        )
+    return out
