@@ -1161,56 +1161,57 @@ def refit_cell(task: Mapping[str, Any], row: Mapping[str, Any]) -> str:
     return text
 
 
+def ratio_table(
+    head: str, labels: Sequence[str], ratios: Sequence[float], cell: Callable[[str, float], str]
+) -> str:
+    """Markdown: one row per label, one column per ratio, cells from ``cell``."""
+    lines = [
+        f"| {head} | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+        "| --- |" + " ---: |" * len(ratios),
+    ]
+    for label in labels:
+        lines.append(f"| {label} | " + " | ".join(cell(label, r) for r in ratios) + " |")
+    return "\n".join(lines)
+
+
 def refit_table(task: Mapping[str, Any], ratios: Sequence[float]) -> str:
     """Markdown: with and without reconstruction, one column per ratio (best in bold)."""
     rows = refit_rows(task)
     key = task["score"]
-    cell = {(r["label"], r["ratio"]): r for r in rows}
+    found = {(r["label"], r["ratio"]): r for r in rows}
     best = {
         ratio: max((r["scores"][key] for r in rows if r["ratio"] == ratio), default=None)
         for ratio in ratios
     }
-    lines = [
-        "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |",
-        "| --- |" + " ---: |" * len(ratios),
-    ]
-    for label in labels_in_order(rows):
-        cells = []
-        for ratio in ratios:
-            row = cell.get((label, ratio))
-            if row is None:
-                cells.append("")
-                continue
-            text = refit_cell(task, row)
-            if best[ratio] is not None and row["scores"][key] >= best[ratio] - 1e-12:
-                text = f"**{text}**"
-            cells.append(text)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def cell(label: str, ratio: float) -> str:
+        row = found.get((label, ratio))
+        if row is None:
+            return ""
+        text = refit_cell(task, row)
+        if best[ratio] is not None and row["scores"][key] >= best[ratio] - 1e-12:
+            text = f"**{text}**"
+        return text
+
+    return ratio_table("method", labels_in_order(rows), ratios, cell)
 
 
 def refit_time_table(task: Mapping[str, Any], ratios: Sequence[float]) -> str:
     """Markdown: seconds of each refit (the whole model), and the solvers it used."""
     rows = [r for r in task["rows"] if r.get("reconstruct")]
-    cell = {(r["label"], r["ratio"]): r for r in rows}
-    lines = [
-        "| refit | " + " | ".join(f"{r:g}" for r in ratios) + " |",
-        "| --- |" + " ---: |" * len(ratios),
-    ]
-    for label in labels_in_order(rows):
-        cells = []
-        for ratio in ratios:
-            row = cell.get((label, ratio))
-            if row is None:
-                cells.append("")
-            elif "same_as" in row:
-                cells.append(f"= {row['same_as'].rsplit(' @ ', 1)[0]}")
-            else:
-                solvers = row.get("refit_summary", {}).get("solvers", {})
-                used = "+".join(f"{n} {m}" for m, n in sorted(solvers.items()))
-                cells.append(f"{row['reconstruct_s']:.1f} ({used})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    found = {(r["label"], r["ratio"]): r for r in rows}
+
+    def cell(label: str, ratio: float) -> str:
+        row = found.get((label, ratio))
+        if row is None:
+            return ""
+        if "same_as" in row:
+            return f"= {row['same_as'].rsplit(' @ ', 1)[0]}"
+        solvers = row.get("refit_summary", {}).get("solvers", {})
+        used = "+".join(f"{n} {m}" for m, n in sorted(solvers.items()))
+        return f"{row['reconstruct_s']:.1f} ({used})"
+
+    return ratio_table("refit", labels_in_order(rows), ratios, cell)
 
 
 def capped_rows(task: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -7,7 +7,10 @@ covered without a GPU; these tests check the device side.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -34,23 +37,25 @@ def _data(model, n: int = 16):  # type: ignore[no-untyped-def]
     return synthesize(specs, n, seed=3, shapes=shapes)
 
 
-@pytest.mark.parametrize("build", [graphs.cnn, graphs.residual, graphs.attention])
-@pytest.mark.parametrize("engine", ["downstream", "full"])
-def test_cuda_route_matches_cpu(build, engine: str) -> None:  # type: ignore[no-untyped-def]
-    model = build()
+def _same_on_both(model: onnx.ModelProto, **settings: Any) -> None:
+    """measure_curves gives the same curves on the CUDA and the CPU provider."""
     layers = find_layers(model).layers
     data = _data(model)
     got = {}
     for provider in ("cpu", "cuda"):
         config = SessionConfig(provider=provider)
         reference = run_reference(model, data, 8, config)
-        got[provider] = measure_curves(
-            model, layers, reference, ratios=grid(6), config=config, engine=engine
-        )
+        got[provider] = measure_curves(model, layers, reference, config=config, **settings)
     for name, curve in got["cpu"].items():
         np.testing.assert_allclose(
             got["cuda"][name].distortion, curve.distortion, rtol=2e-3, atol=1e-6
         )
+
+
+@pytest.mark.parametrize("build", [graphs.cnn, graphs.residual, graphs.attention])
+@pytest.mark.parametrize("engine", ["downstream", "full"])
+def test_cuda_route_matches_cpu(build, engine: str) -> None:  # type: ignore[no-untyped-def]
+    _same_on_both(build(), ratios=grid(6), engine=engine)
 
 
 def test_dense_tensors_stay_on_the_gpu() -> None:
@@ -84,8 +89,6 @@ def test_dense_tensors_stay_on_the_gpu() -> None:
 
 def test_cuda_candidates_match_cpu() -> None:
     model = graphs.cnn()
-    layers = find_layers(model).layers
-    data = _data(model)
 
     def factory(layer: Layer, weight: np.ndarray) -> LayerCandidates | None:
         if layer.name != "w1":
@@ -95,14 +98,4 @@ def test_cuda_candidates_match_cpu() -> None:
             ["w1", "b1"], lambda masked, ratio: {"w1": masked, "b1": bias * (1 + ratio)}
         )
 
-    got = {}
-    for provider in ("cpu", "cuda"):
-        config = SessionConfig(provider=provider)
-        reference = run_reference(model, data, 8, config)
-        got[provider] = measure_curves(
-            model, layers, reference, ratios=grid(5), config=config, candidates=factory
-        )
-    for name, curve in got["cpu"].items():
-        np.testing.assert_allclose(
-            got["cuda"][name].distortion, curve.distortion, rtol=2e-3, atol=1e-6
-        )
+    _same_on_both(model, ratios=grid(5), candidates=factory)
