@@ -50,6 +50,7 @@ from rdprune_onnx.graph.cut import Cut, build_cut, downstream, node_inputs, with
 from rdprune_onnx.graph.layers import Layer, read_weight
 from rdprune_onnx.graph.load import data_bytes
 from rdprune_onnx.graph.surgery import expose_as_inputs
+from rdprune_onnx.graph.walk import constant_value
 from rdprune_onnx.masks import prune_count
 from rdprune_onnx.runtime import Session, SessionConfig
 
@@ -253,22 +254,13 @@ def _constant_arrays(graph: onnx.GraphProto, names: Sequence[str]) -> dict[str, 
                 found[name] = numpy_helper.to_array(inits[source])
                 continue
             node = producers.get(source)
-            value = _constant_tensor(node) if node is not None else None
+            value = constant_value(node) if node is not None else None
             if value is None:
                 return None
             found[name] = numpy_helper.to_array(value)
         except Exception:  # data this numpy cannot read here (e.g. not loaded)
             return None
     return found
-
-
-def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
-        return None
-    for attr in node.attribute:
-        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-            return attr.t
-    return None
 
 
 def _fold_batchnorm(

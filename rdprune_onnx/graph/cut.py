@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import helper
 
-from rdprune_onnx.graph.walk import subgraphs
+from rdprune_onnx.graph.walk import constant_value, subgraphs
 
 
 @dataclass
@@ -64,15 +64,6 @@ def _value_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     return types
 
 
-def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or not node.output:
-        return None
-    for attr in node.attribute:
-        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-            return attr.t
-    return None
-
-
 def _weight_types(
     graph: onnx.GraphProto, weights: Sequence[str], types: dict[str, onnx.ValueInfoProto]
 ) -> dict[str, onnx.ValueInfoProto] | None:
@@ -88,7 +79,7 @@ def _weight_types(
                 tensor.name, tensor.data_type, list(tensor.dims)
             )
     for node in graph.node:
-        value = _constant_value(node)
+        value = constant_value(node)
         if value is not None and node.output[0] in wanted and node.output[0] not in found:
             found[node.output[0]] = helper.make_tensor_value_info(
                 node.output[0], value.data_type, list(value.dims)
@@ -124,7 +115,7 @@ def downstream(
     for index, node in enumerate(nodes):
         if wanted & _subgraph_references(node):
             return None
-        if _constant_value(node) is not None and node.output[0] in wanted:
+        if constant_value(node) is not None and node.output[0] in wanted:
             producers.add(index)
             selected.append(False)
             continue

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from rdprune_onnx.graph.external import tensor_array
-from rdprune_onnx.graph.walk import iter_graphs, subgraphs
+from rdprune_onnx.graph.walk import constant_value, iter_graphs, subgraphs
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _RECURRENT_OPS = ("LSTM", "GRU", "RNN")
@@ -105,13 +105,6 @@ def _walk(
             yield from _walk(sub, f"{path}/{label}.{sub.name or k}")
 
 
-def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    for attr in node.attribute:
-        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-            return attr.t
-    return None
-
-
 @dataclass
 class _Constant:
     tensor: onnx.TensorProto
@@ -127,10 +120,9 @@ class ConstantIndex:
         for _graph, _path, _index, node in _walk(model.graph):
             for out in node.output:
                 self.producers[out] = node
-            if node.op_type == "Constant" and node.output:
-                tensor = _constant_tensor(node)
-                if tensor is not None:
-                    self.constants[node.output[0]] = _Constant(tensor, "constant")
+            tensor = constant_value(node)
+            if tensor is not None:
+                self.constants[node.output[0]] = _Constant(tensor, "constant")
         for graph in iter_graphs(model.graph):
             for init in graph.initializer:
                 self.constants[init.name] = _Constant(init, "initializer")

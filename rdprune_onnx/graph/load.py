@@ -26,7 +26,7 @@ from rdprune_onnx.graph.external import (
     write_external,
 )
 from rdprune_onnx.graph.surgery import replace_weights
-from rdprune_onnx.graph.walk import iter_graphs
+from rdprune_onnx.graph.walk import constant_value, iter_graphs
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,7 @@ def iter_all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     tensors: list[onnx.TensorProto] = []
     for graph in iter_graphs(model.graph):
         tensors.extend(graph.initializer)
-        for node in graph.node:
-            if node.op_type == "Constant":
-                for attr in node.attribute:
-                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                        tensors.append(attr.t)
+        tensors.extend(t for t in map(constant_value, graph.node) if t is not None)
     return tensors
 
 

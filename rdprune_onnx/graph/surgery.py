@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rdprune_onnx.graph.walk import iter_graphs
+from rdprune_onnx.graph.walk import constant_value, iter_graphs
 
 
 def _tensor_slots(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -16,10 +16,9 @@ def _tensor_slots(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     slots: dict[str, onnx.TensorProto] = {}
     for graph in iter_graphs(model.graph):
         for node in graph.node:
-            if node.op_type == "Constant" and node.output:
-                for attr in node.attribute:
-                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                        slots[node.output[0]] = attr.t
+            tensor = constant_value(node)
+            if tensor is not None:
+                slots[node.output[0]] = tensor
         for init in graph.initializer:
             slots[init.name] = init
     return slots
@@ -59,8 +58,8 @@ def expose_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProt
             graph.initializer.extend(keep_init)
         keep_nodes = []
         for node in graph.node:
-            if node.op_type == "Constant" and node.output and node.output[0] in wanted:
-                tensor = next(a.t for a in node.attribute if a.name == "value")
+            tensor = constant_value(node)
+            if tensor is not None and node.output[0] in wanted:
                 found.append((node.output[0], tensor.data_type, list(tensor.dims)))
                 continue
             keep_nodes.append(node)
