@@ -12,7 +12,6 @@ import os
 import platform
 import tempfile
 import time
-from collections import ChainMap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -599,7 +598,8 @@ def _finish(
             staged = write_external(
                 job.model,
                 staging,
-                ChainMap(biases, dict(pruned)) if biases else pruned,
+                # Biases come only from --reconstruct, whose weights are a dict already.
+                {**pruned, **biases} if biases else pruned,
                 name="pruned.onnx",
             )
         except OSError as exc:

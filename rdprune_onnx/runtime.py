@@ -32,8 +32,8 @@ import onnx
 import onnxruntime as ort
 
 from rdprune_onnx.errors import UserError
-from rdprune_onnx.graph.external import nbytes, write_external
-from rdprune_onnx.graph.load import has_lazy, iter_all_tensors
+from rdprune_onnx.graph.external import write_external
+from rdprune_onnx.graph.load import data_bytes, has_lazy
 from rdprune_onnx.graph.surgery import replace_weights
 
 log = logging.getLogger(__name__)
@@ -93,12 +93,6 @@ class SessionConfig:
     optimize: bool = True
 
 
-def _model_data_bytes(model: onnx.ModelProto) -> int:
-    """The bytes of every tensor in the model (initializers, Constants, all scopes), on
-    disk or in memory; from shapes, never from ``ByteSize()``."""
-    return sum(nbytes(t) for t in iter_all_tensors(model))
-
-
 def write_for_runtime(
     model: onnx.ModelProto,
     folder: str | os.PathLike[str],
@@ -145,7 +139,7 @@ class Session:
         if path is not None and not weights:
             # ``model`` is this file as loaded: ONNX Runtime opens it (and its data) itself.
             self._session = _create(str(path), options, providers)
-        elif has_lazy(model) or _model_data_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+        elif has_lazy(model) or data_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
             self._session = self._from_folder(model, options, providers, weights)
         else:
             if weights:

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rdprune_onnx import runtime
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph import external
-from rdprune_onnx.graph.load import iter_all_tensors
+from rdprune_onnx.graph.load import data_bytes, iter_all_tensors
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.runtime import Session, SessionConfig, write_for_runtime
 from tests import graphs
@@ -349,7 +349,7 @@ def test_session_over_2gib(staging: Path) -> None:
     del inits
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", graphs.OPSET)])
     del graph
-    assert runtime._model_data_bytes(model) > 2**31  # never ByteSize(): it raises here
+    assert data_bytes(model) > 2**31  # never ByteSize(): it raises here
     x = np.random.default_rng(0).standard_normal((2, n)).astype(np.float32)
     (y,) = Session(model).run({"x": x})
     scale = float(np.prod([1.0 + i / 10 for i in range(count)]))

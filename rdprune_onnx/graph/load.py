@@ -180,8 +180,8 @@ def save_model(
         raise UserError(f"output folder {str(folder)!r} is not writable", "choose another -o")
     data_name = out.name + ".data"
     if external_data is None:
-        external_data = uses_external_data(model) or data_bytes(model) >= _PROTOBUF_LIMIT // 2
-    # Lazy tensors only exist in this process: a model holding them is written with its data.
+        external_data = data_bytes(model) >= _PROTOBUF_LIMIT // 2
+    # External references (lazy tensors among them) are only resolved by writing the data.
     external_data = external_data or uses_external_data(model)
     targets = [out] + ([folder / data_name] if external_data else [])
     protected = {Path(p).resolve() for p in protect}
