@@ -51,7 +51,7 @@ from rdprune_onnx.graph.layers import Layer, read_weight
 from rdprune_onnx.graph.load import data_bytes
 from rdprune_onnx.graph.surgery import expose_as_inputs
 from rdprune_onnx.graph.walk import constant_value
-from rdprune_onnx.masks import prune_count
+from rdprune_onnx.masks import magnitude_order, prune_count
 from rdprune_onnx.runtime import Session, SessionConfig
 
 log = logging.getLogger(__name__)
@@ -509,11 +509,6 @@ class _Context:
 _Store = dict[int, dict[str, Any]]
 
 
-def _magnitude_order(weight: np.ndarray) -> np.ndarray:
-    order: np.ndarray = np.argsort(np.abs(weight).reshape(-1), kind="stable")
-    return order
-
-
 class _LayerMeasurer:
     """Measures one layer's curve, on the downstream cut when it can, else the whole model.
 
@@ -531,10 +526,9 @@ class _LayerMeasurer:
         self.context = context
         self.layer = layer
         self.weight = weight
-        # The magnitude order, once per layer in the weight's own type (|w| is exact, so it
-        # is masks.magnitude_order: ties by flat index). Measurers are built on the builder
-        # thread while the previous layer runs, so this sort costs no wall time there.
-        self.order = _magnitude_order(weight)
+        # The magnitude order, once per layer. Measurers are built on the builder thread
+        # while the previous layer runs, so this sort costs no wall time there.
+        self.order = magnitude_order(weight)
         self.candidates = factory(layer, weight) if factory is not None else None
         # The state of the chunk being measured (set by measure, read by the workers).
         self.current: _Store | None = None

@@ -11,9 +11,15 @@ import numpy as np
 
 
 def magnitude_order(weight: np.ndarray) -> np.ndarray:
-    """Flat indices of ``weight`` from smallest to largest magnitude (stable)."""
-    magnitude = np.abs(weight.astype(np.float64, copy=False)).ravel()
-    return np.argsort(magnitude, kind="stable")
+    """Flat indices of ``weight`` from smallest to largest magnitude (stable).
+
+    Floating-point weights are ranked in their own type (|w| is exact there, so the order
+    is the float64 one without a float64 copy); others as float64.
+    """
+    if not np.issubdtype(weight.dtype, np.floating):
+        weight = weight.astype(np.float64)
+    order: np.ndarray = np.argsort(np.abs(weight).reshape(-1), kind="stable")
+    return order
 
 
 def prune_count(ratio: float, size: int) -> int:
