@@ -93,6 +93,8 @@ from rdprune_onnx.graph.layers import ConstantIndex, Layer
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.runtime import Session, SessionConfig
 
+DAMPING = 0.01  # of the mean Hessian diagonal, added before solving
+
 log = logging.getLogger(__name__)
 
 
@@ -887,6 +889,11 @@ class _DenseTargets:
 # The refit
 
 
+def _rows_key(p: _Plan) -> tuple[object, ...]:
+    """Uses with equal keys read the same activation rows (one Hessian serves them all)."""
+    return (p.kind, p.activation, p.act_transpose, p.group, p.conv)
+
+
 def _graph_order(g: _Graph, layers: Sequence[Layer]) -> list[Layer]:
     def key(layer: Layer) -> int:
         positions = [g.position.get(u.node, len(g.nodes)) for u in layer.uses if not u.graph]
@@ -943,8 +950,7 @@ class _Todo:
         """Layers with equal keys read the same activation rows (None: never grouped)."""
         if len(self.plans) != 1:
             return None
-        p = self.plans[0]
-        return (p.kind, p.activation, p.act_transpose, p.group, p.conv)
+        return _rows_key(self.plans[0])
 
 
 @dataclass
@@ -963,7 +969,7 @@ def reconstruct(
     batch_size: int = 32,
     config: SessionConfig | None = None,
     solver: str = "auto",
-    damping: float = 0.01,
+    damping: float = DAMPING,
     refit_bias: bool = True,
     progress: bool = False,
 ) -> Reconstruction:

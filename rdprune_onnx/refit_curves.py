@@ -47,6 +47,7 @@ from rdprune_onnx.curves import LayerCandidates, infer_types
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.layers import Layer
 from rdprune_onnx.reconstruct import (
+    DAMPING,
     SOLVERS,
     Factors,
     _damped,
@@ -57,6 +58,7 @@ from rdprune_onnx.reconstruct import (
     _Plan,
     _plan_layer,
     _refit_masked,
+    _rows_key,
     _Stats,
     _Sums,
     _warn_few_rows,
@@ -66,7 +68,7 @@ from rdprune_onnx.runtime import SessionConfig
 log = logging.getLogger(__name__)
 
 Array = np.ndarray
-REFIT_DAMPING = 0.01  # what --reconstruct uses (reconstruct()'s default)
+REFIT_DAMPING = DAMPING  # what --reconstruct uses
 MEMO_BYTES = 64 * 2**20  # per layer: candidates kept for a mask asked for again
 
 
@@ -86,10 +88,6 @@ class CurveRefitCost:
     kept_mask: int = 0  # levels where the refit did not help and the plain mask was fed
     # (ratio, layer error of plain masking, layer error fed) per solved level
     errors: list[tuple[float, float, float]] = field(default_factory=list)
-
-
-def _rows_key(plans: list[_Plan]) -> tuple[object, ...]:
-    return tuple((p.kind, p.activation, p.act_transpose, p.group, p.conv) for p in plans)
 
 
 class RefitCandidates:
@@ -138,7 +136,7 @@ class RefitCandidates:
             assert found is not None
             bias = found[1]
         started = time.perf_counter()
-        key = _rows_key(plans)
+        key = tuple(_rows_key(p) for p in plans)
         shared = self._last is not None and self._last[0] == key
         sums = self._last[1] if shared and self._last is not None else self._hessian(plans)
         self._last = (key, sums)
