@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
+
+
+def save_external(model: onnx.ModelProto, path: Path, location: str | None = None) -> Path:
+    """Save ``model`` with every tensor in one external data file (``location``, by default
+    ``<name>.data`` beside it); the caller's model is left as it was."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # save_model turns the tensors it writes into references
+    onnx.save_model(
+        copy,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location or path.name + ".data",
+        size_threshold=0,
+    )
+    return path
 
 
 def _rng(seed: int) -> np.random.Generator:

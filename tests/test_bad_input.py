@@ -67,15 +67,7 @@ def _x(value: float | None = None, dtype: type = np.float32) -> np.ndarray:
 def _external(folder: Path, location: str) -> Path:
     """graphs.cnn saved with its tensors in an external file, the locations then rewritten
     to ``location``."""
-    path = folder / MODEL
-    onnx.save_model(
-        graphs.cnn(),
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location="m.data",
-        size_threshold=0,
-    )
+    path = graphs.save_external(graphs.cnn(), folder / MODEL, "m.data")
     model = onnx.load_model(str(path), load_external_data=False)
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import FileEvaluation, evaluate_files
 from rdprune_onnx.report import to_json
+from tests import graphs
 
 # The hand case: y = (x @ W1) @ W2 with W2 the identity, four samples, two classes.
 W1 = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
@@ -174,14 +175,7 @@ def test_external_data_counts_in_file_size(tmp_path: Path) -> None:
     w2 = rng.standard_normal((32, 8)).astype(np.float32)
     dense = save(two_matmuls(w1, w2), tmp_path / "d.onnx")
     pruned = tmp_path / "p.onnx"
-    onnx.save_model(
-        two_matmuls(w1, w2),
-        str(pruned),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location="p.onnx.data",
-        size_threshold=0,
-    )
+    graphs.save_external(two_matmuls(w1, w2), pruned)
     data = tmp_path / "x.npz"
     np.savez(data, x=rng.standard_normal((4, 64)).astype(np.float32))
     result = evaluate(dense, pruned, data)

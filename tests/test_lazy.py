@@ -35,18 +35,7 @@ def _everything_lazy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _save(model: onnx.ModelProto, folder: Path, name: str = "m.onnx") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)  # save_model turns the tensors it writes into references
-    onnx.save_model(
-        copy,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=name + ".data",
-        size_threshold=0,
-    )
-    return path
+    return graphs.save_external(model, folder / name)
 
 
 def _digest(path: Path) -> str:

@@ -240,14 +240,7 @@ def test_reconstruct_lowers_distortion_and_keeps_the_mask(tmp_path: Path, method
 
 def test_external_data_in_gives_a_fresh_data_file_out(tmp_path: Path) -> None:
     path = tmp_path / "ext.onnx"
-    onnx.save_model(
-        graphs.cnn(),
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location="ext.onnx.data",
-        size_threshold=0,
-    )
+    graphs.save_external(graphs.cnn(), path)
     before = (tmp_path / "ext.onnx.data").read_bytes()
     out = tmp_path / "out.onnx"
     prune(path, PruneSettings(ratio=0.5, method="global"), CalibrationSpec(synthetic=4), output=out)

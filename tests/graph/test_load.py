@@ -12,17 +12,6 @@ from rdprune_onnx.graph.load import load_model, save_model
 from tests import graphs
 
 
-def _save_external(model: onnx.ModelProto, path: Path, location: str) -> None:
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=location,
-        size_threshold=0,
-    )
-
-
 @pytest.mark.parametrize(
     ("make", "needle"),
     [
@@ -57,7 +46,7 @@ def test_checker_failure(tmp_path: Path) -> None:
 
 def test_external_data_same_folder(tmp_path: Path) -> None:
     model = graphs.cnn()
-    _save_external(model, tmp_path / "m.onnx", "m.data")
+    graphs.save_external(model, tmp_path / "m.onnx", "m.data")
     loaded = load_model(tmp_path / "m.onnx")
     w = onnx.numpy_helper.to_array(next(t for t in loaded.graph.initializer if t.name == "w3"))
     assert w.shape == (16, 288)
@@ -67,7 +56,7 @@ def test_external_data_outside_folder_refused(tmp_path: Path) -> None:
     inner = tmp_path / "inner"
     inner.mkdir()
     model = graphs.cnn()
-    _save_external(model, tmp_path / "m.onnx", "m.data")
+    graphs.save_external(model, tmp_path / "m.onnx", "m.data")
     # Move the model one folder down, pointing back up with "../m.data".
     loaded = onnx.load_model(str(tmp_path / "m.onnx"), load_external_data=False)
     for tensor in loaded.graph.initializer:
@@ -84,7 +73,7 @@ def test_external_data_symlink_escape_refused(tmp_path: Path) -> None:
     model_dir = tmp_path / "model"
     outside.mkdir()
     model_dir.mkdir()
-    _save_external(graphs.cnn(), outside / "m.onnx", "m.data")
+    graphs.save_external(graphs.cnn(), outside / "m.onnx", "m.data")
     os.symlink(outside / "m.data", model_dir / "m.data")
     (model_dir / "m.onnx").write_bytes((outside / "m.onnx").read_bytes())
     with pytest.raises(UserError, match="outside"):
@@ -92,7 +81,7 @@ def test_external_data_symlink_escape_refused(tmp_path: Path) -> None:
 
 
 def test_missing_external_data(tmp_path: Path) -> None:
-    _save_external(graphs.cnn(), tmp_path / "m.onnx", "m.data")
+    graphs.save_external(graphs.cnn(), tmp_path / "m.onnx", "m.data")
     (tmp_path / "m.data").unlink()
     with pytest.raises(UserError, match="missing"):
         load_model(tmp_path / "m.onnx")
