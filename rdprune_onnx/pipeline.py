@@ -182,7 +182,8 @@ def read_overrides(path: str | os.PathLike[str]) -> dict[str, LayerBounds]:
                 import yaml  # type: ignore[import-untyped]
             except ImportError:
                 raise UserError(
-                    "reading YAML overrides needs PyYAML", "pip install pyyaml, or use JSON"
+                    "reading YAML overrides needs PyYAML",
+                    "pip install 'rdprune-onnx[yaml]', or use JSON",
                 ) from None
             raw = yaml.safe_load(text)
         else:
