@@ -409,9 +409,6 @@ def test_prune_over_2gib_under_twice_its_size(tmp_path: Path, method: str) -> No
     out = tmp_path / "out" / "pruned.onnx"
     out.parent.mkdir()
     command = [
-        sys.executable,
-        "-m",
-        "rdprune_onnx_cli.main",
         "prune",
         str(path),
         "--ratio",
@@ -442,20 +439,36 @@ def test_prune_over_2gib_under_twice_its_size(tmp_path: Path, method: str) -> No
     assert zeros == total // 2
 
 
-def _run_with_peak(command: list[str]) -> tuple[int, str, int]:
-    """Run ``command``; its exit code, stderr and its OWN peak resident memory in bytes.
+# Runs the command line in the child and reports that process's own peak (VmHWM): the
+# kernel carries the parent's high-water mark into a forked child's ru_maxrss (it is taken
+# from the pre-exec memory map), so neither RUSAGE_CHILDREN nor wait4's usage can tell a
+# prune's peak from the pytest process's own size.
+_PEAK_WRAPPER = """
+import atexit, sys
+def _peak():
+    with open('/proc/self/status') as f:
+        kib = next(line.split()[1] for line in f if line.startswith('VmHWM'))
+    sys.stderr.write(f'\\nVMHWM_KIB {kib}\\n')
+atexit.register(_peak)
+from rdprune_onnx_cli.main import main
+sys.argv[0] = 'rdprune-onnx'
+main()
+"""
 
-    ``RUSAGE_CHILDREN`` is the maximum over every child the test process ever waited for
-    (an earlier test's prune would count), so the child is reaped with ``os.wait4``, which
-    reports the usage of that one process.
-    """
-    with tempfile.TemporaryFile() as err:
-        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)  # already reaped
-        err.seek(0)
-        stderr = err.read().decode(errors="replace")
-    return child.returncode, stderr, usage.ru_maxrss * 1024  # KiB on Linux
+
+def _run_with_peak(command: list[str]) -> tuple[int, str, int]:
+    """Run the command line with ``command`` (its arguments); its exit code, stderr and its
+    own peak resident memory in bytes."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_WRAPPER, *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.startswith("VMHWM_KIB ")]
+    assert lines, done.stderr[-2000:]
+    return done.returncode, done.stderr, int(lines[-1].split()[1]) * 1024
 
 
 def _attached(tensor: onnx.TensorProto, folder: Path) -> onnx.TensorProto:
