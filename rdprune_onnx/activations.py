@@ -87,6 +87,8 @@ def _matmul_reducer(shape: tuple[int, ...], weight_on_right: bool) -> _Reducer:
         lead = len(x_batch) - keep
         summed = sq.sum(axis=(*range(lead), other_axis), keepdims=True)
         summed = summed.reshape(summed.shape[lead:])  # drop the leading (summed) axes
+        # x's (..., 1, K) for x @ W, or (..., K, 1) for W @ x, into W's layout.
+        summed = np.swapaxes(summed, -1, -2)
         kept_batch = summed.shape[:keep]
         w_kept = w_batch[len(w_batch) - keep :]
         collapse = tuple(i for i in range(keep) if w_kept[i] == 1 and kept_batch[i] != 1)
