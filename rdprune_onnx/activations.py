@@ -16,6 +16,10 @@ weight multiplies, laid out like the weight (:class:`rdprune_onnx.masks.LayerSta
 - A weight used by several nodes combines the norms of its uses: the root of the sum of
   their squares (rows are taken from its first use).
 
+Padded token positions are not data: when the calibration data has an ``*attention_mask``
+input (0/1, (samples, seq)), positions where it is 0 are left out of the norms of every
+activation laid out as (samples, seq, ..., features) or (samples * seq, features).
+
 The layers' input tensors are added as outputs of the type-inferred model; one pass over
 the calibration batches gives every layer's statistics at once (:func:`input_statistics`).
 :func:`sequential_masks` masks the layers in graph order, each with statistics from the
@@ -43,8 +47,11 @@ from rdprune_onnx.runtime import Session, SessionConfig
 
 log = logging.getLogger(__name__)
 
-# The squared norms of one use's input features, from one batch of its activation.
-_Reducer = Callable[[np.ndarray], np.ndarray]
+# The squared norms of one use's input features, from one batch of its activation and the
+# batch's real-token indicator (1 = real, 0 = padding; None when the model has none).
+_Reducer = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+# Inputs whose name ends with this mark the real tokens (1) and the padding (0) of each row.
+TOKEN_MASK_SUFFIX = "attention_mask"
 
 
 @dataclass
@@ -60,6 +67,19 @@ def _square(x: np.ndarray) -> np.ndarray:
     return np.square(np.asarray(x, dtype=np.float64))
 
 
+def _real_tokens(sq: np.ndarray, tokens: np.ndarray | None) -> np.ndarray:
+    """``sq`` (squared activations, features last) without the padded token positions:
+    an activation (batch, seq, ...) or (batch * seq, features) lined up with the token mask
+    (batch, seq) has its padded positions zeroed; any other shape is left as it is."""
+    if tokens is None:
+        return sq
+    if sq.ndim >= 3 and sq.shape[:2] == tokens.shape:
+        return sq * tokens.reshape(tokens.shape + (1,) * (sq.ndim - 2))
+    if sq.ndim == 2 and sq.shape[0] == tokens.size and tokens.ndim == 2:
+        return sq * tokens.reshape(-1, 1)
+    return sq
+
+
 def _aligned(x_batch: tuple[int, ...], w_batch: tuple[int, ...]) -> int:
     """How many of the trailing batch axes of x line up with W's batch axes."""
     return min(len(x_batch), len(w_batch))
@@ -71,8 +91,10 @@ def _matmul_reducer(shape: tuple[int, ...], weight_on_right: bool) -> _Reducer:
     w_batch = shape[:-2]
     features = shape[-2] if weight_on_right else shape[-1]
 
-    def reduce(x: np.ndarray) -> np.ndarray:
+    def reduce(x: np.ndarray, tokens: np.ndarray | None) -> np.ndarray:
         sq = _square(x)
+        if weight_on_right:
+            sq = _real_tokens(sq, tokens)
         if sq.ndim == 1:
             if sq.shape[0] != features:
                 raise ValueError(f"activation of shape {x.shape} does not fit weight {shape}")
@@ -129,7 +151,7 @@ def _conv_probe(node: onnx.NodeProto, use: Use, shape: tuple[int, ...]) -> _Prob
         index = group_of[:, None] * second + np.arange(second)[None, :]  # (O, C/g)
         rows = np.arange(first).reshape((first, 1, *spatial))
 
-    def reduce(x: np.ndarray) -> np.ndarray:
+    def reduce(x: np.ndarray, tokens: np.ndarray | None) -> np.ndarray:
         if x.ndim < 2 or x.shape[1] != channels:
             raise ValueError(f"activation of shape {x.shape} does not fit weight {shape}")
         sq = _square(x)
@@ -158,10 +180,13 @@ def _gemm_probe(node: onnx.NodeProto, use: Use, shape: tuple[int, ...]) -> _Prob
         norms_layout = (k, 1) if trans_a else (1, k)
         rows = np.arange(outputs).reshape((1, outputs) if trans_a else (outputs, 1))
 
-    def reduce(x: np.ndarray) -> np.ndarray:
+    def reduce(x: np.ndarray, tokens: np.ndarray | None) -> np.ndarray:
         if x.ndim != 2 or x.shape[feature_axis] != k:
             raise ValueError(f"activation of shape {x.shape} does not fit Gemm weight {shape}")
-        sq = _square(x).sum(axis=1 - feature_axis)
+        sq = _square(x)
+        if feature_axis == 1:
+            sq = _real_tokens(sq, tokens)
+        sq = sq.sum(axis=1 - feature_axis)
         return (sq * alpha2).reshape(norms_layout)
 
     return _Probe(node.input[1 - use.input_index], reduce, rows)
@@ -240,6 +265,20 @@ def _fetch_model(typed: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     return out
 
 
+def token_mask(data: Mapping[str, np.ndarray]) -> str | None:
+    """The input that marks real tokens and padding (``*attention_mask``: integer or
+    boolean, (samples, seq), values 0/1), whose padded positions the statistics skip."""
+    for name, array in data.items():
+        if (
+            name.endswith(TOKEN_MASK_SUFFIX)
+            and array.ndim == 2
+            and (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_)
+            and np.isin(array, (0, 1)).all()
+        ):
+            return name
+    return None
+
+
 def _constants(model: onnx.ModelProto) -> set[str]:
     names = {t.name for t in model.graph.initializer}
     for node in model.graph.node:
@@ -268,14 +307,17 @@ def _collect(
         replaced = {k: v for k, v in (weights or {}).items() if k in kept}
         session = Session(fetch, config, weights=replaced or None)
     sums: dict[str, list[np.ndarray | None]] = {n: [None] * len(ps) for n, ps in probes.items()}
+    mask_name = token_mask(data)
     for feeds in batches(data, batch_size):
         values = {n: feeds[n] for n in wanted if n in inputs}
         if session is not None:
-            got = session.run(feeds, computed)
+            needed = {n: v for n, v in feeds.items() if n in session.input_names}
+            got = session.run(needed, computed)
             values.update(zip(computed, got, strict=True))
+        tokens = None if mask_name is None else (feeds[mask_name] != 0).astype(np.float64)
         for name, layer_probes in probes.items():
             for i, probe in enumerate(layer_probes):
-                part = probe.reduce(values[probe.activation])
+                part = probe.reduce(values[probe.activation], tokens)
                 current = sums[name][i]
                 sums[name][i] = part if current is None else current + part
     if session is not None:
@@ -324,8 +366,21 @@ def input_statistics(
     probes, missing = plan_probes(model, layers)
     shapes = {layer.name: layer.shape for layer in layers}
     typed = infer_types(model)
+    _log_tokens(data)
     found = _collect(typed, probes, data, batch_size, config, weights, shapes) if probes else {}
     return Statistics(found, missing)
+
+
+def _log_tokens(data: Mapping[str, np.ndarray]) -> None:
+    name = token_mask(data)
+    if name is not None:
+        array = data[name]
+        log.info(
+            "mask statistics count %d real token positions of %d (padding in %r skipped)",
+            int(np.count_nonzero(array)),
+            array.size,
+            name,
+        )
 
 
 def _waves(
@@ -376,6 +431,7 @@ def sequential_masks(
     probes, missing = plan_probes(model, layers)
     shapes = {layer.name: layer.shape for layer in layers}
     typed = infer_types(model)
+    _log_tokens(data)
     pruned: dict[str, np.ndarray] = {}
     found: dict[str, LayerStats] = {}
     waves = _waves(typed, layers, probes)

@@ -82,3 +82,41 @@ def shared(weight: np.ndarray) -> onnx.ModelProto:
     return _model(
         nodes, [helper.make_tensor_value_info("x", F32, ["N", weight.shape[0]])], "y", {"w": weight}
     )
+
+
+def batched_matmul(weight: np.ndarray, seq: int) -> onnx.ModelProto:
+    """x (N, H, S, K) @ W (H, K, M): one weight matrix per head."""
+    heads, k, _m = weight.shape
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="heads")
+    return _model(
+        [node], [helper.make_tensor_value_info("x", F32, ["N", heads, seq, k])], "y", {"w": weight}
+    )
+
+
+def masked_matmul(weight: np.ndarray, seq: int) -> onnx.ModelProto:
+    """Token activations (batch, seq, hidden) @ W, with an ``attention_mask`` input that
+    zeroes the padded positions of the output (it is not needed to compute W's input)."""
+    nodes = [
+        helper.make_node("Identity", ["x"], ["h"], name="copy"),
+        helper.make_node("MatMul", ["h", "w"], ["p"], name="proj"),
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=F32),
+        helper.make_node("Unsqueeze", ["m", "axis"], ["m3"]),
+        helper.make_node("Mul", ["p", "m3"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "masked",
+        [
+            helper.make_tensor_value_info("x", F32, ["N", seq, weight.shape[0]]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", seq]),
+        ],
+        [helper.make_tensor_value_info("y", F32, [])],
+        [
+            numpy_helper.from_array(weight.astype(np.float32), "w"),
+            numpy_helper.from_array(np.array([2], np.int64), "axis"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

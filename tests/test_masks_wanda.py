@@ -98,6 +98,24 @@ def test_matmul_3d_activations_by_hand() -> None:
     np.testing.assert_allclose(again.norms, stats.norms)
 
 
+def test_padded_token_positions_are_not_counted() -> None:
+    x = np.array([[[1, 0], [5, 5]], [[1, 1], [2, 0]]], np.float32)  # (2, 2, 2)
+    tokens = np.array([[1, 0], [1, 1]], np.int64)  # sample 0's second token is padding
+    weight = np.array([[1, 2, 3], [3, 2, 1]], np.float32)
+    model = graphs_masks.masked_matmul(weight, seq=2)
+    layers = find_layers(model).layers
+    data = {"x": x, "attention_mask": tokens}
+    for found in (
+        input_statistics(model, layers, data, batch_size=1, config=CPU),
+        sequential_masks(
+            model, layers, {"w": weight}, {"w": 2}, data, mask="wanda", batch_size=1, config=CPU
+        )[1],
+    ):
+        # k0: 1 + 1 + 4 = 6 and k1: 0 + 1 + 0 = 1 (the padded [5, 5] is left out)
+        norms = found.layers["w"].full_norms((2, 3))
+        np.testing.assert_allclose(norms, [[math.sqrt(6)] * 3, [1, 1, 1]])
+
+
 def test_matmul_weight_on_the_left_by_hand() -> None:
     x = np.array([[1, 2], [3, 4]], np.float32)  # samples; W @ x^T reads x^T's rows
     weight = np.array([[1, 1], [2, 0.5]], np.float32)  # (M=2, K=2)
@@ -106,6 +124,18 @@ def test_matmul_weight_on_the_left_by_hand() -> None:
     np.testing.assert_array_equal(stats.full_rows((2, 2)), [[0, 0], [1, 1]])
     # scores: [[3.16, 4.47], [6.32, 2.24]] -> rank 0: 0 (3.16), 3 (2.24) -> [3, 0, 1, 2]
     np.testing.assert_array_equal(WANDA.order(weight, stats), [3, 0, 1, 2])
+
+
+def test_batched_matmul_weight_keeps_one_norm_per_matrix() -> None:
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((2, 3, 4)).astype(np.float32)  # (H, K, M)
+    x = rng.standard_normal((5, 2, 6, 3)).astype(np.float32)  # (N, H, S, K)
+    stats = _stats(graphs_masks.batched_matmul(weight, seq=6), x, batch_size=2)
+    expected = np.sqrt((x.astype(np.float64) ** 2).sum(axis=(0, 2)))  # (H, K)
+    np.testing.assert_allclose(stats.full_norms(weight.shape)[:, :, 0], expected, rtol=1e-6)
+    rows = stats.full_rows(weight.shape)
+    np.testing.assert_array_equal(rows[1, 2], [4, 5, 6, 7])  # matrix 1, columns 0..3
+    assert len(np.unique(rows)) == 8
 
 
 def _channels(samples: int = 1) -> np.ndarray:
@@ -254,6 +284,29 @@ def test_final_masks_are_the_wanda_masks(tmp_path: Path) -> None:
         expected = apply_mask(weight, count, WANDA.order(weight, stats.layers[layer.name]))
         np.testing.assert_array_equal(got, expected)
         assert not np.array_equal(got, apply_mask(weight, count))  # not magnitude
+
+
+def test_lazy_model_gets_the_same_wanda_masks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose weights stay on disk (external data) is masked as in memory."""
+    from rdprune_onnx.graph import load
+
+    model = graphs.cnn()
+    dense_path = _save(model, tmp_path)
+    settings = PruneSettings(ratio=0.7, levels=11, mask="wanda", mask_inputs="sequential")
+    expected = prune(dense_path, settings, CALIB, write=False)
+    monkeypatch.setattr(load, "LAZY_MIN_BYTES", 0)
+    lazy_path = graphs.save_external(model, tmp_path / "lazy.onnx")
+    assert load.has_lazy(load.read_model(lazy_path)[0])
+    out = tmp_path / "out.onnx"
+    got = prune(lazy_path, settings, CALIB, output=out)
+    assert expected.model is not None
+    written = onnx.load(str(out))
+    for layer in got.layers:
+        np.testing.assert_array_equal(
+            read_weight(written, layer.name), read_weight(expected.model, layer.name)
+        )
 
 
 def test_global_wanda_is_one_threshold_on_the_scores(tmp_path: Path) -> None:
