@@ -141,7 +141,8 @@ def mask_options(func: F) -> F:
                 show_default=True,
                 help="wanda statistics of the final masking: from the dense model (one pass) "
                 "or sequential (each layer's inputs in the model pruned so far, one pass per "
-                "layer depth).",
+                "layer depth). dense by measurement: sequential lost on the digits CNN at "
+                "0.8-0.95 (rd and lamp) and tied on MiniLM, at 30x the cost.",
             ),
         ],
     )

@@ -1087,7 +1087,8 @@ def curve_entry(
 
     Refit-aware curves (``refit_curves``) add a ``refit`` entry (solver, damping), so they
     never share a key, a cache file or an ``allocate`` input with plain-mask curves; plain
-    curves keep the key they always had.
+    curves keep the key they always had. So do curves of a data-aware mask (``mask``);
+    magnitude curves have no ``mask`` entry.
     """
     measured: dict[str, Any] = {
         "metric": settings.metric,

@@ -466,6 +466,7 @@ def test_cli_mask_options(tmp_path: Path) -> None:
         "--report", str(report), "--no-progress", "--no-cache",
     )  # fmt: skip
     assert code == 0, text
+    assert "mask wanda (sequential input statistics)" in text
     assert '"mask": "wanda"' in report.read_text()
     code, text = _run("prune", str(path), "--ratio", "0.6", "--synthetic", "8", "--mask", "bogus")
     assert code == 1

@@ -14,8 +14,6 @@ This package is pure numpy.
 
 from __future__ import annotations
 
-import numpy as np
-
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.masks.base import LayerStats, MaskCriterion, interleaved_order
 from rdprune_onnx.masks.magnitude import (
@@ -45,19 +43,6 @@ def get_mask(name: str) -> MaskCriterion:
         raise UserError(f"unknown mask {name!r}", f"choose one of {', '.join(MASKS)}") from None
 
 
-def mask_weight(
-    weight: np.ndarray, count: int, criterion: MaskCriterion, stats: LayerStats | None
-) -> np.ndarray:
-    """A copy of ``weight`` with the first ``count`` entries of the criterion's order zero.
-
-    Magnitude masks use :func:`apply_mask`'s selection (no sort), which prunes exactly
-    the same entries.
-    """
-    if not criterion.needs_statistics and isinstance(criterion, MagnitudeMask):
-        return apply_mask(weight, count)
-    return apply_mask(weight, count, criterion.order(weight, stats))
-
-
 __all__ = [
     "MASKS",
     "MASK_INPUTS",
@@ -69,7 +54,6 @@ __all__ = [
     "get_mask",
     "interleaved_order",
     "magnitude_order",
-    "mask_weight",
     "prune_count",
     "sparsity",
 ]
