@@ -81,6 +81,7 @@ def main() -> None:
         default=",".join(f"{m}:{i}" for m, i in MASKS),
         help="MASK:INPUTS rows, comma-separated.",
     )
+    parser.add_argument("--reconstruct", action="store_true", help="Refit after masking.")
     parser.add_argument("--minilm", type=Path, help="Folder of the exported MiniLM model.")
     parser.add_argument("--cache-dir", default="/tmp/A/cache")
     parser.add_argument("--out", default="/tmp/A/bench_masks.json")
@@ -98,6 +99,7 @@ def main() -> None:
                     steps=args.steps if method == "rd" else 1,
                     mask=mask,
                     mask_inputs=inputs,
+                    reconstruct=args.reconstruct,
                 )
                 started = time.perf_counter()
                 result = prune(
