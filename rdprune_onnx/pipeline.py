@@ -596,6 +596,12 @@ def _allocate(
     each layer when it is read, so no step holds every layer's weight at once.
     """
     names = [layer.name for layer in job.layers]
+    if settings.mask_inputs != "dense" and not settings.data_aware_mask:
+        log.warning(
+            "--mask-inputs %s has no effect with --mask %s (it uses no statistics)",
+            settings.mask_inputs,
+            settings.mask,
+        )
     pruned: Mapping[str, np.ndarray]
     if job.lazy:
         pruned = ModelWeights(job.model, names)

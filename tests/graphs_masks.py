@@ -120,3 +120,13 @@ def masked_matmul(weight: np.ndarray, seq: int) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+def gemm_left(weight: np.ndarray, *, trans_a: int, alpha: float, features: int) -> onnx.ModelProto:
+    """y = alpha * A' @ x^T with the weight as A (transA given) and x (N, K) as B, transB=1."""
+    node = helper.make_node(
+        "Gemm", ["w", "x"], ["y"], name="gemm_left", transA=trans_a, transB=1, alpha=alpha
+    )
+    return _model(
+        [node], [helper.make_tensor_value_info("x", F32, ["N", features])], "y", {"w": weight}
+    )

@@ -13,6 +13,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+import rdprune_onnx.curves as curves_module
 import rdprune_onnx.pipeline as pipeline_module
 from rdprune_onnx import CalibrationSpec, PruneSettings, UserError, prune
 from rdprune_onnx.activations import input_statistics, passes, sequential_masks
@@ -79,6 +80,23 @@ def test_gemm_no_trans_b_by_hand() -> None:
     np.testing.assert_array_equal(stats.full_rows((3, 2)), [[0, 1]] * 3)
     # The same scores transposed; ties now break by the new flat indices.
     np.testing.assert_array_equal(WANDA.order(weight, stats), [3, 4, 5, 0, 2, 1])
+
+
+@pytest.mark.parametrize("trans_a", [0, 1])
+def test_gemm_weight_as_a(trans_a: int) -> None:
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, 4)).astype(np.float32)  # B = x, B' = x^T: features = axis 1
+    weight = rng.standard_normal((4, 3) if trans_a else (3, 4)).astype(np.float32)
+    stats = _stats(graphs_masks.gemm_left(weight, trans_a=trans_a, alpha=0.5, features=4), x)
+    per_feature = 0.5 * np.sqrt((x.astype(np.float64) ** 2).sum(axis=0))
+    norms = stats.full_norms(weight.shape)
+    rows = stats.full_rows(weight.shape)
+    if trans_a:  # A (K, M): features on axis 0, output rows on axis 1
+        np.testing.assert_allclose(norms[:, 0], per_feature, rtol=1e-6)
+        np.testing.assert_array_equal(rows[0], [0, 1, 2])
+    else:  # A (M, K)
+        np.testing.assert_allclose(norms[0], per_feature, rtol=1e-6)
+        np.testing.assert_array_equal(rows[:, 0], [0, 1, 2])
 
 
 def test_matmul_3d_activations_by_hand() -> None:
@@ -329,7 +347,12 @@ def test_global_wanda_is_one_threshold_on_the_scores(tmp_path: Path) -> None:
     assert counts != {r.name: r.pruned for r in plain.layers}
 
 
-def test_curves_with_wanda_equal_whole_model_runs() -> None:
+@pytest.mark.parametrize("binding", [False, True])
+def test_curves_with_wanda_equal_whole_model_runs(
+    binding: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU route and on the IOBinding (CUDA) route, run here on the CPU provider."""
+    monkeypatch.setattr(curves_module, "_FORCE_BINDING", binding)
     model = graphs.cnn()
     layers = find_layers(model).layers
     data = _cnn_data()
@@ -427,6 +450,16 @@ def test_settings_refuse_unknown_masks() -> None:
         PruneSettings(ratio=0.5, mask="bogus").check()
     with pytest.raises(UserError, match="unknown mask inputs"):
         PruneSettings(ratio=0.5, mask_inputs="bogus").check()
+
+
+def test_sequential_inputs_without_a_data_aware_mask_warn(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _save(graphs.cnn(), tmp_path)
+    settings = PruneSettings(ratio=0.5, method="uniform", mask_inputs="sequential")
+    with caplog.at_level(logging.WARNING):
+        prune(path, settings, CALIB, write=False)
+    assert "has no effect with --mask magnitude" in caplog.text
 
 
 def test_allocate_warns_when_the_curves_mask_differs(
