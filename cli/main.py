@@ -20,6 +20,7 @@ from .options import (
     build_calibration,
     build_settings,
     calibration_options,
+    mask_options,
     measurement_options,
     output_options,
     parse_ratios,
@@ -93,6 +94,7 @@ def inspect_command(model: str, as_json: bool) -> None:
 @click.option("--ratio", type=float, required=True, help="Fraction of prunable weights to zero.")
 @click.option("-o", "--output", type=click.Path(), help="Output file [MODEL.pruned.onnx].")
 @allocation_options
+@mask_options
 @measurement_options
 @click.option("--steps", default=1, show_default=True, help="Iterative rd: re-measure K times.")
 @calibration_options
@@ -118,6 +120,7 @@ def prune_command(model: str, **kwargs: Any) -> None:
 @click.option("-o", "--output", type=click.Path(), required=True, help="Curves file (JSON).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Layers not to measure.")
 @measurement_options
+@mask_options
 @click.option(
     "--refit-solver",
     type=click.Choice(SOLVERS),
@@ -152,6 +155,7 @@ def curves_command(model: str, **kwargs: Any) -> None:
 @click.option("--ratio", "ratios", required=True, help="Target ratio, or several: 0.5,0.7,0.9.")
 @click.option("-o", "--output", type=click.Path(), help="Output file [MODEL.pruned.onnx].")
 @allocation_options
+@mask_options
 @click.option("--metric", default="mse", hidden=True)
 @click.option("--provider", default="auto", show_default=True, help="For verification runs.")
 @calibration_options

@@ -12,6 +12,7 @@ from rdprune_onnx.calibration import parse_input_ranges, parse_input_shapes
 from rdprune_onnx.distortion import METRICS
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.export import STORAGES
+from rdprune_onnx.masks import MASK_INPUTS, MASKS
 from rdprune_onnx.pipeline import BUDGETS, CalibrationSpec, PruneSettings, read_overrides
 from rdprune_onnx.reconstruct import SOLVERS
 from rdprune_onnx.runtime import PROVIDERS
@@ -120,6 +121,33 @@ def allocation_options(func: F) -> F:
     )
 
 
+def mask_options(func: F) -> F:
+    return _apply(
+        func,
+        [
+            click.option(
+                "--mask",
+                type=click.Choice(MASKS),
+                default="magnitude",
+                show_default=True,
+                help="Which weights go inside a layer: smallest |w|, or wanda (|w| x input "
+                "feature norm on the calibration data, per output row; also the rd curves' "
+                "mask and what global/lamp rank). wanda needs calibration data.",
+            ),
+            click.option(
+                "--mask-inputs",
+                type=click.Choice(MASK_INPUTS),
+                default="dense",
+                show_default=True,
+                help="wanda statistics of the final masking: from the dense model (one pass) "
+                "or sequential (each layer's inputs in the model pruned so far, one pass per "
+                "layer depth). dense by measurement: sequential lost on the digits CNN at "
+                "0.8-0.95 (rd and lamp) and tied on MiniLM, at 30x the cost.",
+            ),
+        ],
+    )
+
+
 def output_options(func: F) -> F:
     return _apply(
         func,
@@ -177,6 +205,8 @@ def build_settings(kwargs: dict[str, Any], *, ratio: float) -> PruneSettings:
         reconstruct=kwargs.pop("reconstruct", False),
         refit_solver=kwargs.pop("refit_solver", "auto"),
         refit_curves=kwargs.pop("refit_curves", False),
+        mask=kwargs.pop("mask", "magnitude"),
+        mask_inputs=kwargs.pop("mask_inputs", "dense"),
     )
 
 

@@ -77,6 +77,8 @@ def show_prune(result: PruneResult) -> str:
         f"method {s.method}, metric {s.metric}, {s.levels} levels, provider {result.provider}, "
         f"{result.samples} calibration samples"
     )
+    if s.mask != "magnitude":
+        lines.append(f"mask {s.mask} ({s.mask_inputs} input statistics)")
     lines.append(
         f"pruned {pruned:,} of {total:,} prunable weights: {result.achieved_ratio:.4%} "
         f"(target {result.target_ratio:.4%})"

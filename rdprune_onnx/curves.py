@@ -162,6 +162,9 @@ class LayerCandidates:
 
 # Called once per measured layer with the layer and its dense weight; None: plain masking.
 CandidateFactory = Callable[[Layer, np.ndarray], LayerCandidates | None]
+# The mask order of a layer (flat indices, first pruned first; see rdprune_onnx.masks), from
+# the layer and its weight as measured; None: magnitude order.
+MaskOrder = Callable[[Layer, np.ndarray], np.ndarray]
 
 
 def infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -522,13 +525,15 @@ class _LayerMeasurer:
         weight: np.ndarray,
         plan: Cut | None,
         factory: CandidateFactory | None,
+        mask_order: MaskOrder | None = None,
     ) -> None:
         self.context = context
         self.layer = layer
         self.weight = weight
-        # The magnitude order, once per layer. Measurers are built on the builder thread
-        # while the previous layer runs, so this sort costs no wall time there.
-        self.order = magnitude_order(weight)
+        # The mask order (magnitude unless a mask criterion gives one), once per layer.
+        # Measurers are built on the builder thread while the previous layer runs, so this
+        # sort costs no wall time there.
+        self.order = magnitude_order(weight) if mask_order is None else mask_order(layer, weight)
         self.candidates = factory(layer, weight) if factory is not None else None
         # The state of the chunk being measured (set by measure, read by the workers).
         self.current: _Store | None = None
@@ -753,6 +758,7 @@ def measure_curves(
     on_curve: ProgressHook | None = None,
     candidates: CandidateFactory | None = None,
     workers: int | None = None,
+    mask_order: MaskOrder | None = None,
 ) -> dict[str, Curve]:
     """Measure each layer's curve at ``ratios``.
 
@@ -764,7 +770,8 @@ def measure_curves(
     again. ``on_curve`` is called after each new curve, e.g. to save it. ``candidates``
     makes, per layer, what is fed for each level instead of the masked weight (see
     :class:`LayerCandidates`). ``workers``: candidates run at once on the CPU (default from
-    :func:`worker_layout`).
+    :func:`worker_layout`). ``mask_order`` gives each layer's mask order (default: magnitude),
+    e.g. a Wanda order; it must put the weights already zero first.
     """
     if engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}", f"choose one of {', '.join(ENGINES)}")
@@ -804,7 +811,7 @@ def measure_curves(
             def build(index: int) -> _LayerMeasurer:
                 layer, plan = queue[index]
                 weight = read_weight(model, layer.name)
-                return _LayerMeasurer(context, layer, weight, plan, candidates)
+                return _LayerMeasurer(context, layer, weight, plan, candidates, mask_order)
 
             index = 0
             ahead: Future[_LayerMeasurer] | None = None

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from rdprune_onnx import calibration as calib
+from rdprune_onnx.activations import Statistics, input_statistics, sequential_masks
 from rdprune_onnx.allocate import (
     METHODS,
     Allocation,
@@ -37,6 +38,7 @@ from rdprune_onnx.cache import (
     read_curve_file,
 )
 from rdprune_onnx.curves import (
+    MaskOrder,
     Reference,
     grid,
     measure_curves,
@@ -52,7 +54,7 @@ from rdprune_onnx.graph.external import write_external
 from rdprune_onnx.graph.layers import Layer, LayerScan, Skipped, find_layers, read_weight
 from rdprune_onnx.graph.load import has_lazy, read_model, save_model
 from rdprune_onnx.graph.surgery import replace_weights
-from rdprune_onnx.masks import apply_mask
+from rdprune_onnx.masks import MASK_INPUTS, MASKS, apply_mask, get_mask, magnitude_order
 from rdprune_onnx.reconstruct import SOLVERS, reconstruct
 from rdprune_onnx.refit_curves import REFIT_DAMPING, RefitCandidates
 from rdprune_onnx.report import write_json
@@ -108,6 +110,17 @@ class PruneSettings:
     # rd curves measured with each layer pruned AND refit (rdprune_onnx.refit_curves);
     # implies ``reconstruct``: the allocation is then chosen for what will be applied.
     refit_curves: bool = False
+    # Which weights go inside a layer (rdprune_onnx.masks): magnitude | wanda. Data-aware
+    # masks also rank the weights of global and LAMP, and are the rd curves' masks.
+    mask: str = "magnitude"
+    # Where a data-aware mask's statistics come from in the final masking: the dense (or,
+    # with --steps, the current step's) model, or each layer's inputs in the model pruned
+    # so far (in graph order). Curves always use the measured model's own inputs.
+    mask_inputs: str = "dense"
+
+    @property
+    def data_aware_mask(self) -> bool:
+        return get_mask(self.mask).needs_statistics
 
     def __post_init__(self) -> None:
         if self.refit_curves:
@@ -126,6 +139,13 @@ class PruneSettings:
         if self.metric not in METRICS:
             raise UserError(
                 f"unknown metric {self.metric!r}", f"choose one of {', '.join(METRICS)}"
+            )
+        if self.mask not in MASKS:
+            raise UserError(f"unknown mask {self.mask!r}", f"choose one of {', '.join(MASKS)}")
+        if self.mask_inputs not in MASK_INPUTS:
+            raise UserError(
+                f"unknown mask inputs {self.mask_inputs!r}",
+                f"choose one of {', '.join(MASK_INPUTS)}",
             )
         if self.budget not in BUDGETS:
             raise UserError(
@@ -460,7 +480,104 @@ def _layer_specs(
     return specs
 
 
-CurveSource = Callable[[onnx.ModelProto, Reference | None], dict[str, Curve]]
+# (model to measure, its reference, the mask order of its layers or None for magnitude)
+CurveSource = Callable[[onnx.ModelProto, Reference | None, MaskOrder | None], dict[str, Curve]]
+
+
+def _mask_statistics(
+    job: _Job, settings: PruneSettings, weights: Mapping[str, np.ndarray] | None
+) -> Statistics | None:
+    """The data-aware mask's layer statistics on the model with ``weights`` (None: the
+    dense model); None for masks that need none."""
+    if not settings.data_aware_mask:
+        return None
+    if job.data is None:
+        raise UserError(
+            f"--mask {settings.mask} needs calibration data (input statistics)",
+            "pass --data FILE.npz or --synthetic N, or use --mask magnitude",
+        )
+    t = time.perf_counter()
+    stats = input_statistics(
+        job.model,
+        job.layers,
+        job.data,
+        batch_size=job.batch_size,
+        config=job.config,
+        weights=weights,
+    )
+    job.timings["mask_statistics"] = (
+        job.timings.get("mask_statistics", 0.0) + time.perf_counter() - t
+    )
+    stats.warn_missing()
+    return stats
+
+
+def _mask_order(settings: PruneSettings, stats: Statistics | None) -> MaskOrder | None:
+    """Each layer's order under the chosen mask (None: magnitude, the curve default)."""
+    if stats is None:
+        return None
+    criterion = get_mask(settings.mask)
+
+    def order(layer: Layer, weight: np.ndarray) -> np.ndarray:
+        found = stats.layers.get(layer.name)
+        if found is None:
+            return magnitude_order(weight)
+        return criterion.order(weight, found)
+
+    return order
+
+
+def _mask_scores(
+    settings: PruneSettings, stats: Statistics | None, weights: Mapping[str, np.ndarray]
+) -> Mapping[str, np.ndarray]:
+    """What global and LAMP rank: |w|, or the data-aware mask's scores (|w| where a layer
+    has no statistics)."""
+    if stats is None:
+        return weights
+    criterion = get_mask(settings.mask)
+    return {
+        name: criterion.scores(w, stats.layers[name]) if name in stats.layers else w
+        for name, w in weights.items()
+    }
+
+
+def _apply_masks(
+    job: _Job,
+    settings: PruneSettings,
+    weights: Mapping[str, np.ndarray],
+    counts: Mapping[str, int],
+    stats: Statistics | None,
+) -> Mapping[str, np.ndarray]:
+    """The layers masked at ``counts`` by the chosen mask."""
+    names = [layer.name for layer in job.layers]
+    if stats is None:
+        if job.lazy:
+            return ModelWeights(job.model, names, counts)
+        return {n: apply_mask(w, int(counts[n])) for n, w in weights.items()}
+    if settings.mask_inputs == "sequential":
+        assert job.data is not None
+        t = time.perf_counter()
+        masked, _found = sequential_masks(
+            job.model,
+            job.layers,
+            {n: weights[n] for n in names},
+            counts,
+            job.data,
+            mask=settings.mask,
+            batch_size=job.batch_size,
+            config=job.config,
+        )
+        job.timings["mask_statistics"] = (
+            job.timings.get("mask_statistics", 0.0) + time.perf_counter() - t
+        )
+        return masked
+    order = _mask_order(settings, stats)
+    assert order is not None
+    out = {}
+    for layer in job.layers:
+        weight = weights[layer.name]
+        out[layer.name] = apply_mask(weight, int(counts[layer.name]), order(layer, weight))
+    return out
 
 
 def _allocate(
@@ -480,6 +597,12 @@ def _allocate(
     each layer when it is read, so no step holds every layer's weight at once.
     """
     names = [layer.name for layer in job.layers]
+    if settings.mask_inputs != "dense" and not settings.data_aware_mask:
+        log.warning(
+            "--mask-inputs %s has no effect with --mask %s (it uses no statistics)",
+            settings.mask_inputs,
+            settings.mask,
+        )
     pruned: Mapping[str, np.ndarray]
     if job.lazy:
         pruned = ModelWeights(job.model, names)
@@ -492,6 +615,8 @@ def _allocate(
     specs: list[LayerSpec] = []
     for step in range(1, settings.steps + 1):
         step_ratio = settings.ratio * step / settings.steps
+        # A data-aware mask's statistics, recomputed on the partly pruned model each step.
+        stats = _mask_statistics(job, settings, pruned if step > 1 else None)
         if settings.method == "rd":
             assert curve_source is not None
             t = time.perf_counter()
@@ -500,7 +625,7 @@ def _allocate(
                 current = replace_weights(job.model, pruned)
                 if reference is not None:
                     reference = reference.rebased(current, job.config)
-            curves = curve_source(current, reference)
+            curves = curve_source(current, reference, _mask_order(settings, stats))
             job.timings["curves"] = job.timings.get("curves", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         specs = _layer_specs(job, settings, pruned)
@@ -508,17 +633,18 @@ def _allocate(
             layers=specs,
             target_ratio=step_ratio,
             curves=curves,
-            # The allocators take |w| themselves, one layer at a time.
-            magnitudes=pruned if settings.method in ("global", "lamp") else None,
+            # The allocators take |w| themselves, one layer at a time (or the mask's scores).
+            magnitudes=(
+                _mask_scores(settings, stats, pruned)
+                if settings.method in ("global", "lamp")
+                else None
+            ),
             options={"allow_layer_removal": settings.allow_layer_removal},
         )
         allocation = get_allocator(settings.method).allocate(problem)
         job.timings["allocate"] = job.timings.get("allocate", 0.0) + time.perf_counter() - t
         del problem
-        if job.lazy:
-            pruned = ModelWeights(job.model, names, allocation.counts)
-        else:
-            pruned = {n: apply_mask(w, int(allocation.counts[n])) for n, w in pruned.items()}
+        pruned = _apply_masks(job, settings, pruned, allocation.counts, stats)
         steps.append(
             {
                 "step": step,
@@ -528,6 +654,17 @@ def _allocate(
             }
         )
     assert allocation is not None
+    if settings.data_aware_mask:
+        allocation = Allocation(
+            allocation.counts,
+            allocation.predicted,
+            dict(allocation.info)
+            | {
+                "mask": settings.mask,
+                "mask_inputs": settings.mask_inputs,
+                "mask_without_statistics": sorted(stats.missing) if stats else [],
+            },
+        )
     return pruned, allocation, specs, steps, curves
 
 
@@ -782,7 +919,9 @@ def prune(
         )
     job = _load_job(model_path, settings, calibration, eval_data, labels)
 
-    def measure(model: onnx.ModelProto, reference: Reference | None) -> dict[str, Curve]:
+    def measure(
+        model: onnx.ModelProto, reference: Reference | None, order: MaskOrder | None
+    ) -> dict[str, Curve]:
         assert reference is not None and job.data is not None
         entry = curve_entry(
             model, job.layers, job.data, settings, job.config.provider, job.batch_size
@@ -798,6 +937,7 @@ def prune(
             progress,
             candidates=_refit_candidates(model, job.data, job.batch_size, settings, job.config),
             timings=job.timings,
+            mask_order=order,
         )
 
     return _allocate_and_finish(
@@ -838,6 +978,7 @@ def measure(
     entry = curve_entry(
         job.model, job.layers, job.data, settings, job.config.provider, job.batch_size
     )
+    order = _mask_order(settings, _mask_statistics(job, settings, None))
     entry.curves = _measure_with_cache(
         job.model,
         job.layers,
@@ -848,6 +989,7 @@ def measure(
         cache_dir,
         progress,
         candidates=_refit_candidates(job.model, job.data, job.batch_size, settings, job.config),
+        mask_order=order,
     )
     if output is not None:
         write_json(entry.to_dict(), output, force=force)
@@ -910,7 +1052,17 @@ def allocate(
             "without --reconstruct the allocation assumes a refit that is not applied"
         )
 
-    def fixed(model: onnx.ModelProto, reference: Reference | None) -> dict[str, Curve]:
+    saved_mask = str(saved.settings.get("mask", "magnitude"))
+    if saved_mask != settings.mask:
+        log.warning(
+            "the curves were measured with --mask %s; masking with --mask %s instead",
+            saved_mask,
+            settings.mask,
+        )
+
+    def fixed(
+        model: onnx.ModelProto, reference: Reference | None, order: MaskOrder | None
+    ) -> dict[str, Curve]:
         return {layer.name: saved.curves[layer.name] for layer in job.layers}
 
     return _allocate_and_finish(
@@ -942,7 +1094,8 @@ def curve_entry(
 
     Refit-aware curves (``refit_curves``) add a ``refit`` entry (solver, damping), so they
     never share a key, a cache file or an ``allocate`` input with plain-mask curves; plain
-    curves keep the key they always had.
+    curves keep the key they always had. So do curves of a data-aware mask (``mask``);
+    magnitude curves have no ``mask`` entry.
     """
     measured: dict[str, Any] = {
         "metric": settings.metric,
@@ -952,6 +1105,8 @@ def curve_entry(
     }
     if settings.refit_curves:
         measured["refit"] = {"solver": settings.refit_solver, "damping": REFIT_DAMPING}
+    if settings.mask != "magnitude":  # magnitude curves keep the key they always had
+        measured["mask"] = settings.mask
     return CurveFile(
         model=model_fingerprint(model),
         data=data_fingerprint(data),
@@ -992,6 +1147,7 @@ def _measure_with_cache(
     *,
     candidates: RefitCandidates | None = None,
     timings: dict[str, float] | None = None,
+    mask_order: MaskOrder | None = None,
 ) -> dict[str, Curve]:
     cache = CurveCache(cache_dir) if cache_dir is not None else None
     done = cache.load(entry) if cache is not None else {}
@@ -1013,6 +1169,7 @@ def _measure_with_cache(
         done=done,
         on_curve=save,
         candidates=candidates,
+        mask_order=mask_order,
     )
     if candidates is not None and candidates.costs:
         cost = candidates.summary()

@@ -1,5 +1,8 @@
 """Magnitude masks: zero the smallest-magnitude weights of a tensor, exactly k of them.
 
+The default mask criterion (``--mask magnitude``); also the exact-count helpers every
+criterion shares (:func:`apply_mask` with a criterion's order, :func:`prune_count`).
+
 Ties are broken by flat index (a stable sort), so the same tensor and count always give the
 same mask. Weights already zero are the smallest and are counted in k: the ratio of a layer
 is its total fraction of zeros.
@@ -8,6 +11,8 @@ is its total fraction of zeros.
 from __future__ import annotations
 
 import numpy as np
+
+from rdprune_onnx.masks.base import LayerStats
 
 
 def magnitude_order(weight: np.ndarray) -> np.ndarray:
@@ -62,3 +67,19 @@ def apply_mask(weight: np.ndarray, count: int, order: np.ndarray | None = None) 
 
 def sparsity(weight: np.ndarray) -> float:
     return float(np.count_nonzero(weight == 0)) / weight.size if weight.size else 0.0
+
+
+class MagnitudeMask:
+    """|w|: the smallest magnitudes go first, whatever the data (needs no statistics)."""
+
+    name: str = "magnitude"
+    needs_statistics: bool = False
+
+    def scores(self, weight: np.ndarray, stats: LayerStats | None = None) -> np.ndarray:
+        if not np.issubdtype(weight.dtype, np.floating):
+            weight = weight.astype(np.float64)
+        result: np.ndarray = np.abs(weight)
+        return result
+
+    def order(self, weight: np.ndarray, stats: LayerStats | None = None) -> np.ndarray:
+        return magnitude_order(weight)
