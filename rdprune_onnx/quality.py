@@ -126,8 +126,25 @@ def score(
         if agreement is None:
             raise UserError("no top-1 agreement: the model has no class-score output", "")
         return Quality(metric, 1.0, agreement), evaluation
-    cosines = [o.cosine for o in evaluation.outputs]
+    names = [o.name for o in evaluation.outputs]
+    cosines = [cosine(dense[name], pruned[name]) for name in names]
     return Quality(metric, 1.0, float(np.mean(cosines))), evaluation
+
+
+def cosine(dense: np.ndarray, pruned: np.ndarray) -> float:
+    """Mean over samples of the cosine similarity of the flattened outputs.
+
+    A pruned output that collapsed to zeros scores 0 against a non-zero dense one (not 1);
+    two zero outputs score 1.
+    """
+    a = dense.reshape(dense.shape[0], -1) if dense.ndim else dense.reshape(1, 1)
+    b = pruned.reshape(pruned.shape[0], -1) if pruned.ndim else pruned.reshape(1, 1)
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    den = na * nb
+    both_zero = (na == 0) & (nb == 0)
+    cos = np.where(den > 0, (a * b).sum(axis=1) / np.where(den > 0, den, 1.0), 0.0)
+    return float(np.where(both_zero, 1.0, cos).mean())
 
 
 __all__ = [
@@ -137,6 +154,7 @@ __all__ = [
     "QualityMetric",
     "UserMetric",
     "choose_metric",
+    "cosine",
     "metric_name",
     "score",
 ]
