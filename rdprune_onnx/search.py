@@ -390,19 +390,36 @@ def _search_distortion(
             f"no pruning keeps the predicted distortion within {limit:g}",
             "raise --max-distortion",
         )
-    top = min(top, target.high)
+    top = round(min(top, target.high), 10)
     first = check(top)
     search = Search(probes=[first])
     if first.passed:
         search.best = first
         return search, extra
-    # The measurement exceeds the prediction: step back below the dual's ratio.
-    low = min(target.low, top)
-    back = bisect_ratio(check, low, top, target.resolution, known={round(top, 10): first})
-    back.probes.insert(0, first)
-    if back.best is not None and back.failed_above is None:
-        back.failed_above = first
-    return back, extra
+    # The measurement exceeds the prediction: step back below the dual's ratio, by
+    # resolution, 2x, 4x ... until a probe passes, then bisect between it and the last failure.
+    return _step_back(check, first, target.low, target.resolution), extra
+
+
+def _step_back(check: Callable[[float], Probe], failed: Probe, low: float, step: float) -> Search:
+    search = Search(probes=[failed])
+    above = failed
+    distance = step
+    while above.ratio > low + 1e-12:
+        ratio = round(max(low, failed.ratio - distance), 10)
+        probe = check(ratio)
+        search.probes.append(probe)
+        if probe.passed:
+            inner = bisect_ratio(
+                check, ratio, above.ratio, step, known={ratio: probe, above.ratio: above}
+            )
+            search.probes += inner.probes
+            search.best, search.failed_above = inner.best, inner.failed_above
+            return search
+        above = probe
+        distance *= 2
+    search.failed_above = above
+    return search
 
 
 __all__ = ["Probe", "QualityTarget", "Search", "bisect_ratio", "prune_to_target", "ratio_grid"]

@@ -90,6 +90,20 @@ def test_bisection_reuses_known_probes() -> None:
     assert result.best is not None and result.best.ratio == pytest.approx(0.33)
 
 
+def test_step_back_gallops_down_then_bisects() -> None:
+    calls: list[float] = []
+    check = checker(lambda r: r <= 0.437, calls)
+    first = check(0.8)
+    result = search_module._step_back(check, first, 0.05, 0.01)
+    assert result.best is not None and result.best.ratio == pytest.approx(0.43)
+    assert result.failed_above is not None and result.failed_above.ratio == pytest.approx(0.44)
+    assert calls[:6] == [0.8, 0.79, 0.78, 0.76, 0.72, 0.64] and len(calls) == len(set(calls))
+    assert [p.ratio for p in result.probes] == calls
+    nothing = search_module._step_back(checker(lambda r: False, []), first, 0.05, 0.01)
+    assert nothing.best is None and nothing.failed_above is not None
+    assert nothing.failed_above.ratio == 0.05
+
+
 @pytest.fixture
 def cnn_files(tmp_path: Path) -> dict[str, Path]:
     rng = np.random.default_rng(0)
