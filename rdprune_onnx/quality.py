@@ -17,6 +17,7 @@ labels captured in a closure) works as well as one that compares the two.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import numpy as np
 
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import Evaluation, compare_outputs
+
+log = logging.getLogger(__name__)
 
 Outputs = Mapping[str, np.ndarray]
 UserMetric = Callable[[Outputs, Outputs], float]
@@ -73,6 +76,8 @@ def choose_metric(
     if metric is None:
         if labels is not None and has_classes:
             return "accuracy"
+        if labels is not None:
+            log.warning("labels given, but no output looks like class scores: using cosine")
         return "agreement" if has_classes else "cosine"
     if callable(metric):
         return metric
