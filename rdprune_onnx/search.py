@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,9 @@ import numpy as np
 
 from rdprune_onnx.allocate.dual import allocate_within
 from rdprune_onnx.errors import InfeasibleError, UserError
+from rdprune_onnx.export import compact_weights
 from rdprune_onnx.graph.layers import read_weight
+from rdprune_onnx.graph.load import save_model
 from rdprune_onnx.pipeline import (
     CalibrationSpec,
     PruneResult,
@@ -268,11 +271,12 @@ def prune_to_target(
         cache_dir=cache_dir,
         progress=progress,
     )
+    kept = _Kept()
     if target.max_drop is not None:
-        search, extra = _search_drop(prober, settings, target, target.max_drop)
+        search, extra = _search_drop(prober, settings, target, target.max_drop, kept)
     else:
         assert target.max_distortion is not None
-        search, extra = _search_distortion(prober, settings, target, target.max_distortion)
+        search, extra = _search_distortion(prober, settings, target, target.max_distortion, kept)
     dense = prober.dense_quality()
     criterion = "max_drop" if target.max_drop is not None else "max_distortion"
     limit = target.max_drop if target.max_drop is not None else target.max_distortion
@@ -296,13 +300,21 @@ def prune_to_target(
         )
     chosen = search.best
     log.info("chosen ratio %.4g (%s %.4g)", chosen.ratio, criterion, chosen.value)
-    final = prober.prune(
-        with_ratio(settings, chosen.ratio),
-        output=out_path if write else None,
-        force=force,
-        storage=storage,
-    )
-    result = final.result
+    probed = kept.at(chosen.ratio)
+    if probed is not None and probed.result.model is not None:
+        # The chosen probe's model is in memory: write it (the bytes prune --ratio writes).
+        result = probed.result
+        if write:
+            t = time.perf_counter()
+            _write(prober, result, out_path, force=force, storage=storage)
+            result.timings["write"] = time.perf_counter() - t
+    else:  # a lazy model (weights on disk): prune the chosen ratio again, writing it
+        result = prober.prune(
+            with_ratio(settings, chosen.ratio),
+            output=out_path if write else None,
+            force=force,
+            storage=storage,
+        ).result
     result.search = {
         "criterion": criterion,
         "limit": limit,
@@ -332,8 +344,37 @@ def prune_to_target(
     return result
 
 
+class _Kept:
+    """The probe of the highest passing ratio so far (its pruned model stays in memory)."""
+
+    def __init__(self) -> None:
+        self.ratio: float | None = None
+        self.probed: Probed | None = None
+
+    def offer(self, probe: Probe, probed: Probed) -> Probe:
+        if probe.passed and (self.ratio is None or probe.ratio > self.ratio):
+            self.ratio, self.probed = probe.ratio, probed
+        return probe
+
+    def at(self, ratio: float) -> Probed | None:
+        return self.probed if self.ratio == ratio else None
+
+
+def _write(prober: Prober, result: PruneResult, output: Path, *, force: bool, storage: str) -> None:
+    """Write a probe's in-memory model as ``prune`` writes it."""
+    job = prober.job
+    assert result.model is not None
+    to_write = result.model
+    if storage == "compact":
+        to_write = compact_weights(result.model, [layer.name for layer in job.layers])
+    save_model(
+        to_write, output, external_data=job.had_external or None, force=force, protect=(job.path,)
+    )
+    result.output = str(output)
+
+
 def _search_drop(
-    prober: Prober, settings: PruneSettings, target: QualityTarget, limit: float
+    prober: Prober, settings: PruneSettings, target: QualityTarget, limit: float, kept: _Kept
 ) -> tuple[Search, dict[str, Any]]:
     def check(ratio: float) -> Probe:
         try:
@@ -341,13 +382,13 @@ def _search_drop(
         except InfeasibleError as exc:
             return Probe(ratio=ratio, passed=False, value=None, limit=limit, error=str(exc))
         assert probed.quality is not None
-        return _probe_of(ratio, limit, probed, probed.quality.drop)
+        return kept.offer(_probe_of(ratio, limit, probed, probed.quality.drop), probed)
 
     return bisect_ratio(check, target.low, target.high, target.resolution), {}
 
 
 def _search_distortion(
-    prober: Prober, settings: PruneSettings, target: QualityTarget, limit: float
+    prober: Prober, settings: PruneSettings, target: QualityTarget, limit: float, kept: _Kept
 ) -> tuple[Search, dict[str, Any]]:
     job = prober.job
     if job.reference is None:
@@ -361,7 +402,9 @@ def _search_distortion(
             probed = prober.prune(with_ratio(settings, ratio))
         except InfeasibleError as exc:
             return Probe(ratio=ratio, passed=False, value=None, limit=limit, error=str(exc))
-        return _probe_of(ratio, limit, probed, probed.result.measured_distortion)
+        return kept.offer(
+            _probe_of(ratio, limit, probed, probed.result.measured_distortion), probed
+        )
 
     if settings.method != "rd":
         return bisect_ratio(check, target.low, target.high, target.resolution), {}

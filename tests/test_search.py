@@ -280,3 +280,29 @@ def test_target_mistakes_are_user_errors(cnn_files: dict[str, Path]) -> None:
             eval_data=cnn_files["test"],
             target=QualityTarget(max_drop=0.0, metric="cosine", low=0.5, high=0.9),
         )
+
+
+@pytest.mark.parametrize("storage", ["dense", "compact"])
+def test_chosen_model_is_byte_for_byte_what_prune_writes_at_that_ratio(
+    cnn_files: dict[str, Path], tmp_path: Path, storage: str
+) -> None:
+    settings = PruneSettings(ratio=0.5, levels=21)
+    result = prune(
+        cnn_files["model"],
+        settings,
+        _calibration(cnn_files),
+        output=tmp_path / "target.onnx",
+        eval_data=cnn_files["test"],
+        storage=storage,
+        target=QualityTarget(max_drop=0.02, metric="cosine", resolution=0.02),
+    )
+    assert result.search is not None and result.output == str(tmp_path / "target.onnx")
+    chosen = result.search["chosen_ratio"]
+    prune(
+        cnn_files["model"],
+        PruneSettings(ratio=chosen, levels=21),
+        _calibration(cnn_files),
+        output=tmp_path / "ratio.onnx",
+        storage=storage,
+    )
+    assert (tmp_path / "target.onnx").read_bytes() == (tmp_path / "ratio.onnx").read_bytes()
