@@ -306,3 +306,51 @@ def test_chosen_model_is_byte_for_byte_what_prune_writes_at_that_ratio(
         storage=storage,
     )
     assert (tmp_path / "target.onnx").read_bytes() == (tmp_path / "ratio.onnx").read_bytes()
+
+
+def test_max_drop_and_sweep_on_a_lazy_model(
+    cnn_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights left on disk (the large-model route): probes read the staged pruned model."""
+    from rdprune_onnx.graph import load
+    from rdprune_onnx.sweep import sweep
+
+    monkeypatch.setattr(load, "LAZY_MIN_BYTES", 0)
+    folder = tmp_path / "lazy"
+    folder.mkdir()
+    model = graphs.save_external(graphs.cnn(), folder / "m.onnx")
+    target = QualityTarget(max_drop=0.02, metric="cosine", resolution=0.05)
+    out = tmp_path / "out" / "p.onnx"
+    out.parent.mkdir()
+    result = prune(
+        model,
+        PruneSettings(ratio=0.5, levels=11),
+        _calibration(cnn_files),
+        output=out,
+        eval_data=cnn_files["test"],
+        target=target,
+    )
+    assert result.search is not None and result.output == str(out) and out.is_file()
+    chosen = result.search["chosen_ratio"]
+    reference = tmp_path / "out" / "r.onnx"
+    prune(
+        model,
+        PruneSettings(ratio=chosen, levels=11),
+        _calibration(cnn_files),
+        output=reference,
+    )
+    dense = onnx.load(str(reference))
+    pruned = onnx.load(str(out))
+    assert [onnx.numpy_helper.to_array(t).tolist() for t in dense.graph.initializer] == [
+        onnx.numpy_helper.to_array(t).tolist() for t in pruned.graph.initializer
+    ]
+    points = sweep(
+        model,
+        PruneSettings(ratio=0.5, levels=11),
+        _calibration(cnn_files),
+        eval_data=cnn_files["test"],
+        metric="cosine",
+        ratios=[0.3, chosen],
+        methods=["rd"],
+    ).points
+    assert points[1].drop == pytest.approx(result.search["chosen_value"])
