@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from rdprune_onnx.allocate import Curve
@@ -197,7 +196,3 @@ def _staged(staging: Path | None) -> Path:
     if staging is None:
         raise AssertionError("a lazy job's pruned model has no staging folder")
     return staging / "pruned.onnx"
-
-
-def finite_or_none(value: float | None) -> float | None:
-    return None if value is None or not np.isfinite(value) else float(value)
