@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from rdprune_onnx.allocate.dual import allocate_within
 from rdprune_onnx.errors import InfeasibleError, UserError
@@ -271,12 +272,15 @@ def prune_to_target(
         cache_dir=cache_dir,
         progress=progress,
     )
-    kept = _Kept()
-    if target.max_drop is not None:
-        search, extra = _search_drop(prober, settings, target, target.max_drop, kept)
-    else:
-        assert target.max_distortion is not None
-        search, extra = _search_distortion(prober, settings, target, target.max_distortion, kept)
+    with tqdm(desc="search", unit="probe", disable=not progress, leave=False, delay=0.5) as bar:
+        kept = _Kept(bar)
+        if target.max_drop is not None:
+            search, extra = _search_drop(prober, settings, target, target.max_drop, kept)
+        else:
+            assert target.max_distortion is not None
+            search, extra = _search_distortion(
+                prober, settings, target, target.max_distortion, kept
+            )
     dense = prober.dense_quality()
     criterion = "max_drop" if target.max_drop is not None else "max_distortion"
     limit = target.max_drop if target.max_drop is not None else target.max_distortion
@@ -345,13 +349,18 @@ def prune_to_target(
 
 
 class _Kept:
-    """The probe of the highest passing ratio so far (its pruned model stays in memory)."""
+    """The probe of the highest passing ratio so far (its pruned model stays in memory);
+    every probe made ticks the progress bar."""
 
-    def __init__(self) -> None:
+    def __init__(self, bar: tqdm | None = None) -> None:
         self.ratio: float | None = None
         self.probed: Probed | None = None
+        self.bar = bar
 
     def offer(self, probe: Probe, probed: Probed) -> Probe:
+        if self.bar is not None:
+            self.bar.update()
+            self.bar.set_postfix_str(f"{probe.ratio:g} {'pass' if probe.passed else 'fail'}")
         if probe.passed and (self.ratio is None or probe.ratio > self.ratio):
             self.ratio, self.probed = probe.ratio, probed
         return probe
