@@ -26,6 +26,7 @@ from .options import (
     parse_ratios,
 )
 from .render import show_curves, show_prune, show_summary
+from .sweep_cmd import build_target, show_search, sweep_command, target_options
 
 
 class _UsageError(click.UsageError):
@@ -91,7 +92,8 @@ def inspect_command(model: str, as_json: bool) -> None:
 
 @cli.command("prune")
 @click.argument("model", type=click.Path())
-@click.option("--ratio", type=float, required=True, help="Fraction of prunable weights to zero.")
+@click.option("--ratio", type=float, help="Fraction of prunable weights to zero.")
+@target_options
 @click.option("-o", "--output", type=click.Path(), help="Output file [MODEL.pruned.onnx].")
 @allocation_options
 @mask_options
@@ -101,16 +103,28 @@ def inspect_command(model: str, as_json: bool) -> None:
 @output_options
 @click.option("--plot", type=click.Path(dir_okay=False), help="Curves and ratios as a PNG.")
 def prune_command(model: str, **kwargs: Any) -> None:
-    """Prune MODEL to --ratio and write the sparsified ONNX file."""
+    """Prune MODEL to --ratio (or to a quality target) and write the sparsified ONNX file."""
     calibration = build_calibration(kwargs)
-    settings = build_settings(kwargs, ratio=kwargs.pop("ratio"))
+    ratio = kwargs.pop("ratio")
+    target = build_target(kwargs, ratio)
+    settings = build_settings(kwargs, ratio=0.5 if ratio is None else ratio)
     progress = not kwargs.pop("no_progress")
     cache_dir = _cache_dir(kwargs)
     plot = kwargs.pop("plot")
     if plot is not None:
         check_plot_target(plot, force=kwargs["force"])
-    result = prune(model, settings, calibration, progress=progress, cache_dir=cache_dir, **kwargs)
+    result = prune(
+        model,
+        settings,
+        calibration,
+        progress=progress,
+        cache_dir=cache_dir,
+        target=target,
+        **kwargs,
+    )
     click.echo(show_prune(result))
+    if result.search is not None:
+        click.echo(show_search(result.search))
     if plot is not None:
         click.echo(f"plotted {plot_result(result, plot, force=kwargs['force'])}")
 
@@ -181,6 +195,7 @@ def allocate_command(curves: str, model: str, ratios: str, **kwargs: Any) -> Non
 
 cli.add_command(eval_command)
 cli.add_command(plot_command)
+cli.add_command(sweep_command)
 
 
 def main() -> None:

@@ -8,6 +8,8 @@ from rdprune_onnx.pipeline import (
     PruneSettings,
     prune,
 )
+from rdprune_onnx.search import QualityTarget
+from rdprune_onnx.sweep import sweep
 
 __version__ = "0.1.0"
 
@@ -17,8 +19,10 @@ __all__ = [
     "ModelSummary",
     "PruneResult",
     "PruneSettings",
+    "QualityTarget",
     "UserError",
     "__version__",
     "inspect_model",
     "prune",
+    "sweep",
 ]

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -60,6 +60,9 @@ from rdprune_onnx.refit_curves import REFIT_DAMPING, RefitCandidates
 from rdprune_onnx.report import write_json
 from rdprune_onnx.runtime import Session, SessionConfig, resolve_provider, versions
 from rdprune_onnx.weights import ModelWeights
+
+if TYPE_CHECKING:
+    from rdprune_onnx.search import QualityTarget
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +269,8 @@ class PruneResult:
     curves: dict[str, Curve] | None = None
     evaluation: Evaluation | None = None
     model: onnx.ModelProto | None = field(default=None, repr=False)
+    # prune to a quality target (rdprune_onnx.search): the target, every probe, the choice
+    search: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -298,6 +303,7 @@ class PruneResult:
                 else None
             ),
             "evaluation": self.evaluation.to_dict() if self.evaluation else None,
+            "search": self.search,
             "timings_s": self.timings,
             "versions": versions() | {"python": platform.python_version()},
         }
@@ -901,13 +907,34 @@ def prune(
     cache_dir: str | os.PathLike[str] | None = None,
     storage: str = "dense",
     progress: bool = False,
+    target: QualityTarget | None = None,
 ) -> PruneResult:
     """Prune ``model_path`` to ``settings.ratio`` and (unless ``write`` is False) write it.
 
     Curves are cached in ``cache_dir`` (resumable; ``None`` disables the cache).
     ``storage="compact"`` writes the pruned weights in a form that shrinks with sparsity
-    (see :mod:`rdprune_onnx.export`).
+    (see :mod:`rdprune_onnx.export`). With a ``target`` (``max_drop`` or ``max_distortion``)
+    the ratio is searched instead (:func:`rdprune_onnx.search.prune_to_target`;
+    ``settings.ratio`` is ignored) and the result's ``search`` lists every probe.
     """
+    if target is not None:
+        from rdprune_onnx.search import prune_to_target
+
+        return prune_to_target(
+            model_path,
+            settings,
+            calibration,
+            target,
+            output=output,
+            write=write,
+            force=force,
+            report=report,
+            eval_data=eval_data,
+            labels=labels,
+            cache_dir=cache_dir,
+            storage=storage,
+            progress=progress,
+        )
     started = time.perf_counter()
     settings.check()
     _check_storage(storage)

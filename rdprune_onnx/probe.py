@@ -1,0 +1,198 @@
+"""Prune one model many times, in memory: the engine of ``sweep`` and of quality targets.
+
+A :class:`Prober` loads the model and its data once, measures the rate-distortion curves
+once (through the same cache as ``prune``), and runs the dense model once on the held-out
+data. Each :meth:`Prober.prune` is then one *probe*: the pipeline's own allocate and mask
+(and refit with ``reconstruct``), verification on the calibration data, and a score of the
+pruned model's held-out outputs against the dense ones. Nothing is written unless an output
+is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from rdprune_onnx.allocate import Curve
+from rdprune_onnx.calibration import sample_count
+from rdprune_onnx.curves import Reference
+from rdprune_onnx.errors import UserError
+from rdprune_onnx.evaluate import run_all
+from rdprune_onnx.graph.load import read_model
+from rdprune_onnx.pipeline import (
+    CalibrationSpec,
+    PruneResult,
+    PruneSettings,
+    _allocate,
+    _finish,
+    _load_eval,
+    _load_job,
+    _measure_with_cache,
+    _refit_candidates,
+    _staging,
+    curve_entry,
+)
+from rdprune_onnx.quality import Outputs, Quality, QualityMetric, choose_metric, score
+from rdprune_onnx.runtime import Session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Probed:
+    """One probe: the prune result (with its evaluation) and the quality, if scored."""
+
+    result: PruneResult
+    quality: Quality | None
+    seconds: float
+
+
+class Prober:
+    """A model, its data and its curves, loaded once; :meth:`prune` probes one setting."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        settings: PruneSettings,
+        calibration: CalibrationSpec | None,
+        *,
+        eval_data: str | os.PathLike[str] | None = None,
+        labels: str | None = None,
+        metric: QualityMetric | None = None,
+        need_curves: bool = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+        progress: bool = False,
+    ) -> None:
+        if settings.steps > 1:
+            raise UserError(
+                "--steps re-measures curves for one ratio; it cannot be combined with a sweep "
+                "or a quality target",
+                "drop --steps",
+            )
+        if need_curves and (calibration is None or not calibration.given):
+            raise UserError(
+                "no calibration data", "pass --data FILE.npz or --synthetic N (random inputs)"
+            )
+        self.settings = settings
+        self.job = _load_job(model_path, settings, calibration)
+        job = self.job
+        # Costs paid once (load, reference run, curves, dense held-out run), not per probe.
+        self.timings: dict[str, float] = dict(job.timings)
+        self.eval_arrays, self.labels = _load_eval(job.model, eval_data, labels)
+        self.curves: dict[str, Curve] | None = None
+        if need_curves:
+            assert job.reference is not None and job.data is not None
+            t = time.perf_counter()
+            entry = curve_entry(
+                job.model, job.layers, job.data, settings, job.config.provider, job.batch_size
+            )
+            self.curve_key = entry.key
+            self.curves = _measure_with_cache(
+                job.model,
+                job.layers,
+                job.reference,
+                settings,
+                job.config,
+                entry,
+                cache_dir,
+                progress,
+                candidates=_refit_candidates(
+                    job.model, job.data, job.batch_size, settings, job.config
+                ),
+                timings=self.timings,
+            )
+            self.timings["curves"] = time.perf_counter() - t
+        self.dense_out: Outputs | None = None
+        self.metric: QualityMetric | None = None
+        if self.eval_arrays is not None:
+            t = time.perf_counter()
+            dense = Session(job.model, job.config, path=job.path if job.lazy else None)
+            self.dense_out = run_all(dense, self.eval_arrays, job.batch_size)
+            self.timings["dense_eval"] = time.perf_counter() - t
+            self.metric = choose_metric(metric, self.labels, self.dense_out)
+        elif metric is not None:
+            raise UserError("a quality metric needs held-out data", "pass --eval-data")
+
+    @property
+    def eval_samples(self) -> int:
+        return sample_count(self.eval_arrays) if self.eval_arrays is not None else 0
+
+    def dense_quality(self) -> Quality | None:
+        if self.dense_out is None or self.metric is None:
+            return None
+        return score(self.metric, self.dense_out, self.dense_out, self.labels)[0]
+
+    def _curves(self, model: onnx.ModelProto, reference: Reference | None) -> dict[str, Curve]:
+        if self.curves is None:
+            raise UserError("the rd method needs rate-distortion curves", "pass --data")
+        return self.curves
+
+    def prune(
+        self,
+        settings: PruneSettings,
+        *,
+        output: str | os.PathLike[str] | None = None,
+        force: bool = False,
+        storage: str = "dense",
+    ) -> Probed:
+        """Allocate, mask (and refit), verify and score ``settings`` (its ratio and method)."""
+        started = time.perf_counter()
+        settings.check()
+        job = self.job
+        job.timings = {}
+        pruned, allocation, specs, steps, _ = _allocate(job, settings, self._curves)
+        out = None if output is None else Path(output)
+        with _staging(job, out) as staging:
+            result = _finish(
+                job,
+                settings,
+                pruned,
+                allocation,
+                specs,
+                steps,
+                # Every method's ratios are read off the curves: a predicted distortion for
+                # LAMP and global too, beside rd's.
+                self.curves,
+                output=out,
+                force=force,
+                report=None,
+                started=started,
+                storage=storage,
+                staging=staging,
+            )
+            quality = None
+            if self.eval_arrays is not None and self.dense_out is not None:
+                t = time.perf_counter()
+                model = result.model
+                path: Path | None = None
+                if model is None:  # a lazy job: read the pruned model back from its file
+                    path = out if out is not None else _staged(staging)
+                    model = read_model(path, check=False)[0]
+                session = Session(model, job.config, path=path)
+                pruned_out = run_all(session, self.eval_arrays, job.batch_size)
+                assert self.metric is not None
+                quality, result.evaluation = score(
+                    self.metric, self.dense_out, pruned_out, self.labels
+                )
+                result.timings["evaluate"] = time.perf_counter() - t
+        seconds = time.perf_counter() - started
+        result.timings["probe"] = seconds
+        return Probed(result, quality, seconds)
+
+
+def with_ratio(settings: PruneSettings, ratio: float, method: str | None = None) -> PruneSettings:
+    return dataclasses.replace(
+        settings, ratio=float(ratio), method=settings.method if method is None else method
+    )
+
+
+def _staged(staging: Path | None) -> Path:
+    if staging is None:
+        raise AssertionError("a lazy job's pruned model has no staging folder")
+    return staging / "pruned.onnx"

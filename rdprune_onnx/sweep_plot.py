@@ -1,0 +1,129 @@
+"""A picture of a sweep: held-out metric against ratio per method, and the distortions.
+
+Top panel: the pruned model's held-out metric against the target ratio, one line per method,
+the dense model as a dashed reference line. Bottom panel (log scale): the measured
+calibration distortion (solid) and the predicted one, the sum of single-layer distortions read
+off the curves (dashed), in the same colour per method. matplotlib is optional
+(``pip install 'rdprune-onnx[plot]'``); the figure is drawn on the Agg canvas without pyplot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rdprune_onnx.errors import UserError
+
+FIGSIZE = (9.0, 8.0)
+DPI = 110
+_FORMATS = ("png", "svg", "pdf")
+# One fixed colour per method, so that pictures of different sweeps compare.
+COLOURS = {
+    "rd": "tab:blue",
+    "lamp": "tab:orange",
+    "global": "tab:green",
+    "uniform": "tab:red",
+    "uniform-plus": "tab:purple",
+    "erk": "tab:brown",
+}
+
+
+def check_plot_format(path: str | os.PathLike[str]) -> None:
+    fmt = Path(path).suffix.lower().lstrip(".")
+    if fmt not in _FORMATS:
+        raise UserError(
+            f"cannot tell the image format of {str(path)!r}",
+            f"end the name with one of .{', .'.join(_FORMATS)} (e.g. .png)",
+        )
+
+
+def _matplotlib() -> tuple[Any, Any]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError(
+            "plotting needs matplotlib, which is not installed",
+            "pip install 'rdprune-onnx[plot]'",
+        ) from None
+    return Figure, FigureCanvasAgg
+
+
+def plot_sweep(result: Any, path: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """Draw a :class:`~rdprune_onnx.sweep.SweepResult` (or its ``to_dict()``) to ``path``."""
+    raw: dict[str, Any] = result if isinstance(result, dict) else result.to_dict()
+    out = Path(path)
+    check_plot_format(out)
+    if not out.parent.is_dir():
+        raise UserError(f"plot folder {str(out.parent)!r} does not exist", "create it first")
+    if out.exists() and not force:
+        raise UserError(f"plot {str(out)!r} already exists", "pass --force to replace it")
+    figure_cls, canvas_cls = _matplotlib()
+    fig = figure_cls(figsize=FIGSIZE, dpi=DPI)
+    canvas = canvas_cls(fig)
+    ax_q, ax_d = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    metric = str(raw["metric"])
+    methods = list(raw["settings"].get("methods") or [])
+    points = [p for p in raw["points"] if p.get("error") is None]
+    dense = float(raw["dense_metric"])
+    for method in methods:
+        mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["ratio"])
+        if not mine:
+            continue
+        colour = COLOURS.get(method)
+        xs = [p["ratio"] for p in mine]
+        ax_q.plot(xs, [p["metric"] for p in mine], "o-", color=colour, label=method, ms=4)
+        measured = [(p["ratio"], p["measured"]) for p in mine if _positive(p.get("measured"))]
+        predicted = [(p["ratio"], p["predicted"]) for p in mine if _positive(p.get("predicted"))]
+        if measured:
+            ax_d.plot(*zip(*measured, strict=True), "o-", color=colour, ms=3, label=method)
+        if predicted:
+            ax_d.plot(*zip(*predicted, strict=True), "--", color=colour, lw=1.2)
+    ax_q.axhline(dense, color="black", ls="--", lw=1.0, label=f"dense ({dense:.4g})")
+    ax_q.set_ylabel(f"held-out {metric} (pruned model)")
+    ax_q.grid(True, alpha=0.3)
+    ax_q.legend(loc="lower left", fontsize=9)
+    name = Path(str(raw["model"])).name
+    ax_q.set_title(
+        f"{name}: {metric} on {raw['eval_samples']} held-out samples vs pruning ratio",
+        fontsize=11,
+    )
+    ax_d.set_yscale("log")
+    ax_d.set_ylabel(f"calibration distortion ({raw['distortion_metric']})")
+    ax_d.set_xlabel("target pruning ratio (fraction of prunable weights zeroed)")
+    ax_d.grid(True, which="both", alpha=0.3)
+    from matplotlib.lines import Line2D
+
+    ax_d.legend(
+        handles=[
+            Line2D([], [], color="grey", marker="o", ms=3, label="measured"),
+            Line2D([], [], color="grey", ls="--", label="predicted (sum of layer curves)"),
+        ],
+        loc="upper left",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=".rdprune-", suffix=out.suffix, dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            canvas.print_figure(fh, format=out.suffix.lower().lstrip("."), dpi=DPI)
+        Path(tmp).replace(out)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink()
+        raise UserError(f"could not write {str(out)!r}: {exc.strerror or exc}", "") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink()
+        raise
+    return out
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and value > 0
+
+
+__all__ = ["check_plot_format", "plot_sweep"]
