@@ -19,6 +19,7 @@ from .options import (
     build_calibration,
     build_settings,
     calibration_options,
+    mask_options,
     measurement_options,
 )
 from .render import table
@@ -221,6 +222,7 @@ def show_sweep(result: SweepResult) -> str:
     help="Comma list of allocation methods.",
 )
 @_allocation_options_but_method
+@mask_options
 @measurement_options
 @calibration_options
 @click.option("--eval-data", type=click.Path(), required=True, help="Held-out .npz.")

@@ -21,7 +21,7 @@ import onnx
 
 from rdprune_onnx.allocate import Curve
 from rdprune_onnx.calibration import sample_count
-from rdprune_onnx.curves import Reference
+from rdprune_onnx.curves import MaskOrder, Reference
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import run_all
 from rdprune_onnx.graph.load import read_model
@@ -33,6 +33,8 @@ from rdprune_onnx.pipeline import (
     _finish,
     _load_eval,
     _load_job,
+    _mask_order,
+    _mask_statistics,
     _measure_with_cache,
     _refit_candidates,
     _staging,
@@ -93,6 +95,8 @@ class Prober:
                 job.model, job.layers, job.data, settings, job.config.provider, job.batch_size
             )
             self.curve_key = entry.key
+            # The curves of the mask that is applied (wanda: its order at every point).
+            order = _mask_order(settings, _mask_statistics(job, settings, None))
             self.curves = _measure_with_cache(
                 job.model,
                 job.layers,
@@ -106,6 +110,7 @@ class Prober:
                     job.model, job.data, job.batch_size, settings, job.config
                 ),
                 timings=self.timings,
+                mask_order=order,
             )
             self.timings["curves"] = time.perf_counter() - t
         self.dense_out: Outputs | None = None
@@ -128,7 +133,9 @@ class Prober:
             return None
         return score(self.metric, self.dense_out, self.dense_out, self.labels)[0]
 
-    def _curves(self, model: onnx.ModelProto, reference: Reference | None) -> dict[str, Curve]:
+    def _curves(
+        self, model: onnx.ModelProto, reference: Reference | None, order: MaskOrder | None
+    ) -> dict[str, Curve]:
         if self.curves is None:
             raise UserError("the rd method needs rate-distortion curves", "pass --data")
         return self.curves
