@@ -21,6 +21,7 @@ from .options import (
     build_settings,
     calibration_options,
     measurement_options,
+    output_kind_option,
     output_options,
     parse_ratios,
 )
@@ -153,6 +154,7 @@ def curves_command(model: str, **kwargs: Any) -> None:
 @click.option("-o", "--output", type=click.Path(), help="Output file [MODEL.pruned.onnx].")
 @allocation_options
 @click.option("--metric", default="mse", hidden=True)
+@output_kind_option
 @click.option("--provider", default="auto", show_default=True, help="For verification runs.")
 @calibration_options
 @output_options

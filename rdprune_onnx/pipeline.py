@@ -43,11 +43,12 @@ from rdprune_onnx.curves import (
     measure_distortion,
     run_reference,
 )
-from rdprune_onnx.distortion import METRICS, check_metric
+from rdprune_onnx.distortion import METRICS, OUTPUT_KINDS, Metric, resolve_metric
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import Evaluation, compare
 from rdprune_onnx.export import STORAGES, compact_weights
 from rdprune_onnx.flops import macs_per_weight
+from rdprune_onnx.graph.activation import output_activations
 from rdprune_onnx.graph.external import write_external
 from rdprune_onnx.graph.layers import Layer, LayerScan, Skipped, find_layers, read_weight
 from rdprune_onnx.graph.load import has_lazy, read_model, save_model
@@ -108,6 +109,9 @@ class PruneSettings:
     # rd curves measured with each layer pruned AND refit (rdprune_onnx.refit_curves);
     # implies ``reconstruct``: the allocation is then chosen for what will be applied.
     refit_curves: bool = False
+    # What each output holds, for kl / prob-mse (rdprune_onnx.distortion): auto (from the
+    # graph's last activation, else the data), logits, probs, log-probs, sigmoid, embedding.
+    output_kind: str = "auto"
 
     def __post_init__(self) -> None:
         if self.refit_curves:
@@ -126,6 +130,11 @@ class PruneSettings:
         if self.metric not in METRICS:
             raise UserError(
                 f"unknown metric {self.metric!r}", f"choose one of {', '.join(METRICS)}"
+            )
+        if self.output_kind not in OUTPUT_KINDS:
+            raise UserError(
+                f"unknown output kind {self.output_kind!r}",
+                f"choose one of {', '.join(OUTPUT_KINDS)}",
             )
         if self.budget not in BUDGETS:
             raise UserError(
@@ -245,6 +254,8 @@ class PruneResult:
     curves: dict[str, Curve] | None = None
     evaluation: Evaluation | None = None
     model: onnx.ModelProto | None = field(default=None, repr=False)
+    # Each output's resolved kind (rdprune_onnx.distortion.OutputKind), when measured.
+    output_kinds: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -264,6 +275,7 @@ class PruneResult:
                     if self.predicted_distortion is not None and self.measured_distortion
                     else None
                 ),
+                "output_kinds": self.output_kinds,
             },
             "layers": [vars(layer) | {"shape": list(layer.shape)} for layer in self.layers],
             "skipped": [vars(s) for s in self.skipped],
@@ -360,6 +372,7 @@ class _Job:
     eval_arrays: dict[str, np.ndarray] | None = None
     eval_labels: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    metric: str = "mse"  # the settings' metric, resolved to a Metric once outputs are known
 
 
 def _check_outputs(
@@ -413,7 +426,13 @@ def _load_job(
     if job.data is not None:
         t = time.perf_counter()
         job.reference = run_reference(model, job.data, job.batch_size, job.config)
-        check_metric(settings.metric, job.reference.outputs, job.reference.values[0])
+        job.metric = resolve_metric(
+            settings.metric,
+            job.reference.outputs,
+            job.reference.values[0],
+            graph=output_activations(model),
+            override=settings.output_kind,
+        )
         job.timings["reference"] = time.perf_counter() - t
     return job
 
@@ -615,7 +634,7 @@ def _finish(
     if job.reference is not None:
         t = time.perf_counter()
         measured = measure_distortion(
-            Session(pruned_model, job.config, path=staged), job.reference, settings.metric
+            Session(pruned_model, job.config, path=staged), job.reference, job.metric
         )
         timings["verify"] = time.perf_counter() - t
     results = []
@@ -700,6 +719,7 @@ def _finish(
         curves=curves,
         evaluation=evaluation,
         model=pruned_model if staging is None else _reload(written, storage),
+        output_kinds=_kinds_record(job.metric),
     )
     if report is not None:
         try:
@@ -710,6 +730,13 @@ def _finish(
                 path.unlink(missing_ok=True)
             raise
     return result
+
+
+def _kinds_record(metric: str) -> dict[str, Any] | None:
+    """Each output's resolved kind, for the report (None before any output was run)."""
+    if not isinstance(metric, Metric):
+        return None
+    return {name: vars(kind) for name, kind in metric.output_kinds().items()}
 
 
 def _reload(written: str | None, storage: str) -> onnx.ModelProto | None:
@@ -784,7 +811,13 @@ def prune(
     def measure(model: onnx.ModelProto, reference: Reference | None) -> dict[str, Curve]:
         assert reference is not None and job.data is not None
         entry = curve_entry(
-            model, job.layers, job.data, settings, job.config.provider, job.batch_size
+            model,
+            job.layers,
+            job.data,
+            settings,
+            job.config.provider,
+            job.batch_size,
+            metric=job.metric,
         )
         return _measure_with_cache(
             model,
@@ -797,6 +830,7 @@ def prune(
             progress,
             candidates=_refit_candidates(model, job.data, job.batch_size, settings, job.config),
             timings=job.timings,
+            metric=job.metric,
         )
 
     return _allocate_and_finish(
@@ -835,7 +869,13 @@ def measure(
     job = _load_job(model_path, settings, calibration)
     assert job.reference is not None and job.data is not None
     entry = curve_entry(
-        job.model, job.layers, job.data, settings, job.config.provider, job.batch_size
+        job.model,
+        job.layers,
+        job.data,
+        settings,
+        job.config.provider,
+        job.batch_size,
+        metric=job.metric,
     )
     entry.curves = _measure_with_cache(
         job.model,
@@ -847,6 +887,7 @@ def measure(
         cache_dir,
         progress,
         candidates=_refit_candidates(job.model, job.data, job.batch_size, settings, job.config),
+        metric=job.metric,
     )
     if output is not None:
         write_json(entry.to_dict(), output, force=force)
@@ -936,12 +977,16 @@ def curve_entry(
     settings: PruneSettings,
     provider: str,
     batch_size: int,
+    *,
+    metric: str | None = None,
 ) -> CurveFile:
     """The identity of a set of curves: model, data and every setting that changes them.
 
     Refit-aware curves (``refit_curves``) add a ``refit`` entry (solver, damping), so they
     never share a key, a cache file or an ``allocate`` input with plain-mask curves; plain
-    curves keep the key they always had.
+    curves keep the key they always had. Likewise ``output_kinds`` (from a resolved
+    ``metric``) enters the key only when the kinds change what is measured (kl / prob-mse on
+    outputs other than last-axis logits).
     """
     measured: dict[str, Any] = {
         "metric": settings.metric,
@@ -951,6 +996,8 @@ def curve_entry(
     }
     if settings.refit_curves:
         measured["refit"] = {"solver": settings.refit_solver, "damping": REFIT_DAMPING}
+    if isinstance(metric, Metric) and metric.measures_kinds():
+        measured["output_kinds"] = {n: k.key() for n, k in metric.output_kinds().items()}
     return CurveFile(
         model=model_fingerprint(model),
         data=data_fingerprint(data),
@@ -991,6 +1038,7 @@ def _measure_with_cache(
     *,
     candidates: RefitCandidates | None = None,
     timings: dict[str, float] | None = None,
+    metric: str | None = None,
 ) -> dict[str, Curve]:
     cache = CurveCache(cache_dir) if cache_dir is not None else None
     done = cache.load(entry) if cache is not None else {}
@@ -1006,7 +1054,7 @@ def _measure_with_cache(
         layers,
         reference,
         ratios=grid(settings.levels),
-        metric=settings.metric,
+        metric=metric or settings.metric,
         config=config,
         progress=progress,
         done=done,
