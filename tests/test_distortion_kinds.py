@@ -235,3 +235,10 @@ def test_cache_key_changes_only_when_the_kind_changes_the_measure() -> None:
     settings_mse = PruneSettings(ratio=0.5, metric="mse")
     plain = curve_entry(model, layers, data, settings_mse, "cpu", 2).settings
     assert curve_entry(model, layers, data, settings_mse, "cpu", 2, metric=mse).settings == plain
+
+
+def test_resolved_kind_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    value = _outputs(head("softmax"))
+    with caplog.at_level("INFO", logger="rdprune_onnx.distortion"):
+        resolve_metric("kl", ["y"], [value], graph={"y": ("probs", -1)})
+    assert "output 'y': probs, class axis -1 (from graph)" in caplog.text
