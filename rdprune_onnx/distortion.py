@@ -209,7 +209,7 @@ def kind_from_data(value: np.ndarray) -> OutputKind:
     """The kind an output's values suggest: probabilities (non-negative, summing to 1 along
     the last axis), log-probabilities (their exp does), unit-norm rows (an embedding), else
     logits."""
-    if value.dtype.kind == "f" and value.ndim >= 1 and value.shape[-1] >= 2:
+    if value.dtype.kind == "f" and value.ndim >= 2 and value.shape[-1] >= 2:
         if _sums_to_one(value, -1):
             return OutputKind("probs", -1, "data")
         if _log_sums_to_one(value, -1):
@@ -245,7 +245,7 @@ def resolve_kind(
     override: str = "auto",
 ) -> OutputKind:
     """One output's kind: the user's ``override`` if given, else the graph's last activation
-    (``graph``: kind and class axis, see :func:`rdprune_onnx.graph.walk.output_activation`),
+    (``graph``: kind and class axis, see :func:`rdprune_onnx.graph.activation.output_activation`),
     else the data."""
     if override != "auto":
         if override in ("sigmoid", "embedding"):
@@ -302,9 +302,10 @@ def resolve_metric(
         log.info("output %r: %s", name, kind.describe())
         if metric in PROB_METRICS:
             if kind.kind == "embedding":
+                why = "unit-norm rows" if kind.source == "data" else "--output-kind embedding"
                 raise UserError(
                     f"--metric {metric} needs probabilities or class scores, but output "
-                    f"{name!r} is an embedding (unit-norm rows, {kind.source})",
+                    f"{name!r} is an embedding ({why})",
                     "use --metric mse for embeddings (or --output-kind to say what it holds)",
                 )
             if value.dtype.kind != "f":
@@ -312,10 +313,11 @@ def resolve_metric(
                     f"--metric {metric} needs a float output, but {name!r} is not",
                     "use --metric mse or worst",
                 )
-            if kind.kind != "sigmoid" and (value.ndim < 1 or value.shape[kind.axis or -1] < 2):
+            axis = -1 if kind.axis is None else kind.axis
+            if kind.kind != "sigmoid" and (value.ndim < 2 or value.shape[axis] < 2):
                 raise UserError(
                     f"--metric {metric} needs a class axis, but output {name!r} has none "
-                    f"(shape {tuple(value.shape)})",
+                    f"(shape {tuple(value.shape)}: rank < 2 or a class axis of size 1)",
                     "use --metric mse or worst, or --output-kind sigmoid for independent "
                     "probabilities",
                 )

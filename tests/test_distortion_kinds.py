@@ -242,3 +242,12 @@ def test_resolved_kind_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("INFO", logger="rdprune_onnx.distortion"):
         resolve_metric("kl", ["y"], [value], graph={"y": ("probs", -1)})
     assert "output 'y': probs, class axis -1 (from graph)" in caplog.text
+
+
+def test_no_class_axis_refused() -> None:
+    """A rank-1 output's only axis is the batch: never a class axis, for any kind but sigmoid."""
+    scores = np.array([0.2, 0.3, 0.5])
+    for override in ("auto", "logits", "probs"):
+        with pytest.raises(UserError, match="class axis"):
+            resolve_metric("kl", ["y"], [scores], override=override)
+    assert resolve_metric("kl", ["y"], [scores], override="sigmoid").kinds[0].kind == "sigmoid"
