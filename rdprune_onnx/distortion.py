@@ -306,7 +306,7 @@ def resolve_metric(
                 raise UserError(
                     f"--metric {metric} needs probabilities or class scores, but output "
                     f"{name!r} is an embedding ({why})",
-                    "use --metric mse for embeddings (or --output-kind to say what it holds)",
+                    "use --metric mse, or --output-kind if it is not an embedding",
                 )
             if value.dtype.kind != "f":
                 raise UserError(
