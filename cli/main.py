@@ -22,6 +22,7 @@ from .options import (
     calibration_options,
     mask_options,
     measurement_options,
+    output_kind_option,
     output_options,
     parse_ratios,
 )
@@ -171,6 +172,7 @@ def curves_command(model: str, **kwargs: Any) -> None:
 @allocation_options
 @mask_options
 @click.option("--metric", default="mse", hidden=True)
+@output_kind_option
 @click.option("--provider", default="auto", show_default=True, help="For verification runs.")
 @calibration_options
 @output_options

@@ -9,7 +9,7 @@ import click
 
 from rdprune_onnx.allocate import METHODS
 from rdprune_onnx.calibration import parse_input_ranges, parse_input_shapes
-from rdprune_onnx.distortion import METRICS
+from rdprune_onnx.distortion import METRICS, OUTPUT_KINDS
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.export import STORAGES
 from rdprune_onnx.masks import MASK_INPUTS, MASKS
@@ -61,11 +61,24 @@ def calibration_options(func: F) -> F:
     )
 
 
+def output_kind_option(func: F) -> F:
+    """What the outputs hold, for --metric kl / prob-mse (auto: from the graph or data)."""
+    return click.option(
+        "--output-kind",
+        type=click.Choice(OUTPUT_KINDS),
+        default="auto",
+        show_default=True,
+        help="What the outputs hold, for kl / prob-mse: auto detects a final Softmax / "
+        "LogSoftmax / Sigmoid or judges by the data.",
+    )(func)
+
+
 def measurement_options(func: F) -> F:
     return _apply(
         func,
         [
             click.option("--metric", type=click.Choice(METRICS), default="mse", show_default=True),
+            output_kind_option,
             click.option("--levels", default=101, show_default=True, help="Grid points, 0 to 1."),
             click.option(
                 "--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True
@@ -207,6 +220,7 @@ def build_settings(kwargs: dict[str, Any], *, ratio: float) -> PruneSettings:
         refit_curves=kwargs.pop("refit_curves", False),
         mask=kwargs.pop("mask", "magnitude"),
         mask_inputs=kwargs.pop("mask_inputs", "dense"),
+        output_kind=kwargs.pop("output_kind", "auto"),
     )
 
 

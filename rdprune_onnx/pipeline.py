@@ -45,11 +45,12 @@ from rdprune_onnx.curves import (
     measure_distortion,
     run_reference,
 )
-from rdprune_onnx.distortion import METRICS, check_metric
+from rdprune_onnx.distortion import METRICS, OUTPUT_KINDS, Metric, resolve_metric
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import Evaluation, compare
 from rdprune_onnx.export import STORAGES, compact_weights
 from rdprune_onnx.flops import macs_per_weight
+from rdprune_onnx.graph.activation import output_activations
 from rdprune_onnx.graph.external import write_external
 from rdprune_onnx.graph.layers import Layer, LayerScan, Skipped, find_layers, read_weight
 from rdprune_onnx.graph.load import has_lazy, read_model, save_model
@@ -120,6 +121,9 @@ class PruneSettings:
     # with --steps, the current step's) model, or each layer's inputs in the model pruned
     # so far (in graph order). Curves always use the measured model's own inputs.
     mask_inputs: str = "dense"
+    # What each output holds, for kl / prob-mse (rdprune_onnx.distortion): auto (from the
+    # graph's last activation, else the data), logits, probs, log-probs, sigmoid, embedding.
+    output_kind: str = "auto"
 
     @property
     def data_aware_mask(self) -> bool:
@@ -149,6 +153,11 @@ class PruneSettings:
             raise UserError(
                 f"unknown mask inputs {self.mask_inputs!r}",
                 f"choose one of {', '.join(MASK_INPUTS)}",
+            )
+        if self.output_kind not in OUTPUT_KINDS:
+            raise UserError(
+                f"unknown output kind {self.output_kind!r}",
+                f"choose one of {', '.join(OUTPUT_KINDS)}",
             )
         if self.budget not in BUDGETS:
             raise UserError(
@@ -271,6 +280,8 @@ class PruneResult:
     model: onnx.ModelProto | None = field(default=None, repr=False)
     # prune to a quality target (rdprune_onnx.search): the target, every probe, the choice
     search: dict[str, Any] | None = None
+    # Each output's resolved kind (rdprune_onnx.distortion.OutputKind), when measured.
+    output_kinds: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -290,6 +301,7 @@ class PruneResult:
                     if self.predicted_distortion is not None and self.measured_distortion
                     else None
                 ),
+                "output_kinds": self.output_kinds,
             },
             "layers": [vars(layer) | {"shape": list(layer.shape)} for layer in self.layers],
             "skipped": [vars(s) for s in self.skipped],
@@ -387,6 +399,7 @@ class _Job:
     eval_arrays: dict[str, np.ndarray] | None = None
     eval_labels: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    metric: str = "mse"  # the settings' metric, resolved to a Metric once outputs are known
 
 
 def _check_outputs(
@@ -440,7 +453,13 @@ def _load_job(
     if job.data is not None:
         t = time.perf_counter()
         job.reference = run_reference(model, job.data, job.batch_size, job.config)
-        check_metric(settings.metric, job.reference.outputs, job.reference.values[0])
+        job.metric = resolve_metric(
+            settings.metric,
+            job.reference.outputs,
+            job.reference.values[0],
+            graph=output_activations(model),
+            override=settings.output_kind,
+        )
         job.timings["reference"] = time.perf_counter() - t
     return job
 
@@ -759,7 +778,7 @@ def _finish(
     if job.reference is not None:
         t = time.perf_counter()
         measured = measure_distortion(
-            Session(pruned_model, job.config, path=staged), job.reference, settings.metric
+            Session(pruned_model, job.config, path=staged), job.reference, job.metric
         )
         timings["verify"] = time.perf_counter() - t
     results = []
@@ -844,6 +863,7 @@ def _finish(
         curves=curves,
         evaluation=evaluation,
         model=pruned_model if staging is None else _reload(written, storage),
+        output_kinds=_kinds_record(job.metric),
     )
     if report is not None:
         try:
@@ -854,6 +874,13 @@ def _finish(
                 path.unlink(missing_ok=True)
             raise
     return result
+
+
+def _kinds_record(metric: str) -> dict[str, Any] | None:
+    """Each output's resolved kind, for the report (None before any output was run)."""
+    if not isinstance(metric, Metric):
+        return None
+    return {name: vars(kind) for name, kind in metric.output_kinds().items()}
 
 
 def _reload(written: str | None, storage: str) -> onnx.ModelProto | None:
@@ -951,7 +978,13 @@ def prune(
     ) -> dict[str, Curve]:
         assert reference is not None and job.data is not None
         entry = curve_entry(
-            model, job.layers, job.data, settings, job.config.provider, job.batch_size
+            model,
+            job.layers,
+            job.data,
+            settings,
+            job.config.provider,
+            job.batch_size,
+            metric=job.metric,
         )
         return _measure_with_cache(
             model,
@@ -965,6 +998,7 @@ def prune(
             candidates=_refit_candidates(model, job.data, job.batch_size, settings, job.config),
             timings=job.timings,
             mask_order=order,
+            metric=job.metric,
         )
 
     return _allocate_and_finish(
@@ -1003,7 +1037,13 @@ def measure(
     job = _load_job(model_path, settings, calibration)
     assert job.reference is not None and job.data is not None
     entry = curve_entry(
-        job.model, job.layers, job.data, settings, job.config.provider, job.batch_size
+        job.model,
+        job.layers,
+        job.data,
+        settings,
+        job.config.provider,
+        job.batch_size,
+        metric=job.metric,
     )
     order = _mask_order(settings, _mask_statistics(job, settings, None))
     entry.curves = _measure_with_cache(
@@ -1017,6 +1057,7 @@ def measure(
         progress,
         candidates=_refit_candidates(job.model, job.data, job.batch_size, settings, job.config),
         mask_order=order,
+        metric=job.metric,
     )
     if output is not None:
         write_json(entry.to_dict(), output, force=force)
@@ -1116,6 +1157,8 @@ def curve_entry(
     settings: PruneSettings,
     provider: str,
     batch_size: int,
+    *,
+    metric: str | None = None,
 ) -> CurveFile:
     """The identity of a set of curves: model, data and every setting that changes them.
 
@@ -1123,6 +1166,9 @@ def curve_entry(
     never share a key, a cache file or an ``allocate`` input with plain-mask curves; plain
     curves keep the key they always had. So do curves of a data-aware mask (``mask``);
     magnitude curves have no ``mask`` entry.
+    Likewise ``output_kinds`` (from a resolved
+    ``metric``) enters the key only when the kinds change what is measured (kl / prob-mse on
+    outputs other than last-axis logits).
     """
     measured: dict[str, Any] = {
         "metric": settings.metric,
@@ -1134,6 +1180,8 @@ def curve_entry(
         measured["refit"] = {"solver": settings.refit_solver, "damping": REFIT_DAMPING}
     if settings.mask != "magnitude":  # magnitude curves keep the key they always had
         measured["mask"] = settings.mask
+    if isinstance(metric, Metric) and metric.measures_kinds():
+        measured["output_kinds"] = {n: k.key() for n, k in metric.output_kinds().items()}
     return CurveFile(
         model=model_fingerprint(model),
         data=data_fingerprint(data),
@@ -1175,6 +1223,7 @@ def _measure_with_cache(
     candidates: RefitCandidates | None = None,
     timings: dict[str, float] | None = None,
     mask_order: MaskOrder | None = None,
+    metric: str | None = None,
 ) -> dict[str, Curve]:
     cache = CurveCache(cache_dir) if cache_dir is not None else None
     done = cache.load(entry) if cache is not None else {}
@@ -1190,7 +1239,7 @@ def _measure_with_cache(
         layers,
         reference,
         ratios=grid(settings.levels),
-        metric=settings.metric,
+        metric=metric or settings.metric,
         config=config,
         progress=progress,
         done=done,

@@ -92,7 +92,13 @@ class Prober:
             assert job.reference is not None and job.data is not None
             t = time.perf_counter()
             entry = curve_entry(
-                job.model, job.layers, job.data, settings, job.config.provider, job.batch_size
+                job.model,
+                job.layers,
+                job.data,
+                settings,
+                job.config.provider,
+                job.batch_size,
+                metric=job.metric,
             )
             self.curve_key = entry.key
             # The curves of the mask that is applied (wanda: its order at every point).
@@ -111,6 +117,7 @@ class Prober:
                 ),
                 timings=self.timings,
                 mask_order=order,
+                metric=job.metric,
             )
             self.timings["curves"] = time.perf_counter() - t
         self.dense_out: Outputs | None = None
