@@ -797,6 +797,108 @@ def solve_sparsegpt(
     return out
 
 
+def block_quotas(eligible: Array, count: int) -> Array:
+    """Split ``count`` over units holding ``eligible`` candidates each, proportionally to
+    ``eligible``, by largest remainder (equal remainders: the lower index first). Exact
+    integer arithmetic; every quota is at most its unit's ``eligible``."""
+    eligible = np.asarray(eligible, dtype=np.int64)
+    total = int(eligible.sum())
+    if not 0 <= count <= total:
+        raise ValueError(f"cannot choose {count} of {total} entries")
+    if total == 0:
+        return np.zeros_like(eligible)
+    scaled = eligible * count
+    quotas = scaled // total
+    remainders = scaled - quotas * total
+    left = count - int(quotas.sum())
+    order = np.lexsort((np.arange(len(eligible)), -remainders))
+    quotas[order[:left]] += 1
+    return quotas
+
+
+def solve_sparsegpt_select(
+    damped: Array,
+    dense_eff: Array,
+    count: int,
+    *,
+    cross: Array | None = None,
+    prunable: Array | None = None,
+    block_size: int = BLOCK_SIZE,
+    factors: Factors | None = None,
+) -> tuple[Array, Array]:
+    """SparseGPT (Frantar & Alistarh 2023, Algorithm 1): choose the mask AND update the
+    kept weights in one blockwise OBS sweep.
+
+    ``damped`` (g, D, D) is ``H + λI``; ``dense_eff`` (g, D, r) the dense weight in the
+    effective layout (with the bias row last when a bias is refit); ``count`` the number of
+    entries to zero in total over all groups. ``prunable`` (D,) marks the rows that may be
+    pruned (False for a bias row: never pruned, only updated); default all.
+
+    The sweep starts from ``(H + λI)⁻¹ cross`` (the damped least-squares optimum: with
+    statistics of a partly pruned upstream model it also compensates upstream error) when
+    ``cross`` is given, else from ``dense_eff`` itself (the reference implementation).
+    Inputs are processed in blocks of ``block_size`` columns with lazy batch updates, using
+    the upper Cholesky factor U of ``(H + λI)⁻¹``. At the start of each block the entries
+    to prune are those of least OBS saliency ``w² / U_jj²`` over the whole block (all
+    output rows x block columns, the weights as updated so far; equal saliencies: the lower
+    (input, row) index first). Entries that are zero in ``dense_eff`` are pruned first and
+    stay zero; the rest of ``count`` is split over the (group, block) units proportionally
+    to their nonzero prunable entries (= to block size when the dense weight has no zeros)
+    by :func:`block_quotas`, so the total is exactly ``count``.
+
+    Returns ``(weight, keep)``, both (g, D, r); ``weight`` is exactly 0 where ``keep`` is
+    False. Raises ``ValueError`` when ``count`` is below the dense zeros or above the
+    prunable entries, ``np.linalg.LinAlgError`` when ``damped`` is not positive definite.
+    """
+    g, d, r = dense_eff.shape
+    if factors is None:
+        factors = Factors(damped, cross if cross is not None else np.zeros((g, d, r)))
+    start = factors.free if cross is not None else dense_eff.astype(np.float64)
+    rows_ok = np.ones(d, dtype=bool) if prunable is None else np.asarray(prunable, dtype=bool)
+    allowed = np.broadcast_to(rows_ok[None, :, None], (g, d, r))
+    zero = allowed & (dense_eff == 0)
+    eligible = allowed & ~zero
+    units = [(k, i1, min(i1 + block_size, d)) for k in range(g) for i1 in range(0, d, block_size)]
+    quotas = block_quotas(
+        np.array([int(eligible[k, i1:i2].sum()) for k, i1, i2 in units], dtype=np.int64),
+        count - int(zero.sum()),
+    )
+    keep = np.ones((g, d, r), dtype=bool)
+    out = np.zeros((g, d, r))
+    unit = 0
+    for k in range(g):
+        upper = factors.upper(k)  # inverse = upperᵀ upper
+        diagonal = np.diag(upper)
+        w = np.ascontiguousarray(start[k].T)  # (r, D): one row per output row
+        for i1 in range(0, d, block_size):
+            i2 = min(i1 + block_size, d)
+            quota = int(quotas[unit])
+            unit += 1
+            block = w[:, i1:i2].copy()
+            # Saliency in (input, row) order, the effective layout's, for the tie-break.
+            saliency = (block / diagonal[i1:i2]).T ** 2
+            candidates = np.flatnonzero(eligible[k, i1:i2])
+            order = np.argsort(saliency.reshape(-1)[candidates], kind="stable")
+            prune = zero[k, i1:i2].copy()
+            prune.reshape(-1)[candidates[order[:quota]]] = True
+            keep[k, i1:i2] = ~prune
+            errors = np.zeros((r, i2 - i1))
+            hinv = upper[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                column = block[:, i]
+                quantised = np.where(prune[i], 0.0, column)
+                err = (column - quantised) / hinv[i, i]
+                block[:, i:] -= np.outer(err, hinv[i, i:])
+                block[:, i] = quantised
+                errors[:, i] = err
+            w[:, i1:i2] = block
+            if i2 < d:
+                w[:, i2:] -= errors @ upper[i1:i2, i2:]
+        out[k] = w.T
+    out[~keep] = 0.0
+    return out, keep
+
+
 def choose_solver(mask: Array) -> str:
     """The ``auto`` rule (see the module doc) for a ``(g, D, r)`` keep-mask."""
     cost = exact_cost(mask)
