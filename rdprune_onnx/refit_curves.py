@@ -19,6 +19,12 @@ the O(r d²) column sweep). Solves run one at a time (the curve's other workers 
 ONNX Runtime meanwhile); a mask asked for again (curves measured over chunks of the
 calibration data) is answered from a per-layer memo of up to ``MEMO_BYTES``.
 
+With ``select=True`` each level re-chooses the layer's mask with SparseGPT
+(:func:`rdprune_onnx.reconstruct.solve_sparsegpt_select`) at the level's count of zeros,
+from the same dense statistics and factorisations, and feeds it when it beats the given
+mask's refit (as ``reconstruct(select=True, inputs="dense")`` does). Padding rows are
+excluded from the Hessian as in :mod:`rdprune_onnx.reconstruct`.
+
 Memory per layer: the Hessian and its inverse, ``2 g D²`` float64 (MiniLM's widest layer,
 D = 1537: 38 MB), plus the exact solver's bounded chunk of gathered systems.
 
@@ -42,7 +48,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from rdprune_onnx.calibration import batches
 from rdprune_onnx.curves import LayerCandidates, infer_types
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.layers import Layer
@@ -51,17 +56,17 @@ from rdprune_onnx.reconstruct import (
     SOLVERS,
     Factors,
     _damped,
-    _effective_with_bias,
-    _Fetcher,
     _Graph,
-    _input_rows,
     _Plan,
     _plan_layer,
     _refit_masked,
     _rows_key,
-    _Stats,
     _Sums,
     _warn_few_rows,
+    dense_stats,
+    dense_sums,
+    select_refit,
+    token_mask_name,
 )
 from rdprune_onnx.runtime import SessionConfig
 
@@ -107,6 +112,7 @@ class RefitCandidates:
         solver: str = "auto",
         damping: float = REFIT_DAMPING,
         refit_bias: bool = True,
+        select: bool = False,
     ) -> None:
         if solver not in SOLVERS:
             raise UserError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
@@ -120,6 +126,8 @@ class RefitCandidates:
         self.solver = solver
         self.damping = damping
         self.refit_bias = refit_bias
+        self.select = select
+        self.token_mask = token_mask_name(data)
         self.costs: dict[str, CurveRefitCost] = {}
         self._last: tuple[tuple[object, ...], _Sums | None] | None = None
         self._lock = threading.Lock()
@@ -143,7 +151,7 @@ class RefitCandidates:
         if sums is None:
             self._plain(layer.name, "no calibration rows")
             return None
-        stats = _dense_stats(sums, weight, bias, plan)
+        stats = dense_stats(sums, weight, bias, plan)
         width = stats.hessian.shape[1]
         d = width - (1 if bias is not None else 0)
         _warn_few_rows(layer.name, stats.rows, width)
@@ -174,7 +182,14 @@ class RefitCandidates:
                 if key in memo:
                     return dict(memo[key])
                 t = time.perf_counter()
-                refit = _refit_masked(layer.name, plan, masked, bias, stats, self.solver, factors)
+                if self.select:
+                    refit = select_refit(
+                        layer.name, plan, weight, masked, bias, stats, self.solver, factors
+                    )
+                else:
+                    refit = _refit_masked(
+                        layer.name, plan, masked, bias, stats, self.solver, factors
+                    )
                 cost.solve_s += time.perf_counter() - t
                 cost.levels += 1
                 method = refit.info.method
@@ -213,16 +228,14 @@ class RefitCandidates:
 
     def _hessian(self, plans: list[_Plan]) -> _Sums | None:
         """``[X, 1]ᵀ[X, 1]`` over the dense activations of every use, in one data pass."""
-        fetcher = _Fetcher(self.typed, [p.activation for p in plans], set(self.data), self.config)
-        sums: _Sums | None = None
-        for feeds in batches(self.data, self.batch_size):
-            values = fetcher.run(feeds)
-            for plan in plans:
-                for _rows, x in _input_rows(plan, values[plan.activation]):
-                    if sums is None:
-                        sums = _Sums(x.shape[0], x.shape[2], [])
-                    sums.add(x, [])
-        return sums
+        return dense_sums(
+            self.typed,
+            [plans],
+            self.data,
+            batch_size=self.batch_size,
+            config=self.config,
+            token_mask=self.token_mask,
+        )[0]
 
     def summary(self) -> dict[str, float | int]:
         """Totals over the layers measured so far."""
@@ -235,16 +248,3 @@ class RefitCandidates:
             "levels_solved": sum(c.levels for c in refit),
             "levels_kept_mask": sum(c.kept_mask for c in refit),
         }
-
-
-def _dense_stats(sums: _Sums, weight: Array, bias: Array | None, plan: _Plan) -> _Stats:
-    """The refit statistics against the dense layer's own output on dense inputs.
-
-    The target is ``Y = [X, 1] [W; b]`` (what the dense node computes, less any fixed
-    offset), so ``G = H [W; b]`` and ``ΣY² = tr([W; b]ᵀ G)`` need no pass over the outputs.
-    """
-    size = sums.width + (1 if bias is not None else 0)
-    hessian = sums.hessian[:, :size, :size]
-    dense = _effective_with_bias(weight, bias, plan)
-    cross = hessian @ dense
-    return _Stats(hessian, cross, float(np.sum(dense * cross)), sums.rows)
