@@ -911,9 +911,10 @@ def solve_sparsegpt_select(
     entries to zero in total over all groups. ``prunable`` (D,) marks the rows that may be
     pruned (False for a bias row: never pruned, only updated); default all.
 
-    The sweep starts from ``(H + λI)⁻¹ cross`` (the damped least-squares optimum: with
-    statistics of a partly pruned upstream model it also compensates upstream error) when
-    ``cross`` is given, else from ``dense_eff`` itself (the reference implementation).
+    The sweep starts from ``(H + λI)⁻¹ cross`` when ``cross`` is given (reconstruct
+    passes ``G + λ W``: the optimum of ``|X̂ W' - Y|² + λ|W' - W|²``, which is W itself
+    on dense statistics and compensates upstream error on sequential ones), else from
+    ``dense_eff`` itself (the reference implementation).
     Inputs are processed in blocks of ``block_size`` columns with lazy batch updates, using
     the upper Cholesky factor U of ``(H + λI)⁻¹``. At the start of each block the entries
     to prune are those of least OBS saliency ``w² / U_jj²`` over the whole block (all
@@ -930,7 +931,7 @@ def solve_sparsegpt_select(
     g, d, r = dense_eff.shape
     if factors is None:
         factors = Factors(damped, cross if cross is not None else np.zeros((g, d, r)))
-    start = factors.free if cross is not None else dense_eff.astype(np.float64)
+    start = factors.inverse @ cross if cross is not None else dense_eff.astype(np.float64)
     rows_ok = np.ones(d, dtype=bool) if prunable is None else np.asarray(prunable, dtype=bool)
     allowed = np.broadcast_to(rows_ok[None, :, None], (g, d, r))
     zero = allowed & (dense_eff == 0)
@@ -1457,8 +1458,14 @@ def select_refit(
     solver: str,
     factors: Factors,
 ) -> _Refit:
-    """SparseGPT selection at the zero count of ``masked``, kept only when it beats the
-    given mask's refit (``solver``) on ``stats``; else the given mask's result."""
+    """SparseGPT selection at the zero count of ``masked`` (see :func:`reconstruct`).
+
+    Three candidates are scored on ``stats``: the given mask's refit (``solver``; or the
+    plain given mask when that refit does not help), the selected mask with SparseGPT's
+    own updated weights, and the selected mask refit by ``solver`` (the exact solver is
+    optimal for a fixed mask, SparseGPT's sweep only approximately so). The lowest error
+    wins; ``reason`` says what was kept when it is not SparseGPT's own result.
+    """
     given = _refit_masked(name, plan, masked, bias, stats, solver, factors)
     info = LayerRefit(name, SELECT_METHOD, given.info.error_before, given.info.error_after, 0.0)
     info.bias = given.info.bias
@@ -1467,13 +1474,15 @@ def select_refit(
     eff = _effective_with_bias(dense, bias, plan)
     width = eff.shape[1]
     d = width - (1 if bias is not None else 0)
+    diagonal = np.arange(width)
+    lam = factors.damped[:, diagonal, diagonal] - stats.hessian[:, diagonal, diagonal]
     try:
         solved, keep_eff = solve_sparsegpt_select(
             factors.damped,
             eff,
             int(np.count_nonzero(masked == 0)),
-            cross=factors.cross,
-            prunable=np.arange(width) < d,
+            cross=stats.cross + lam[:, :, None] * eff,
+            prunable=diagonal < d,
             factors=factors,
         )
     except (np.linalg.LinAlgError, ValueError) as exc:
@@ -1484,12 +1493,14 @@ def select_refit(
     new_bias: Array | None = None
     if bias is not None:
         new_bias = _bias_from_effective(solved[:, d], plan).astype(bias.dtype)
-    if not np.all(np.isfinite(weight)) or (
-        new_bias is not None and not np.all(np.isfinite(new_bias))
-    ):
-        info.reason = f"selection overflows the weight dtype; kept {kept}"
-        return fallback
-    error = stats.error(_effective_with_bias(weight, new_bias, plan))
+    error = math.inf
+    if np.all(np.isfinite(weight)) and (new_bias is None or np.all(np.isfinite(new_bias))):
+        error = stats.error(_effective_with_bias(weight, new_bias, plan))
+    selected = np.where(keep, dense, np.zeros_like(dense))
+    again = _refit_masked(name, plan, selected, bias, stats, solver, factors)
+    if again.weight is not None and again.info.error_after < error:
+        weight, new_bias, error = again.weight, again.bias, again.info.error_after
+        info.reason = f"selected mask, weights by the {again.info.method} refit"
     if not error < given.info.error_after:
         info.reason = f"selected mask not better (error {error:.4g}); kept {kept}"
         return fallback
