@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from rdprune_onnx import reconstruct as reconstruct_module
+from rdprune_onnx.curves import grid, measure_distortion, run_reference
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.layers import find_layers, read_weight
 from rdprune_onnx.graph.surgery import replace_weights
@@ -20,7 +21,12 @@ from rdprune_onnx.reconstruct import (
     reconstruct,
     solve_sparsegpt_select,
 )
-from rdprune_onnx.refit_curves import RefitCandidates
+from rdprune_onnx.refit_curves import (
+    RefitCandidates,
+    SequentialRefitCandidates,
+    remeasure_curves,
+)
+from rdprune_onnx.runtime import Session, SessionConfig
 from tests import graphs_refit
 from tests.test_reconstruct import CASES, _masked, _output_mse
 from tests.test_refit_curves import _masked as masked_weight
@@ -370,3 +376,36 @@ def test_refit_curves_select_counts_and_never_worse(case: str) -> None:
             selected_somewhere |= not np.array_equal(weight == 0, masked == 0)
     assert selected_somewhere
     assert all(cost.levels == 3 for cost in chosen.costs.values())  # memo: no second solve
+
+
+# --------------------------------------------------------------------------------------
+# Curves re-measured on the pruned-and-refit model
+
+
+def test_sequential_candidates_reproduce_the_sequential_refit() -> None:
+    """At the base's own ratio, a layer's candidate is exactly what reconstruct applied
+    (same X̂ from the upstream pruned-and-refit layers, same dense targets), and the
+    re-measured curve there is the base model's distortion."""
+    model, data = CASES["gemm_bias"][0]()
+    layers = find_layers(model).layers
+    pruned = _masked(model, 0.7)
+    rec = reconstruct(model, pruned, layers, data, solver="exact")
+    base = rec.all_weights()
+    factory = SequentialRefitCandidates(model, base, data, solver="exact")
+    for layer in layers:
+        candidates = factory(layer, base[layer.name])
+        assert candidates is not None
+        fed = candidates.make(base[layer.name], 0.7)
+        np.testing.assert_allclose(fed[layer.name], rec.weights[layer.name], rtol=1e-5, atol=1e-7)
+        dense = read_weight(model, layer.name)
+        low = candidates.make(base[layer.name], 0.2)  # below the base's ratio: from dense
+        assert np.count_nonzero(low[layer.name] == 0) == round(0.2 * dense.size)
+        np.testing.assert_array_equal(candidates.make(base[layer.name], 0.0)[layer.name], dense)
+    reference = run_reference(model, data, 32, SessionConfig())
+    curves, _ = remeasure_curves(model, layers, base, data, reference, ratios=grid(11))
+    measured = measure_distortion(Session(replace_weights(model, base)), reference, "mse")
+    for layer in layers:
+        curve = curves[layer.name]
+        at = int(np.argmin(np.abs(np.asarray(curve.ratios) - 0.7)))
+        assert curve.distortion[at] == pytest.approx(measured, rel=1e-4)
+        assert curve.distortion[-1] > curve.distortion[at]
