@@ -409,3 +409,20 @@ def test_sequential_candidates_reproduce_the_sequential_refit() -> None:
         at = int(np.argmin(np.abs(np.asarray(curve.ratios) - 0.7)))
         assert curve.distortion[at] == pytest.approx(measured, rel=1e-4)
         assert curve.distortion[-1] > curve.distortion[at]
+
+
+def test_select_keeps_dense_zeros_pruned_in_reconstruct() -> None:
+    model = graphs_refit.linear(40, 12)
+    w = read_weight(model, "w").copy()
+    w[::3, ::2] = 0.0  # a partly sparse dense model
+    model = replace_weights(model, {"w": w})
+    rng = np.random.default_rng(2)
+    data = {"x": rng.standard_normal((300, 40)).astype(np.float32)}
+    layers = find_layers(model).layers
+    for ratio in (0.3, 0.6, 0.9):
+        pruned = _masked(model, ratio)
+        chosen = reconstruct(model, pruned, layers, data, select=True, inputs="dense")
+        out = chosen.weights["w"]
+        assert np.count_nonzero(out == 0) == np.count_nonzero(pruned["w"] == 0)
+        assert np.all(out[w == 0] == 0)
+        assert chosen.layers[0].method == SELECT_METHOD
