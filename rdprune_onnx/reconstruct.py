@@ -1116,6 +1116,7 @@ class _Context:
     select: bool = False
     inputs: str = "sequential"
     token_mask: str | None = None  # the attention-mask input, if any (see _real_rows)
+    select_refits: bool = True
 
 
 @dataclass
@@ -1158,6 +1159,7 @@ def reconstruct(
     progress: bool = False,
     select: bool = False,
     inputs: str = "sequential",
+    select_refits: bool = True,
 ) -> Reconstruction:
     """Refit the kept weights of ``layers`` after masking (see the module doc).
 
@@ -1173,7 +1175,8 @@ def reconstruct(
     :func:`solve_sparsegpt_select` from the dense weight and the layer's Hessian. The
     result is kept only when its calibration error is below that of the given mask refit
     (else the given mask's result is kept and ``reason`` says so); the method reported is
-    ``"sparsegpt-select"``.
+    ``"sparsegpt-select"``. ``select_refits=False`` skips the two fixed-mask solves of
+    :func:`select_refit` (SparseGPT's own weights, checked against plain masking only).
 
     ``inputs``: ``"sequential"`` (H and targets from the model pruned and refit so far,
     X̂) or ``"dense"`` (H from the dense model's activations X, in one pass for all layers;
@@ -1197,6 +1200,7 @@ def reconstruct(
         select,
         inputs,
         token_mask_name(data),
+        select_refits,
     )
     if ctx.token_mask is not None:
         log.info("refit rows: padding excluded by the %r input", ctx.token_mask)
@@ -1443,7 +1447,15 @@ def _solve_layer(ctx: _Context, item: _Todo, stats: _Stats) -> _Refit:
     factors = Factors(_damped(stats.hessian, ctx.damping, d), stats.cross)
     if ctx.select:
         return select_refit(
-            item.name, plan, item.dense, item.masked, item.bias, stats, ctx.solver, factors
+            item.name,
+            plan,
+            item.dense,
+            item.masked,
+            item.bias,
+            stats,
+            ctx.solver,
+            factors,
+            refits=ctx.select_refits,
         )
     return _refit_masked(item.name, plan, item.masked, item.bias, stats, ctx.solver, factors)
 
@@ -1457,6 +1469,7 @@ def select_refit(
     stats: _Stats,
     solver: str,
     factors: Factors,
+    refits: bool = True,
 ) -> _Refit:
     """SparseGPT selection at the zero count of ``masked`` (see :func:`reconstruct`).
 
@@ -1465,8 +1478,14 @@ def select_refit(
     own updated weights, and the selected mask refit by ``solver`` (the exact solver is
     optimal for a fixed mask, SparseGPT's sweep only approximately so). The lowest error
     wins; ``reason`` says what was kept when it is not SparseGPT's own result.
+    ``refits=False`` skips both solves (SparseGPT alone, O(d³ + r d²)): SparseGPT's
+    weights are then kept unless worse than the plain given mask.
     """
-    given = _refit_masked(name, plan, masked, bias, stats, solver, factors)
+    if refits:
+        given = _refit_masked(name, plan, masked, bias, stats, solver, factors)
+    else:
+        error = stats.error(_effective_with_bias(masked, bias, plan))
+        given = _Refit(LayerRefit(name, "mask", error, error, 0.0))
     info = LayerRefit(name, SELECT_METHOD, given.info.error_before, given.info.error_after, 0.0)
     info.bias = given.info.bias
     kept = "the given mask" + (f" ({given.info.method} refit)" if given.weight is not None else "")
@@ -1497,8 +1516,8 @@ def select_refit(
     if np.all(np.isfinite(weight)) and (new_bias is None or np.all(np.isfinite(new_bias))):
         error = stats.error(_effective_with_bias(weight, new_bias, plan))
     selected = np.where(keep, dense, np.zeros_like(dense))
-    again = _refit_masked(name, plan, selected, bias, stats, solver, factors)
-    if again.weight is not None and again.info.error_after < error:
+    again = _refit_masked(name, plan, selected, bias, stats, solver, factors) if refits else None
+    if again is not None and again.weight is not None and again.info.error_after < error:
         weight, new_bias, error = again.weight, again.bias, again.info.error_after
         info.reason = f"selected mask, weights by the {again.info.method} refit"
     if not error < given.info.error_after:

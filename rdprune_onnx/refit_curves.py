@@ -121,6 +121,7 @@ class RefitCandidates:
         damping: float = REFIT_DAMPING,
         refit_bias: bool = True,
         select: bool = False,
+        select_refits: bool = True,
     ) -> None:
         if solver not in SOLVERS:
             raise UserError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
@@ -135,6 +136,7 @@ class RefitCandidates:
         self.damping = damping
         self.refit_bias = refit_bias
         self.select = select
+        self.select_refits = select_refits
         self.token_mask = token_mask_name(data)
         self.costs: dict[str, CurveRefitCost] = {}
         self._last: tuple[tuple[object, ...], _Sums | None] | None = None
@@ -192,7 +194,15 @@ class RefitCandidates:
                 t = time.perf_counter()
                 if self.select:
                     refit = select_refit(
-                        layer.name, plan, weight, masked, bias, stats, self.solver, factors
+                        layer.name,
+                        plan,
+                        weight,
+                        masked,
+                        bias,
+                        stats,
+                        self.solver,
+                        factors,
+                        refits=self.select_refits,
                     )
                 else:
                     refit = _refit_masked(
@@ -294,6 +304,7 @@ class SequentialRefitCandidates:
         damping: float = REFIT_DAMPING,
         refit_bias: bool = True,
         select: bool = False,
+        select_refits: bool = True,
     ) -> None:
         if solver not in SOLVERS:
             raise UserError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
@@ -307,6 +318,7 @@ class SequentialRefitCandidates:
         self.damping = damping
         self.refit_bias = refit_bias
         self.select = select
+        self.select_refits = select_refits
         self.token_mask = token_mask_name(data)
         self.costs: dict[str, CurveRefitCost] = {}
         self._lock = threading.Lock()
@@ -356,7 +368,15 @@ class SequentialRefitCandidates:
                 t = time.perf_counter()
                 if self.select:
                     refit = select_refit(
-                        layer.name, plan, dense, given, bias, stats, self.solver, factors
+                        layer.name,
+                        plan,
+                        dense,
+                        given,
+                        bias,
+                        stats,
+                        self.solver,
+                        factors,
+                        refits=self.select_refits,
                     )
                 else:
                     refit = _refit_masked(
@@ -414,6 +434,7 @@ def remeasure_curves(
     config: SessionConfig | None = None,
     solver: str = "auto",
     select: bool = False,
+    select_refits: bool = True,
 ) -> tuple[dict[str, Curve], SequentialRefitCandidates]:
     """Curves of ``layers`` measured on the pruned-and-refit model ``base_weights`` (the
     weights and biases of a first ``reconstruct``) with :class:`SequentialRefitCandidates`;
@@ -428,6 +449,7 @@ def remeasure_curves(
         config=config,
         solver=solver,
         select=select,
+        select_refits=select_refits,
     )
     rebased = reference.rebased(factory.base, config)
     curves = measure_curves(

@@ -4,6 +4,7 @@ straightforward dense OBS reference, and its use in reconstruct / refit-aware cu
 from __future__ import annotations
 
 import logging
+import unittest.mock
 from fractions import Fraction
 
 import numpy as np
@@ -426,3 +427,35 @@ def test_select_keeps_dense_zeros_pruned_in_reconstruct() -> None:
         assert np.count_nonzero(out == 0) == np.count_nonzero(pruned["w"] == 0)
         assert np.all(out[w == 0] == 0)
         assert chosen.layers[0].method == SELECT_METHOD
+
+
+def test_select_without_the_fixed_mask_refits() -> None:
+    """select_refits=False: SparseGPT's own weights (no exact solves), kept unless worse
+    than plain masking; counts exact, never worse than the plain mask."""
+    model = graphs_refit.linear(96, 24)
+    rng = np.random.default_rng(3)
+    scale = np.exp(rng.standard_normal(96))
+    data = {"x": (rng.standard_normal((500, 96)) * scale + 0.2).astype(np.float32)}
+    pruned = _masked(model, 0.7)
+    layers = find_layers(model).layers
+    calls: list[str] = []
+    original = reconstruct_module._refit_masked
+
+    def counting(*args: object, **kw: object) -> object:
+        calls.append("solve")
+        return original(*args, **kw)  # type: ignore[arg-type]
+
+    with unittest.mock.patch.object(reconstruct_module, "_refit_masked", counting):
+        fast = reconstruct(model, pruned, layers, data, select=True, select_refits=False)
+    assert calls == []
+    info = fast.layers[0]
+    assert info.method == SELECT_METHOD and info.reason is None
+    assert info.error_after < info.error_before
+    assert np.count_nonzero(fast.weights["w"] == 0) == np.count_nonzero(pruned["w"] == 0)
+    full = reconstruct(model, pruned, layers, data, select=True).layers[0]
+    assert full.error_after <= info.error_after
+    factory = RefitCandidates(model, data, select=True, select_refits=False)
+    candidates = factory(layers[0], read_weight(model, "w"))
+    assert candidates is not None
+    fed = candidates.make(pruned["w"], 0.7)
+    assert np.count_nonzero(fed["w"] == 0) == np.count_nonzero(pruned["w"] == 0)
