@@ -27,7 +27,22 @@ branches of a block) form one group and share the pass and the Hessian. A pass r
 graph only up to the group's nodes, so the total is O(L²/2) layer evaluations for a chain
 of L groups.
 
-Solvers (the damped Hessian is ``H + λI`` with ``λ = damping * mean(diag(H))``):
+Inputs (``inputs=``): ``"sequential"`` (above: X̂ from the model pruned and refit so far,
+the way SparseGPT calibrates LLMs) or ``"dense"``: H from the dense model's activations X,
+summed in ONE pass over the data for all layers (as many as fit in ``DENSE_CACHE_BYTES`` per
+pass), and ``G = H [W; b]``, ``ΣY² = tr([W; b]ᵀ G)`` from the dense weight, with no target
+pass (:func:`dense_stats`, shared with the refit-aware curves).
+
+Rows: calibration rows are real rows only. When the data has an attention-mask input
+(:func:`token_mask_name`: a 2-D integer/bool input named ``*attention_mask*``, else
+``*mask*``), the rows of ``x @ W`` layers whose activation's two leading axes are that
+mask's (batch, seq) are dropped where the mask is 0 (padding), from H, G, ΣY² and the row
+count (:func:`_real_rows`; other shapes count every row, logged). The warning about fewer
+rows than inputs uses that count.
+
+Solvers (the damped Hessian is ``H + λI`` with ``λ = damping * mean(diag(H))`` over the
+weight inputs, and ``damping`` times its own diagonal entry for a bias column, so that
+scaling the activations scales the refit weights back exactly):
 
 - ``exact``: for every output row, the least-squares solution restricted to the kept
   inputs of that row. A row with k kept and p pruned inputs solves either the k x k system
@@ -52,6 +67,15 @@ Solvers (the damped Hessian is ``H + λI`` with ``λ = damping * mean(diag(H))``
   above (ResNet-50's 3x3x256 and 3x3x512 convolutions); at 90% or 10% sparsity exact is
   cheap at any width. Here d counts the inputs of one group (Conv: channels per group x
   kernel size) plus one for a refit bias.
+
+Mask selection (``select=True``): :func:`solve_sparsegpt_select` is SparseGPT proper
+(Frantar & Alistarh 2023, Algorithm 1): the same blockwise sweep, but at the start of each
+128-column block the entries to prune are chosen by the OBS saliency ``w² / U_jj²`` (U the
+upper Cholesky factor of the damped inverse Hessian) over the whole block, before the
+block's columns are eliminated; the total count of zeros is kept exactly (block quotas by
+largest remainder, dense zeros first). The layer keeps the number of zeros of the given
+mask; the selected-and-updated weight replaces the given mask's refit only when its
+calibration error is lower (LayerRefit method ``"sparsegpt-select"``).
 
 Guarantee: after solving, the refit weight (cast back to the weight's dtype) is scored on
 the calibration statistics; if it does not lower the layer's error below plain masking,
@@ -112,6 +136,8 @@ def _load_threadpool_limits() -> Callable[..., AbstractContextManager[object]] |
 _threadpool_limits = _load_threadpool_limits()
 
 SOLVERS = ("auto", "exact", "sparsegpt")
+INPUTS = ("sequential", "dense")  # where the refit statistics come from (see reconstruct)
+SELECT_METHOD = "sparsegpt-select"  # LayerRefit.method of a mask chosen by SparseGPT
 EXACT_MAX_FLOPS = 1.5e11  # auto: exact when its estimated cost is below this ...
 EXACT_FLOP_FACTOR = 4.0  # ... or below this multiple of the SparseGPT estimate
 BLOCK_SIZE = 128  # SparseGPT columns per lazy-update block
@@ -127,7 +153,7 @@ class LayerRefit:
     """What the refit did to one layer."""
 
     name: str
-    method: str  # "exact" | "sparsegpt" | "skipped"
+    method: str  # "exact" | "sparsegpt" | "sparsegpt-select" | "skipped"
     # Mean squared error of the layer's output (X̂ inputs) against the dense layer's output
     # on the dense inputs, per output element, over the calibration data: plain masking ...
     error_before: float
@@ -497,6 +523,50 @@ def _input_rows(plan: _Plan, act: Array) -> Iterator[tuple[slice, Array]]:
     yield slice(0, x.shape[0]), x[None]
 
 
+def token_mask_name(data: Mapping[str, Array]) -> str | None:
+    """The calibration input that marks real token positions, if there is one: a 2-D
+    integer or boolean input (batch, seq) whose name contains ``attention_mask`` or, when
+    no name does, ``mask`` (one such input only; several: None, logged)."""
+    found = [
+        name
+        for name, array in data.items()
+        if getattr(array, "ndim", 0) == 2
+        and np.dtype(array.dtype).kind in "biu"
+        and "mask" in name.lower()
+    ]
+    preferred = [name for name in found if "attention_mask" in name.lower()] or found
+    if len(preferred) > 1:
+        log.info("several mask inputs (%s): every activation row counts", ", ".join(preferred))
+        return None
+    return preferred[0] if preferred else None
+
+
+def _real_rows(plan: _Plan, act: Array, token_mask: Array | None) -> Array | None:
+    """Which activation rows of ``plan`` are real tokens (None: all rows count).
+
+    Rule: only ``x @ W`` layers (MatMul with the weight on the right) have token rows.
+    When ``act`` has rank >= 3 and its two leading axes equal the attention mask's shape
+    (batch, seq), the rows (the flattened leading axes) at positions where the mask is 0
+    are padding and excluded from H, G, ΣY² and the row count. Any other shape (a pooled
+    (batch, hidden) activation, a reshaped (batch * seq, hidden) one, heads before seq)
+    counts every row; a rank >= 3 activation that does not line up is logged.
+    """
+    if token_mask is None or plan.kind != "matmul_right":
+        return None
+    mask = np.asarray(token_mask) != 0
+    if act.ndim >= 3 and act.shape[:2] == mask.shape:
+        full = mask.reshape(mask.shape + (1,) * (act.ndim - 3))
+        return np.broadcast_to(full, act.shape[:-1]).reshape(-1)
+    if act.ndim >= 3:
+        log.info(
+            "%s: activation %s does not line up with the attention mask %s: every row counts",
+            plan.activation,
+            list(act.shape),
+            list(mask.shape),
+        )
+    return None
+
+
 def _target_rows(plan: _Plan, out: Array, bias: Array | None) -> Array:
     """The dense node output as ``(group, rows, r)`` float64 targets."""
     y = out.astype(np.float64)
@@ -583,13 +653,20 @@ class _Sums:
 
 
 def _damped(hessian: Array, damping: float, width: int) -> Array:
-    """``H + λI`` per group, ``λ = damping * mean(diag(H[:width, :width]))``."""
+    """``H + λI`` per group, ``λ = damping * mean(diag(H[:width, :width]))`` on the
+    weight inputs; a bias column (index ``width``, when present) gets ``damping`` times its
+    own diagonal entry (the row count), so that scaling the activations by any factor
+    scales the refit weights by its inverse and leaves the bias unchanged. A zero diagonal
+    (all-zero activations) gets 1."""
     out = hessian.copy()
     size = out.shape[1]
     diagonal = np.arange(size)
     means = out[:, diagonal[:width], diagonal[:width]].mean(axis=1) if width else np.zeros(1)
     lam = np.where(means > 0, damping * means, 1.0)
-    out[:, diagonal, diagonal] += lam[:, None]
+    out[:, diagonal[:width], diagonal[:width]] += lam[:, None]
+    if size > width:
+        ones = out[:, width, width].copy()
+        out[:, width, width] += np.where(ones > 0, damping * ones, 1.0)
     return out
 
 
@@ -797,6 +874,109 @@ def solve_sparsegpt(
     return out
 
 
+def block_quotas(eligible: Array, count: int) -> Array:
+    """Split ``count`` over units holding ``eligible`` candidates each, proportionally to
+    ``eligible``, by largest remainder (equal remainders: the lower index first). Exact
+    integer arithmetic; every quota is at most its unit's ``eligible``."""
+    eligible = np.asarray(eligible, dtype=np.int64)
+    total = int(eligible.sum())
+    if not 0 <= count <= total:
+        raise ValueError(f"cannot choose {count} of {total} entries")
+    if total == 0:
+        return np.zeros_like(eligible)
+    scaled = eligible * count
+    quotas = scaled // total
+    remainders = scaled - quotas * total
+    left = count - int(quotas.sum())
+    order = np.lexsort((np.arange(len(eligible)), -remainders))
+    quotas[order[:left]] += 1
+    return quotas
+
+
+def solve_sparsegpt_select(
+    damped: Array,
+    dense_eff: Array,
+    count: int,
+    *,
+    cross: Array | None = None,
+    prunable: Array | None = None,
+    block_size: int = BLOCK_SIZE,
+    factors: Factors | None = None,
+) -> tuple[Array, Array]:
+    """SparseGPT (Frantar & Alistarh 2023, Algorithm 1): choose the mask AND update the
+    kept weights in one blockwise OBS sweep.
+
+    ``damped`` (g, D, D) is ``H + λI``; ``dense_eff`` (g, D, r) the dense weight in the
+    effective layout (with the bias row last when a bias is refit); ``count`` the number of
+    entries to zero in total over all groups. ``prunable`` (D,) marks the rows that may be
+    pruned (False for a bias row: never pruned, only updated); default all.
+
+    The sweep starts from ``(H + λI)⁻¹ cross`` when ``cross`` is given (reconstruct
+    passes ``G + λ W``: the optimum of ``|X̂ W' - Y|² + λ|W' - W|²``, which is W itself
+    on dense statistics and compensates upstream error on sequential ones), else from
+    ``dense_eff`` itself (the reference implementation).
+    Inputs are processed in blocks of ``block_size`` columns with lazy batch updates, using
+    the upper Cholesky factor U of ``(H + λI)⁻¹``. At the start of each block the entries
+    to prune are those of least OBS saliency ``w² / U_jj²`` over the whole block (all
+    output rows x block columns, the weights as updated so far; equal saliencies: the lower
+    (input, row) index first). Entries that are zero in ``dense_eff`` are pruned first and
+    stay zero; the rest of ``count`` is split over the (group, block) units proportionally
+    to their nonzero prunable entries (= to block size when the dense weight has no zeros)
+    by :func:`block_quotas`, so the total is exactly ``count``.
+
+    Returns ``(weight, keep)``, both (g, D, r); ``weight`` is exactly 0 where ``keep`` is
+    False. Raises ``ValueError`` when ``count`` is below the dense zeros or above the
+    prunable entries, ``np.linalg.LinAlgError`` when ``damped`` is not positive definite.
+    """
+    g, d, r = dense_eff.shape
+    if factors is None:
+        factors = Factors(damped, cross if cross is not None else np.zeros((g, d, r)))
+    start = factors.inverse @ cross if cross is not None else dense_eff.astype(np.float64)
+    rows_ok = np.ones(d, dtype=bool) if prunable is None else np.asarray(prunable, dtype=bool)
+    allowed = np.broadcast_to(rows_ok[None, :, None], (g, d, r))
+    zero = allowed & (dense_eff == 0)
+    eligible = allowed & ~zero
+    units = [(k, i1, min(i1 + block_size, d)) for k in range(g) for i1 in range(0, d, block_size)]
+    quotas = block_quotas(
+        np.array([int(eligible[k, i1:i2].sum()) for k, i1, i2 in units], dtype=np.int64),
+        count - int(zero.sum()),
+    )
+    keep = np.ones((g, d, r), dtype=bool)
+    out = np.zeros((g, d, r))
+    unit = 0
+    for k in range(g):
+        upper = factors.upper(k)  # inverse = upperᵀ upper
+        diagonal = np.diag(upper)
+        w = np.ascontiguousarray(start[k].T)  # (r, D): one row per output row
+        for i1 in range(0, d, block_size):
+            i2 = min(i1 + block_size, d)
+            quota = int(quotas[unit])
+            unit += 1
+            block = w[:, i1:i2].copy()
+            # Saliency in (input, row) order, the effective layout's, for the tie-break.
+            saliency = (block / diagonal[i1:i2]).T ** 2
+            candidates = np.flatnonzero(eligible[k, i1:i2])
+            order = np.argsort(saliency.reshape(-1)[candidates], kind="stable")
+            prune = zero[k, i1:i2].copy()
+            prune.reshape(-1)[candidates[order[:quota]]] = True
+            keep[k, i1:i2] = ~prune
+            errors = np.zeros((r, i2 - i1))
+            hinv = upper[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                column = block[:, i]
+                quantised = np.where(prune[i], 0.0, column)
+                err = (column - quantised) / hinv[i, i]
+                block[:, i:] -= np.outer(err, hinv[i, i:])
+                block[:, i] = quantised
+                errors[:, i] = err
+            w[:, i1:i2] = block
+            if i2 < d:
+                w[:, i2:] -= errors @ upper[i1:i2, i2:]
+        out[k] = w.T
+    out[~keep] = 0.0
+    return out, keep
+
+
 def choose_solver(mask: Array) -> str:
     """The ``auto`` rule (see the module doc) for a ``(g, D, r)`` keep-mask."""
     cost = exact_cost(mask)
@@ -933,6 +1113,10 @@ class _Context:
     config: SessionConfig
     solver: str
     damping: float
+    select: bool = False
+    inputs: str = "sequential"
+    token_mask: str | None = None  # the attention-mask input, if any (see _real_rows)
+    select_refits: bool = True
 
 
 @dataclass
@@ -944,6 +1128,7 @@ class _Todo:
     plans: list[_Plan]
     masked: Array
     bias: Array | None  # the dense value of the bias refit with it
+    dense: Array  # the dense weight
 
     @property
     def rows_key(self) -> tuple[object, ...] | None:
@@ -972,6 +1157,9 @@ def reconstruct(
     damping: float = DAMPING,
     refit_bias: bool = True,
     progress: bool = False,
+    select: bool = False,
+    inputs: str = "sequential",
+    select_refits: bool = True,
 ) -> Reconstruction:
     """Refit the kept weights of ``layers`` after masking (see the module doc).
 
@@ -981,15 +1169,41 @@ def reconstruct(
     refit; consecutive layers reading the same activation (Q/K/V projections) share one
     pass over the data. Layers of ``layers`` missing from ``pruned`` are left dense and not
     reported; entries of ``pruned`` that are not refit are returned as given.
+
+    ``select=True`` (SparseGPT): each layer keeps the NUMBER of zeros of ``pruned[name]``
+    but the zeros are re-chosen, with the kept weights updated, by
+    :func:`solve_sparsegpt_select` from the dense weight and the layer's Hessian. The
+    result is kept only when its calibration error is below that of the given mask refit
+    (else the given mask's result is kept and ``reason`` says so); the method reported is
+    ``"sparsegpt-select"``. ``select_refits=False`` skips the two fixed-mask solves of
+    :func:`select_refit` (SparseGPT's own weights, checked against plain masking only).
+
+    ``inputs``: ``"sequential"`` (H and targets from the model pruned and refit so far,
+    X̂) or ``"dense"`` (H from the dense model's activations X, in one pass for all layers;
+    the targets follow from the dense weight, ``G = H W``).
     """
     if solver not in SOLVERS:
         raise UserError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
+    if inputs not in INPUTS:
+        raise UserError(f"unknown refit inputs {inputs!r}", f"choose one of {', '.join(INPUTS)}")
     if damping < 0:
         raise UserError(f"damping must be >= 0, got {damping}", "e.g. 0.01")
     typed = infer_types(model)
     ctx = _Context(
-        typed, _Graph(typed), data, batch_size, config or SessionConfig(), solver, damping
+        typed,
+        _Graph(typed),
+        data,
+        batch_size,
+        config or SessionConfig(),
+        solver,
+        damping,
+        select,
+        inputs,
+        token_mask_name(data),
+        select_refits,
     )
+    if ctx.token_mask is not None:
+        log.info("refit rows: padding excluded by the %r input", ctx.token_mask)
     weights: dict[str, Array] = {name: np.asarray(w) for name, w in pruned.items()}
     biases: dict[str, Array] = {}
     current = replace_weights(typed, weights)
@@ -1006,10 +1220,15 @@ def reconstruct(
         total=len(ordered), disable=not progress, desc="refit", unit="layer", leave=False
     ) as bar:
         bar.update(len(ordered) - len(todo))
-        dense = _DenseTargets(ctx, [p.output for item in todo for p in item.plans])
-        for group in _groups(todo):
+        if inputs == "dense":
+            groups = list(_groups(todo))
+            steps: Iterator[tuple[list[_Todo], list[_Refit]]] = _refit_dense(ctx, groups)
+        else:
+            dense = _DenseTargets(ctx, [p.output for item in todo for p in item.plans])
+            # lazy: each group's pass reads ``current`` as refit up to the group before
+            steps = ((group, _refit_group(ctx, group, current, dense)) for group in _groups(todo))
+        for group, refits in steps:
             update: dict[str, Array] = {}
-            refits = _refit_group(ctx, group, current, dense)
             for item, refit in zip(group, refits, strict=True):
                 info = results[item.index] = refit.info
                 _log(info)
@@ -1018,7 +1237,7 @@ def reconstruct(
                 weights[item.name] = update[item.name] = refit.weight
                 if refit.bias is not None and info.bias is not None:
                     biases[info.bias] = update[info.bias] = refit.bias
-            if update:
+            if update and inputs == "sequential":
                 current = replace_weights(current, update)
             bar.update(len(group))
     return Reconstruction(weights, biases, [r for r in results if r is not None])
@@ -1063,7 +1282,7 @@ def _prepare(
         found = ctx.graph.constant(plans[0].bias)
         assert found is not None
         bias = found[1]
-    return _Todo(layer.name, index, plans, masked, bias)
+    return _Todo(layer.name, index, plans, masked, bias, dense)
 
 
 def _groups(todo: Sequence[_Todo]) -> Iterator[list[_Todo]]:
@@ -1101,15 +1320,21 @@ def _refit_group(
             assert dense.cache is not None
             dense_out = dense.cache[b]
         current_in = inputs.run(feeds)
+        token = feeds.get(ctx.token_mask) if ctx.token_mask is not None else None
         for k, plan in enumerate(plans):
             ys = [
                 _target_rows(item.plans[k], dense_out[item.plans[k].output], item.bias)
                 for item in group
             ]
-            for rows, x in _input_rows(plan, current_in[plan.activation]):
+            act = current_in[plan.activation]
+            real = _real_rows(plan, act, token)
+            for rows, x in _input_rows(plan, act):
+                chunk = [y[:, rows] for y in ys]
+                if real is not None:
+                    x, chunk = x[:, real[rows]], [y[:, real[rows]] for y in chunk]
                 if sums is None:
                     sums = _Sums(x.shape[0], x.shape[2], [y.shape[2] for y in ys])
-                sums.add(x, [y[:, rows] for y in ys])
+                sums.add(x, chunk)
     shared = (time.perf_counter() - started) / len(group)
     refits: list[_Refit] = []
     for i, item in enumerate(group):
@@ -1123,15 +1348,184 @@ def _refit_group(
     return refits
 
 
+def _refit_dense(
+    ctx: _Context, groups: list[list[_Todo]]
+) -> Iterator[tuple[list[_Todo], list[_Refit]]]:
+    """``inputs="dense"``: every group's Hessian from the dense model's activations, in one
+    pass over the data for as many groups as fit in ``DENSE_CACHE_BYTES``."""
+    chunk: list[list[_Todo]] = []
+    used = 0
+    for group in groups:
+        g, d, _r = _to_effective(group[0].masked, group[0].plans[0]).shape
+        size = 8 * g * (d + 2) ** 2
+        if chunk and used + size > DENSE_CACHE_BYTES:
+            yield from _refit_dense_chunk(ctx, chunk)
+            chunk, used = [], 0
+        chunk.append(group)
+        used += size
+    if chunk:
+        yield from _refit_dense_chunk(ctx, chunk)
+
+
+def _refit_dense_chunk(
+    ctx: _Context, chunk: list[list[_Todo]]
+) -> Iterator[tuple[list[_Todo], list[_Refit]]]:
+    started = time.perf_counter()
+    all_sums = dense_sums(
+        ctx.typed,
+        [group[0].plans for group in chunk],
+        ctx.data,
+        batch_size=ctx.batch_size,
+        config=ctx.config,
+        token_mask=ctx.token_mask,
+    )
+    shared = (time.perf_counter() - started) / sum(len(group) for group in chunk)
+    for group, sums in zip(chunk, all_sums, strict=True):
+        refits: list[_Refit] = []
+        for item in group:
+            solve_started = time.perf_counter()
+            if sums is None:
+                refit = _Refit(_skipped(item.name, "no calibration rows"))
+            else:
+                stats = dense_stats(sums, item.dense, item.bias, item.plans[0])
+                refit = _solve_layer(ctx, item, stats)
+            refit.info.seconds = shared + time.perf_counter() - solve_started
+            refits.append(refit)
+        yield group, refits
+
+
+def dense_sums(
+    typed: onnx.ModelProto,
+    plan_lists: Sequence[Sequence[_Plan]],
+    data: Mapping[str, Array],
+    *,
+    batch_size: int,
+    config: SessionConfig,
+    token_mask: str | None = None,
+) -> list[_Sums | None]:
+    """``[X, 1]ᵀ[X, 1]`` over the dense activations of every use, for each list of plans
+    (one list per weight or per group of weights reading the same rows), in one data pass
+    (padding rows excluded when ``token_mask`` names the attention-mask input)."""
+    names = [p.activation for plans in plan_lists for p in plans]
+    fetcher = _Fetcher(typed, names, set(data), config)
+    all_sums: list[_Sums | None] = [None] * len(plan_lists)
+    for feeds in batches(data, batch_size):
+        values = fetcher.run(feeds)
+        token = feeds.get(token_mask) if token_mask is not None else None
+        for i, plans in enumerate(plan_lists):
+            for plan in plans:
+                act = values[plan.activation]
+                real = _real_rows(plan, act, token)
+                for rows, x in _input_rows(plan, act):
+                    if real is not None:
+                        x = x[:, real[rows]]
+                    sums = all_sums[i]
+                    if sums is None:
+                        sums = all_sums[i] = _Sums(x.shape[0], x.shape[2], [])
+                    sums.add(x, [])
+    return all_sums
+
+
+def dense_stats(sums: _Sums, weight: Array, bias: Array | None, plan: _Plan) -> _Stats:
+    """The refit statistics against the dense layer's own output on dense inputs.
+
+    The target is ``Y = [X, 1] [W; b]`` (what the dense node computes, less any fixed
+    offset), so ``G = H [W; b]`` and ``ΣY² = tr([W; b]ᵀ G)`` need no pass over the outputs.
+    """
+    size = sums.width + (1 if bias is not None else 0)
+    hessian = sums.hessian[:, :size, :size]
+    dense = _effective_with_bias(weight, bias, plan)
+    cross = hessian @ dense
+    return _Stats(hessian, cross, float(np.sum(dense * cross)), sums.rows)
+
+
 def _solve_layer(ctx: _Context, item: _Todo, stats: _Stats) -> _Refit:
     plan = item.plans[0]
     width = stats.hessian.shape[1]
     d = width - (1 if item.bias is not None else 0)
     _warn_few_rows(item.name, stats.rows, width)
-    damped = _damped(stats.hessian, ctx.damping, d)
-    return _refit_masked(
-        item.name, plan, item.masked, item.bias, stats, ctx.solver, Factors(damped, stats.cross)
-    )
+    factors = Factors(_damped(stats.hessian, ctx.damping, d), stats.cross)
+    if ctx.select:
+        return select_refit(
+            item.name,
+            plan,
+            item.dense,
+            item.masked,
+            item.bias,
+            stats,
+            ctx.solver,
+            factors,
+            refits=ctx.select_refits,
+        )
+    return _refit_masked(item.name, plan, item.masked, item.bias, stats, ctx.solver, factors)
+
+
+def select_refit(
+    name: str,
+    plan: _Plan,
+    dense: Array,
+    masked: Array,
+    bias: Array | None,
+    stats: _Stats,
+    solver: str,
+    factors: Factors,
+    refits: bool = True,
+) -> _Refit:
+    """SparseGPT selection at the zero count of ``masked`` (see :func:`reconstruct`).
+
+    Three candidates are scored on ``stats``: the given mask's refit (``solver``; or the
+    plain given mask when that refit does not help), the selected mask with SparseGPT's
+    own updated weights, and the selected mask refit by ``solver`` (the exact solver is
+    optimal for a fixed mask, SparseGPT's sweep only approximately so). The lowest error
+    wins; ``reason`` says what was kept when it is not SparseGPT's own result.
+    ``refits=False`` skips both solves (SparseGPT alone, O(d³ + r d²)): SparseGPT's
+    weights are then kept unless worse than the plain given mask.
+    """
+    if refits:
+        given = _refit_masked(name, plan, masked, bias, stats, solver, factors)
+    else:
+        error = stats.error(_effective_with_bias(masked, bias, plan))
+        given = _Refit(LayerRefit(name, "mask", error, error, 0.0))
+    info = LayerRefit(name, SELECT_METHOD, given.info.error_before, given.info.error_after, 0.0)
+    info.bias = given.info.bias
+    kept = "the given mask" + (f" ({given.info.method} refit)" if given.weight is not None else "")
+    fallback = _Refit(info, given.weight, given.bias)
+    eff = _effective_with_bias(dense, bias, plan)
+    width = eff.shape[1]
+    d = width - (1 if bias is not None else 0)
+    diagonal = np.arange(width)
+    lam = factors.damped[:, diagonal, diagonal] - stats.hessian[:, diagonal, diagonal]
+    try:
+        solved, keep_eff = solve_sparsegpt_select(
+            factors.damped,
+            eff,
+            int(np.count_nonzero(masked == 0)),
+            cross=stats.cross + lam[:, :, None] * eff,
+            prunable=diagonal < d,
+            factors=factors,
+        )
+    except (np.linalg.LinAlgError, ValueError) as exc:
+        info.reason = f"selection failed ({exc}); kept {kept}"
+        return fallback
+    keep = _from_effective(keep_eff[:, :d].astype(np.float64), plan, dense.shape) != 0
+    weight = _cast_weight(solved[:, :d], plan, dense, keep)
+    new_bias: Array | None = None
+    if bias is not None:
+        new_bias = _bias_from_effective(solved[:, d], plan).astype(bias.dtype)
+    error = math.inf
+    if np.all(np.isfinite(weight)) and (new_bias is None or np.all(np.isfinite(new_bias))):
+        error = stats.error(_effective_with_bias(weight, new_bias, plan))
+    selected = np.where(keep, dense, np.zeros_like(dense))
+    again = _refit_masked(name, plan, selected, bias, stats, solver, factors) if refits else None
+    if again is not None and again.weight is not None and again.info.error_after < error:
+        weight, new_bias, error = again.weight, again.bias, again.info.error_after
+        info.reason = f"selected mask, weights by the {again.info.method} refit"
+    if not error < given.info.error_after:
+        info.reason = f"selected mask not better (error {error:.4g}); kept {kept}"
+        return fallback
+    info.error_after = error
+    info.bias = plan.bias
+    return _Refit(info, weight, new_bias)
 
 
 def _warn_few_rows(name: str, rows: int, width: int) -> None:

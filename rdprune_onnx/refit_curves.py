@@ -19,6 +19,12 @@ the O(r d²) column sweep). Solves run one at a time (the curve's other workers 
 ONNX Runtime meanwhile); a mask asked for again (curves measured over chunks of the
 calibration data) is answered from a per-layer memo of up to ``MEMO_BYTES``.
 
+With ``select=True`` each level re-chooses the layer's mask with SparseGPT
+(:func:`rdprune_onnx.reconstruct.solve_sparsegpt_select`) at the level's count of zeros,
+from the same dense statistics and factorisations, and feeds it when it beats the given
+mask's refit (as ``reconstruct(select=True, inputs="dense")`` does). Padding rows are
+excluded from the Hessian as in :mod:`rdprune_onnx.reconstruct`.
+
 Memory per layer: the Hessian and its inverse, ``2 g D²`` float64 (MiniLM's widest layer,
 D = 1537: 38 MB), plus the exact solver's bounded chunk of gathered systems.
 
@@ -43,25 +49,32 @@ import numpy as np
 import onnx
 
 from rdprune_onnx.calibration import batches
-from rdprune_onnx.curves import LayerCandidates, infer_types
+from rdprune_onnx.curves import Curve, LayerCandidates, Reference, infer_types, measure_curves
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.layers import Layer
+from rdprune_onnx.graph.surgery import replace_weights
+from rdprune_onnx.masks import apply_mask, prune_count
 from rdprune_onnx.reconstruct import (
     DAMPING,
     SOLVERS,
     Factors,
     _damped,
-    _effective_with_bias,
     _Fetcher,
     _Graph,
     _input_rows,
     _Plan,
     _plan_layer,
+    _real_rows,
     _refit_masked,
     _rows_key,
     _Stats,
     _Sums,
+    _target_rows,
     _warn_few_rows,
+    dense_stats,
+    dense_sums,
+    select_refit,
+    token_mask_name,
 )
 from rdprune_onnx.runtime import SessionConfig
 
@@ -107,6 +120,8 @@ class RefitCandidates:
         solver: str = "auto",
         damping: float = REFIT_DAMPING,
         refit_bias: bool = True,
+        select: bool = False,
+        select_refits: bool = True,
     ) -> None:
         if solver not in SOLVERS:
             raise UserError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
@@ -120,6 +135,9 @@ class RefitCandidates:
         self.solver = solver
         self.damping = damping
         self.refit_bias = refit_bias
+        self.select = select
+        self.select_refits = select_refits
+        self.token_mask = token_mask_name(data)
         self.costs: dict[str, CurveRefitCost] = {}
         self._last: tuple[tuple[object, ...], _Sums | None] | None = None
         self._lock = threading.Lock()
@@ -143,7 +161,7 @@ class RefitCandidates:
         if sums is None:
             self._plain(layer.name, "no calibration rows")
             return None
-        stats = _dense_stats(sums, weight, bias, plan)
+        stats = dense_stats(sums, weight, bias, plan)
         width = stats.hessian.shape[1]
         d = width - (1 if bias is not None else 0)
         _warn_few_rows(layer.name, stats.rows, width)
@@ -174,7 +192,22 @@ class RefitCandidates:
                 if key in memo:
                     return dict(memo[key])
                 t = time.perf_counter()
-                refit = _refit_masked(layer.name, plan, masked, bias, stats, self.solver, factors)
+                if self.select:
+                    refit = select_refit(
+                        layer.name,
+                        plan,
+                        weight,
+                        masked,
+                        bias,
+                        stats,
+                        self.solver,
+                        factors,
+                        refits=self.select_refits,
+                    )
+                else:
+                    refit = _refit_masked(
+                        layer.name, plan, masked, bias, stats, self.solver, factors
+                    )
                 cost.solve_s += time.perf_counter() - t
                 cost.levels += 1
                 method = refit.info.method
@@ -213,16 +246,14 @@ class RefitCandidates:
 
     def _hessian(self, plans: list[_Plan]) -> _Sums | None:
         """``[X, 1]ᵀ[X, 1]`` over the dense activations of every use, in one data pass."""
-        fetcher = _Fetcher(self.typed, [p.activation for p in plans], set(self.data), self.config)
-        sums: _Sums | None = None
-        for feeds in batches(self.data, self.batch_size):
-            values = fetcher.run(feeds)
-            for plan in plans:
-                for _rows, x in _input_rows(plan, values[plan.activation]):
-                    if sums is None:
-                        sums = _Sums(x.shape[0], x.shape[2], [])
-                    sums.add(x, [])
-        return sums
+        return dense_sums(
+            self.typed,
+            [plans],
+            self.data,
+            batch_size=self.batch_size,
+            config=self.config,
+            token_mask=self.token_mask,
+        )[0]
 
     def summary(self) -> dict[str, float | int]:
         """Totals over the layers measured so far."""
@@ -237,14 +268,197 @@ class RefitCandidates:
         }
 
 
-def _dense_stats(sums: _Sums, weight: Array, bias: Array | None, plan: _Plan) -> _Stats:
-    """The refit statistics against the dense layer's own output on dense inputs.
+# --------------------------------------------------------------------------------------
+# Curves re-measured on the pruned-and-refit model (what the sequential refit applies)
 
-    The target is ``Y = [X, 1] [W; b]`` (what the dense node computes, less any fixed
-    offset), so ``G = H [W; b]`` and ``ΣY² = tr([W; b]ᵀ G)`` need no pass over the outputs.
+
+class SequentialRefitCandidates:
+    """Refit-aware curves measured on a pruned-and-refit model ``base`` (a first
+    allocation + :func:`rdprune_onnx.reconstruct.reconstruct`), the way the final,
+    sequential refit will treat each layer.
+
+    One-layer refit-aware curves (:class:`RefitCandidates`) refit a layer on the DENSE
+    model's inputs, with the rest of the model dense; the applied refit is sequential:
+    each layer is refit on the inputs of the model pruned so far (X̂) towards the dense
+    layer's output, absorbing upstream error, and the layers below it are pruned too. Here
+    a curve point of layer l at ratio p is: the base model, with l's DENSE weight masked by
+    magnitude at p (or re-selected by SparseGPT, ``select``) and refit on the base model's
+    activations X̂ towards the dense outputs Y (``G = X̂ᵀY``), everything else as in
+    ``base``. Levels below the base's own ratio for l are measured too (the mask comes
+    from the dense weight, not from the base's). Measure with
+    :func:`remeasure_curves` (``measure_curves`` on ``base``, reference rebased on it).
+
+    Cost per layer: one pass of ``base`` up to the layer (inputs) and of the dense model
+    (targets), then one solve per level, as :class:`RefitCandidates`.
     """
-    size = sums.width + (1 if bias is not None else 0)
-    hessian = sums.hessian[:, :size, :size]
-    dense = _effective_with_bias(weight, bias, plan)
-    cross = hessian @ dense
-    return _Stats(hessian, cross, float(np.sum(dense * cross)), sums.rows)
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        base_weights: Mapping[str, Array],
+        data: Mapping[str, Array],
+        *,
+        batch_size: int = 32,
+        config: SessionConfig | None = None,
+        solver: str = "auto",
+        damping: float = REFIT_DAMPING,
+        refit_bias: bool = True,
+        select: bool = False,
+        select_refits: bool = True,
+    ) -> None:
+        if solver not in SOLVERS:
+            raise UserError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
+        self.typed = infer_types(model)
+        self.graph = _Graph(self.typed)
+        self.base = replace_weights(self.typed, base_weights)
+        self.data = data
+        self.batch_size = batch_size
+        self.config = config or SessionConfig()
+        self.solver = solver
+        self.damping = damping
+        self.refit_bias = refit_bias
+        self.select = select
+        self.select_refits = select_refits
+        self.token_mask = token_mask_name(data)
+        self.costs: dict[str, CurveRefitCost] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, layer: Layer, weight: Array) -> LayerCandidates | None:
+        plans = _plan_layer(self.graph, layer, self.refit_bias)
+        found = self.graph.constant(layer.name)
+        if isinstance(plans, str) or found is None:
+            reason = plans if isinstance(plans, str) else "weight is not a constant"
+            log.info("%s: plain-mask curve (%s)", layer.name, reason)
+            self.costs[layer.name] = CurveRefitCost(layer.name, False, reason)
+            return None
+        dense = found[1]
+        plan = plans[0]
+        bias: Array | None = None
+        if plan.bias is not None:
+            found_bias = self.graph.constant(plan.bias)
+            assert found_bias is not None
+            bias = found_bias[1]
+        started = time.perf_counter()
+        stats = self._stats(plans, bias)
+        if stats is None:
+            self.costs[layer.name] = CurveRefitCost(layer.name, False, "no calibration rows")
+            return None
+        width = stats.hessian.shape[1]
+        d = width - (1 if bias is not None else 0)
+        _warn_few_rows(layer.name, stats.rows, width)
+        factors = Factors(_damped(stats.hessian, self.damping, d), stats.cross)
+        cost = CurveRefitCost(layer.name, True, width=width, rows=stats.rows)
+        cost.hessian_s = time.perf_counter() - started
+        self.costs[layer.name] = cost
+        names = [layer.name] + ([plan.bias] if plan.bias is not None else [])
+        memo: dict[int, dict[str, Array]] = {}
+
+        def make(masked: Array, ratio: float) -> dict[str, Array]:
+            count = max(prune_count(float(ratio), dense.size), int(np.count_nonzero(dense == 0)))
+            with self._lock:
+                if count in memo:
+                    return dict(memo[count])
+                given = apply_mask(dense, count)
+                if np.array_equal(given, dense):  # prunes nothing: the dense layer
+                    memo[count] = {layer.name: dense}
+                    if plan.bias is not None:
+                        assert bias is not None
+                        memo[count][plan.bias] = bias
+                    return dict(memo[count])
+                t = time.perf_counter()
+                if self.select:
+                    refit = select_refit(
+                        layer.name,
+                        plan,
+                        dense,
+                        given,
+                        bias,
+                        stats,
+                        self.solver,
+                        factors,
+                        refits=self.select_refits,
+                    )
+                else:
+                    refit = _refit_masked(
+                        layer.name, plan, given, bias, stats, self.solver, factors
+                    )
+                cost.solve_s += time.perf_counter() - t
+                cost.levels += 1
+                cost.methods[refit.info.method] = cost.methods.get(refit.info.method, 0) + 1
+                fed = {layer.name: refit.weight if refit.weight is not None else given}
+                if plan.bias is not None:
+                    assert bias is not None
+                    fed[plan.bias] = refit.bias if refit.bias is not None else bias
+                if refit.weight is None:
+                    cost.kept_mask += 1
+                info = refit.info
+                cost.errors.append((float(ratio), info.error_before, info.error_after))
+                memo[count] = fed
+            return dict(fed)
+
+        return LayerCandidates(names, make)
+
+    def _stats(self, plans: list[_Plan], bias: Array | None) -> _Stats | None:
+        """H = X̂ᵀX̂ (base model inputs), G = X̂ᵀY and ΣY² (dense outputs), one pass."""
+        feeds_names = set(self.data)
+        inputs = _Fetcher(self.base, [p.activation for p in plans], feeds_names, self.config)
+        targets = _Fetcher(self.typed, [p.output for p in plans], feeds_names, self.config)
+        sums: _Sums | None = None
+        for feeds in batches(self.data, self.batch_size):
+            acts, outs = inputs.run(feeds), targets.run(feeds)
+            token = feeds.get(self.token_mask) if self.token_mask is not None else None
+            for plan in plans:
+                act = acts[plan.activation]
+                y = _target_rows(plan, outs[plan.output], bias)
+                real = _real_rows(plan, act, token)
+                for rows, x in _input_rows(plan, act):
+                    chunk = y[:, rows]
+                    if real is not None:
+                        x, chunk = x[:, real[rows]], chunk[:, real[rows]]
+                    if sums is None:
+                        sums = _Sums(x.shape[0], x.shape[2], [chunk.shape[2]])
+                    sums.add(x, [chunk])
+        return None if sums is None else sums.stats(0, bias is not None)
+
+
+def remeasure_curves(
+    model: onnx.ModelProto,
+    layers: list[Layer],
+    base_weights: Mapping[str, Array],
+    data: Mapping[str, Array],
+    reference: Reference,
+    *,
+    ratios: Array,
+    metric: str = "mse",
+    batch_size: int = 32,
+    config: SessionConfig | None = None,
+    solver: str = "auto",
+    select: bool = False,
+    select_refits: bool = True,
+) -> tuple[dict[str, Curve], SequentialRefitCandidates]:
+    """Curves of ``layers`` measured on the pruned-and-refit model ``base_weights`` (the
+    weights and biases of a first ``reconstruct``) with :class:`SequentialRefitCandidates`;
+    ``reference`` holds the dense model's outputs (it is rebased on the base model here).
+    Allocate from them (rd DP) and reconstruct again from the dense model."""
+    config = config or SessionConfig()
+    factory = SequentialRefitCandidates(
+        model,
+        base_weights,
+        data,
+        batch_size=batch_size,
+        config=config,
+        solver=solver,
+        select=select,
+        select_refits=select_refits,
+    )
+    rebased = reference.rebased(factory.base, config)
+    curves = measure_curves(
+        factory.base,
+        layers,
+        rebased,
+        ratios=ratios,
+        metric=metric,
+        config=config,
+        candidates=factory,
+    )
+    return curves, factory

@@ -150,3 +150,35 @@ def linear(d: int, r: int, seed: int = 0) -> onnx.ModelProto:
         [init("w", w), init("b", b)],
     )
     return _model(graph)
+
+
+def token_mlp(
+    d: int = 6, h: int = 5, r: int = 4, seed: int = 0, mask: str = "attention_mask"
+) -> onnx.ModelProto:
+    """``x (N, T, d) @ W1 + b1 -> Relu -> @ W2`` with an int64 ``mask`` input (N, T) that
+    the graph reads only for a second output (as a text encoder's pooling would)."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((d, h)) / np.sqrt(d)).astype(np.float32)
+    b1 = (rng.standard_normal(h) * 0.1).astype(np.float32)
+    w2 = (rng.standard_normal((h, r)) / np.sqrt(h)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["mm"], name="mm1"),
+        helper.make_node("Add", ["mm", "b1"], ["a"]),
+        helper.make_node("Relu", ["a"], ["t"]),
+        helper.make_node("MatMul", ["t", "w2"], ["y"], name="mm2"),
+        helper.make_node("Cast", [mask], ["m"], to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "token_mlp",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", d]),
+            helper.make_tensor_value_info(mask, TensorProto.INT64, ["N", "T"]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", r]),
+            helper.make_tensor_value_info("m", TensorProto.FLOAT, ["N", "T"]),
+        ],
+        [init("w1", w1), init("b1", b1), init("w2", w2)],
+    )
+    return _model(graph)
