@@ -14,6 +14,7 @@ from rdprune_onnx.errors import UserError
 from rdprune_onnx.export import STORAGES
 from rdprune_onnx.masks import MASK_INPUTS, MASKS
 from rdprune_onnx.pipeline import BUDGETS, CalibrationSpec, PruneSettings, read_overrides
+from rdprune_onnx.reconstruct import INPUTS as REFIT_INPUTS
 from rdprune_onnx.reconstruct import SOLVERS
 from rdprune_onnx.runtime import PROVIDERS
 
@@ -130,6 +131,15 @@ def allocation_options(func: F) -> F:
                 show_default=True,
                 help="exact per-row least squares, or blockwise sparsegpt for wide layers.",
             ),
+            click.option(
+                "--refit-inputs",
+                type=click.Choice(REFIT_INPUTS),
+                default="sequential",
+                show_default=True,
+                help="Hessians of the refit (and of --mask sparsegpt): each layer's inputs in "
+                "the model pruned and refit so far, or the dense model's. sequential by "
+                "measurement (digits: best or tied at 0.8-0.95, uniform and rd).",
+            ),
         ],
     )
 
@@ -143,9 +153,12 @@ def mask_options(func: F) -> F:
                 type=click.Choice(MASKS),
                 default="magnitude",
                 show_default=True,
-                help="Which weights go inside a layer: smallest |w|, or wanda (|w| x input "
+                help="Which weights go inside a layer: smallest |w|; wanda (|w| x input "
                 "feature norm on the calibration data, per output row; also the rd curves' "
-                "mask and what global/lamp rank). wanda needs calibration data.",
+                "mask and what global/lamp rank); or sparsegpt (OBS selection from each "
+                "layer's Hessian with the kept weights updated: implies --reconstruct; its "
+                "rd curves are magnitude ones unless --refit-curves). wanda and sparsegpt "
+                "need calibration data.",
             ),
             click.option(
                 "--mask-inputs",
@@ -217,6 +230,7 @@ def build_settings(kwargs: dict[str, Any], *, ratio: float) -> PruneSettings:
         overrides=read_overrides(overrides) if overrides else {},
         reconstruct=kwargs.pop("reconstruct", False),
         refit_solver=kwargs.pop("refit_solver", "auto"),
+        refit_inputs=kwargs.pop("refit_inputs", "sequential"),
         refit_curves=kwargs.pop("refit_curves", False),
         mask=kwargs.pop("mask", "magnitude"),
         mask_inputs=kwargs.pop("mask_inputs", "dense"),

@@ -77,7 +77,12 @@ def show_prune(result: PruneResult) -> str:
         f"method {s.method}, metric {s.metric}, {s.levels} levels, provider {result.provider}, "
         f"{result.samples} calibration samples"
     )
-    if s.mask != "magnitude":
+    if s.select_masks:
+        lines.append(
+            f"mask {s.mask} (chosen with the refit, {s.refit_inputs} Hessians; "
+            f"curves of the {s.curve_mask} mask)"
+        )
+    elif s.mask != "magnitude":
         lines.append(f"mask {s.mask} ({s.mask_inputs} input statistics)")
     lines.append(
         f"pruned {pruned:,} of {total:,} prunable weights: {result.achieved_ratio:.4%} "
@@ -88,7 +93,7 @@ def show_prune(result: PruneResult) -> str:
         lines.append(f"multiply-accumulates removed: {flops:.4%}" if flops is not None else "")
     lines.append(
         f"distortion ({s.metric}): predicted {_num(result.predicted_distortion)}"
-        + (" (masking alone)" if s.reconstruct else "")
+        + (" (masking alone)" if s.reconstruct and not s.refit_curves else "")
         + f", measured {_num(result.measured_distortion)}"
     )
     refits = [r.refit for r in result.layers if r.refit and r.refit["method"] != "skipped"]

@@ -56,6 +56,7 @@ from rdprune_onnx.graph.layers import Layer, LayerScan, Skipped, find_layers, re
 from rdprune_onnx.graph.load import has_lazy, read_model, save_model
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.masks import MASK_INPUTS, MASKS, apply_mask, get_mask, magnitude_order
+from rdprune_onnx.reconstruct import INPUTS as REFIT_INPUTS
 from rdprune_onnx.reconstruct import SOLVERS, reconstruct
 from rdprune_onnx.refit_curves import REFIT_DAMPING, RefitCandidates
 from rdprune_onnx.report import write_json
@@ -121,6 +122,9 @@ class PruneSettings:
     # with --steps, the current step's) model, or each layer's inputs in the model pruned
     # so far (in graph order). Curves always use the measured model's own inputs.
     mask_inputs: str = "dense"
+    # Where the refit's (and sparsegpt's) Hessians come from: each layer's inputs in the
+    # model pruned and refit so far (sequential), or the dense model's (one pass).
+    refit_inputs: str = "sequential"
     # What each output holds, for kl / prob-mse (rdprune_onnx.distortion): auto (from the
     # graph's last activation, else the data), logits, probs, log-probs, sigmoid, embedding.
     output_kind: str = "auto"
@@ -129,8 +133,23 @@ class PruneSettings:
     def data_aware_mask(self) -> bool:
         return get_mask(self.mask).needs_statistics
 
+    @property
+    def select_masks(self) -> bool:
+        """The refit chooses the masks again (sparsegpt): refit is implied."""
+        return self.mask in MASKS and get_mask(self.mask).rewrites_weights
+
+    @property
+    def curve_mask(self) -> str:
+        """The mask the rd curves are measured with: a data-aware one, sparsegpt with
+        refit-aware curves (each point selected and refit), else magnitude."""
+        if self.mask in MASKS and (
+            self.data_aware_mask or (self.select_masks and self.refit_curves)
+        ):
+            return self.mask
+        return "magnitude"
+
     def __post_init__(self) -> None:
-        if self.refit_curves:
+        if self.refit_curves or self.select_masks:
             self.reconstruct = True
 
     def check(self) -> None:
@@ -153,6 +172,16 @@ class PruneSettings:
             raise UserError(
                 f"unknown mask inputs {self.mask_inputs!r}",
                 f"choose one of {', '.join(MASK_INPUTS)}",
+            )
+        if self.refit_inputs not in REFIT_INPUTS:
+            raise UserError(
+                f"unknown refit inputs {self.refit_inputs!r}",
+                f"choose one of {', '.join(REFIT_INPUTS)}",
+            )
+        if self.select_masks and not self.reconstruct:
+            raise UserError(
+                "--mask sparsegpt rewrites the kept weights: it always refits",
+                "keep reconstruct on, or use --mask magnitude / wanda",
             )
         if self.output_kind not in OUTPUT_KINDS:
             raise UserError(
@@ -742,6 +771,8 @@ def _finish(
             batch_size=job.batch_size,
             config=job.config,
             solver=settings.refit_solver,
+            select=settings.select_masks,
+            inputs=settings.refit_inputs,
         )
         pruned = {name: refit.weights.get(name, w) for name, w in pruned.items()}
         biases = dict(refit.biases)
@@ -1121,11 +1152,12 @@ def allocate(
         )
 
     saved_mask = str(saved.settings.get("mask", "magnitude"))
-    if saved_mask != settings.mask:
+    if saved_mask != settings.curve_mask:
         log.warning(
-            "the curves were measured with --mask %s; masking with --mask %s instead",
+            "the curves were measured with the %s mask; --mask %s prunes with %s curves",
             saved_mask,
             settings.mask,
+            settings.curve_mask,
         )
 
     def fixed(
@@ -1164,11 +1196,10 @@ def curve_entry(
 
     Refit-aware curves (``refit_curves``) add a ``refit`` entry (solver, damping), so they
     never share a key, a cache file or an ``allocate`` input with plain-mask curves; plain
-    curves keep the key they always had. So do curves of a data-aware mask (``mask``);
-    magnitude curves have no ``mask`` entry.
-    Likewise ``output_kinds`` (from a resolved
-    ``metric``) enters the key only when the kinds change what is measured (kl / prob-mse on
-    outputs other than last-axis logits).
+    curves keep the key they always had. Curves of another mask than magnitude
+    (``settings.curve_mask``) add a ``mask`` entry; magnitude curves have none. Likewise
+    ``output_kinds`` (from a resolved ``metric``) enters the key only when the kinds change
+    what is measured (kl / prob-mse on outputs other than last-axis logits).
     """
     measured: dict[str, Any] = {
         "metric": settings.metric,
@@ -1178,8 +1209,8 @@ def curve_entry(
     }
     if settings.refit_curves:
         measured["refit"] = {"solver": settings.refit_solver, "damping": REFIT_DAMPING}
-    if settings.mask != "magnitude":  # magnitude curves keep the key they always had
-        measured["mask"] = settings.mask
+    if settings.curve_mask != "magnitude":  # magnitude curves keep the key they always had
+        measured["mask"] = settings.curve_mask
     if isinstance(metric, Metric) and metric.measures_kinds():
         measured["output_kinds"] = {n: k.key() for n, k in metric.output_kinds().items()}
     return CurveFile(
@@ -1207,6 +1238,7 @@ def _refit_candidates(
         config=config,
         solver=settings.refit_solver,
         damping=REFIT_DAMPING,
+        select=settings.select_masks,
     )
 
 

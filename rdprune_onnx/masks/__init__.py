@@ -8,6 +8,9 @@ Every criterion gives a nested, exact-count order (``order[:k]`` is the mask at 
 - ``magnitude`` (default): smallest |w| first.
 - ``wanda``: |W| x the L2 norm of the matching input feature over the calibration data,
   compared per output row; needs statistics (:mod:`rdprune_onnx.activations`).
+- ``sparsegpt``: chosen by OBS saliency from each layer's Hessian and the kept weights
+  updated in the same sweep, by the refit (:mod:`rdprune_onnx.reconstruct`, which the
+  pipeline then always runs); magnitude order before it.
 
 This package is pure numpy.
 """
@@ -23,11 +26,13 @@ from rdprune_onnx.masks.magnitude import (
     prune_count,
     sparsity,
 )
+from rdprune_onnx.masks.sparsegpt import SparseGPTMask
 from rdprune_onnx.masks.wanda import WandaMask
 
 _REGISTRY: dict[str, MaskCriterion] = {
     "magnitude": MagnitudeMask(),
     "wanda": WandaMask(),
+    "sparsegpt": SparseGPTMask(),
 }
 
 MASKS: tuple[str, ...] = tuple(_REGISTRY)
@@ -49,6 +54,7 @@ __all__ = [
     "LayerStats",
     "MagnitudeMask",
     "MaskCriterion",
+    "SparseGPTMask",
     "WandaMask",
     "apply_mask",
     "get_mask",

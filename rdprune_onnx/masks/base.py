@@ -47,6 +47,9 @@ class MaskCriterion(Protocol):
     name: str
     # True: scores and order need the layer's LayerStats (calibration data).
     needs_statistics: bool
+    # True: the mask is chosen again, and the kept weights rewritten, by the refit
+    # (sparsegpt): ``order`` is only its starting mask, and the refit is implied.
+    rewrites_weights: bool
 
     def scores(self, weight: np.ndarray, stats: LayerStats | None) -> np.ndarray:
         """Non-negative importance of every weight (same shape); smaller = less important.

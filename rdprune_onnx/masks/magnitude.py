@@ -74,6 +74,7 @@ class MagnitudeMask:
 
     name: str = "magnitude"
     needs_statistics: bool = False
+    rewrites_weights: bool = False
 
     def scores(self, weight: np.ndarray, stats: LayerStats | None = None) -> np.ndarray:
         if not np.issubdtype(weight.dtype, np.floating):

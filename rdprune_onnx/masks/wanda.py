@@ -21,6 +21,7 @@ class WandaMask:
 
     name: str = "wanda"
     needs_statistics: bool = True
+    rewrites_weights: bool = False
 
     def scores(self, weight: np.ndarray, stats: LayerStats | None) -> np.ndarray:
         if stats is None:
