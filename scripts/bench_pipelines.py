@@ -1,0 +1,444 @@
+"""Benchmark of issue #11: every allocation method x every mask x with / without refit, beside
+onnxsim's pruning passes, on the shipped models.
+
+Rows (all through :func:`rdprune_onnx.prune`, the call the command line makes, so every row
+runs the pipeline a user gets: same calibration data, same masks for the same mask name, the
+same refit):
+
+* ``METHOD / MASK`` for METHOD in rd, uniform, uniform-plus, global, lamp, erk and MASK in
+  magnitude, wanda (plain masking), and ``METHOD / MASK + refit`` (``--reconstruct``), and
+  ``METHOD / sparsegpt`` (which always rewrites the kept weights);
+* rd's curves are measured with the mask that is applied (wanda: the wanda mask at every
+  point); ``rd (refit curves) / MASK + refit`` measures every point pruned AND refit
+  (``--refit-curves``; with sparsegpt each point's mask is chosen by OBS), beside the default
+  rd row (curves of plain masking, refit applied afterwards);
+* ``onnxsim PASS``: onnxsim 0.8.1's magnitude (global), Wanda (per row, global) and
+  SparseGPT passes, given the same calibration batches (when onnxsim is importable).
+
+Scores: ``digits`` test accuracy (450 images, one image = 0.22%); ``recognizer`` character
+error rate on the held-out lines (lower is better); ``minilm`` recall@1 on 300 query/document
+pairs (one query = 0.33%) and the mean cosine to the dense embeddings.
+
+For every task and ratio the summary says, per pipeline (mask, refit), whether the best rd row
+beats the best row of the other allocations, and whether the best rd row beats onnxsim's best
+pass, with the margin and the noise (one test item). Margins within one item are ties.
+
+Run from the repository root with the benchmark extra (onnxsim), e.g.::
+
+    python3 -m venv .venv-bench && .venv-bench/bin/pip install -e '.[bench]'
+    .venv-bench/bin/python scripts/bench_pipelines.py --models digits
+    .venv-bench/bin/python scripts/bench_pipelines.py --models recognizer --levels 51
+
+Rows are written to ``--out`` (JSON) after every row; ``--resume`` keeps the rows of that file.
+The tables go to ``--markdown``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from rdprune_onnx import CalibrationSpec, PruneSettings, prune
+from rdprune_onnx.evaluate import accuracy
+from rdprune_onnx.graph.load import load_model
+from rdprune_onnx.pipeline import load_calibration
+from rdprune_onnx.runtime import Session, SessionConfig, versions
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+RATIOS = (0.5, 0.7, 0.8, 0.9, 0.95)
+METHODS = ("rd", "uniform", "uniform-plus", "global", "lamp", "erk")
+MASKS = ("magnitude", "wanda", "sparsegpt")
+ONNXSIM = {
+    "magnitude-global": "onnxsim magnitude (global)",
+    "wanda": "onnxsim Wanda (per row)",
+    "wanda-global": "onnxsim Wanda (global)",
+    "sparsegpt": "onnxsim SparseGPT",
+}
+Scorer = Callable[[onnx.ModelProto], dict[str, float]]
+
+
+@dataclass
+class Task:
+    name: str
+    model: Path
+    calib: Path
+    score: str  # headline figure
+    higher: bool  # higher is better
+    items: int  # held-out items: one item is the noise
+    scorer: Scorer
+    levels: int
+    metric: str = "mse"
+    batch_size: int = 32
+
+
+def _session(model: onnx.ModelProto) -> Session:
+    return Session(model, SessionConfig(provider="cpu", intra_op_threads=1))
+
+
+def digits_task(levels: int) -> Task:
+    with np.load(ROOT / "models/digits_test.npz") as f:
+        inputs, labels = np.asarray(f["input"]), np.asarray(f["label"])
+
+    def score(model: onnx.ModelProto) -> dict[str, float]:
+        session = _session(model)
+        logits = np.concatenate(
+            [session.run({"input": inputs[s : s + 256]})[0] for s in range(0, len(inputs), 256)]
+        )
+        return {"accuracy": accuracy(logits, labels)}
+
+    return Task(
+        "digits",
+        ROOT / "models/digits_cnn.onnx",
+        ROOT / "models/digits_calib.npz",
+        "accuracy",
+        True,
+        len(labels),
+        score,
+        levels,
+    )
+
+
+def recognizer_task(levels: int, metric: str) -> Task:
+    import recognizer_cer  # scripts/recognizer_cer.py
+
+    with np.load(ROOT / "models/recognizer_test.npz") as f:
+        inputs, truth = f["input"], recognizer_cer.labels_of(f["label"], f["label_length"])
+    items = len(inputs)
+
+    def score(model: onnx.ModelProto) -> dict[str, float]:
+        session = _session(model)
+        scores = np.concatenate(
+            [session.run({"image": inputs[s : s + 64]})[0] for s in range(0, items, 64)]
+        )
+        decoded = recognizer_cer.greedy_decode(scores)
+        return {"cer": recognizer_cer.cer_of(decoded, truth)}
+
+    return Task(
+        "recognizer",
+        ROOT / "models/recognizer.onnx",
+        ROOT / "models/recognizer_calib.npz",
+        "cer",
+        False,
+        items,
+        score,
+        levels,
+        metric,
+    )
+
+
+def minilm_task(folder: Path, levels: int) -> Task:
+    import retrieval  # scripts/retrieval.py
+
+    queries, docs = retrieval.load_pairs(folder)
+    dense_session = _session(load_model(folder / "minilm.onnx"))
+    dense = (retrieval.embed(dense_session, queries), retrieval.embed(dense_session, docs))
+    del dense_session
+
+    def score(model: onnx.ModelProto) -> dict[str, float]:
+        result: dict[str, float] = retrieval.evaluate(_session(model), queries, docs, dense=dense)
+        return {"recall@1": result["recall@1"], "cosine": result["cosine"]}
+
+    return Task(
+        "minilm",
+        folder / "minilm.onnx",
+        folder / "calib_small.npz",
+        "recall@1",
+        True,
+        len(queries["attention_mask"]),
+        score,
+        levels,
+    )
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str
+    mask: str
+    refit: bool
+    refit_curves: bool = False  # rd curves with each point pruned AND refit
+    onnxsim: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.onnxsim is not None:
+            return ONNXSIM[self.onnxsim]
+        method = "rd (refit curves)" if self.refit_curves else self.method
+        refit = " + refit" if self.refit and self.mask != "sparsegpt" else ""
+        return f"{method} / {self.mask}{refit}"
+
+    @property
+    def pipeline(self) -> str:
+        """What is applied: rows with the same pipeline differ only in their allocation."""
+        if self.onnxsim is not None:
+            return "onnxsim"
+        return f"{self.mask}{' + refit' if self.refit and self.mask != 'sparsegpt' else ''}"
+
+
+def rows_for(methods: Sequence[str], masks: Sequence[str], refits: Sequence[bool]) -> list[Row]:
+    rows = []
+    for mask in masks:
+        for refit in refits:
+            if mask == "sparsegpt" and not refit:
+                continue  # sparsegpt rewrites the kept weights: refit is implied
+            for method in methods:
+                rows.append(Row(method, mask, refit or mask == "sparsegpt"))
+            if "rd" in methods and (refit or mask == "sparsegpt") and mask != "wanda":
+                rows.append(Row("rd", mask, True, refit_curves=True))
+    return rows
+
+
+def settings_for(row: Row, ratio: float, task: Task) -> PruneSettings:
+    return PruneSettings(
+        ratio=ratio,
+        method=row.method,
+        metric=task.metric,
+        levels=task.levels,
+        provider="cpu",
+        mask=row.mask,
+        reconstruct=row.refit,
+        refit_curves=row.refit_curves,
+    )
+
+
+def run_ours(row: Row, ratio: float, task: Task, cache: Path) -> dict[str, Any]:
+    settings = settings_for(row, ratio, task)
+    t = time.perf_counter()
+    result = prune(
+        task.model,
+        settings,
+        CalibrationSpec(data=task.calib, batch_size=task.batch_size),
+        write=False,
+        cache_dir=cache,
+    )
+    seconds = time.perf_counter() - t
+    assert result.model is not None
+    return {
+        "achieved_ratio": result.achieved_ratio,
+        "predicted": result.predicted_distortion,
+        "measured": result.measured_distortion,
+        "layer_ratios": {layer.name: layer.ratio for layer in result.layers},
+        "timings": result.timings,
+        "seconds": seconds,
+        "scores": task.scorer(result.model),
+    }
+
+
+def run_onnxsim(row: Row, ratio: float, task: Task) -> dict[str, Any]:
+    import benchmark_methods  # scripts/benchmark_methods.py
+
+    model = load_model(task.model)
+    data, batch = load_calibration(model, CalibrationSpec(data=task.calib))
+    n = len(next(iter(data.values())))
+    batches = [{k: v[s : s + batch] for k, v in data.items()} for s in range(0, n, batch)]
+    t = time.perf_counter()
+    assert row.onnxsim is not None
+    pruned = benchmark_methods.run_onnxsim(row.onnxsim, model, ratio, batches)
+    return {"seconds": time.perf_counter() - t, "scores": task.scorer(pruned)}
+
+
+def better(task: Task, a: float, b: float) -> float:
+    """How much ``a`` is better than ``b`` in the task's direction."""
+    return a - b if task.higher else b - a
+
+
+def summary(task: Task, rows: Sequence[dict[str, Any]], ratios: Sequence[float]) -> list[str]:
+    """Per ratio and pipeline: best rd row against the best other allocation; and the best rd
+    row overall against onnxsim's best pass."""
+    noise = 1.0 / task.items
+    lines = []
+    for ratio in ratios:
+        at = [r for r in rows if r["ratio"] == ratio and "scores" in r]
+        if not at:
+            continue
+        value = {r["label"]: r["scores"][task.score] for r in at}
+        pipelines = sorted({r["pipeline"] for r in at} - {"onnxsim"})
+        for pipe in pipelines:
+            group = [r for r in at if r["pipeline"] == pipe]
+            rd = [r for r in group if r["method"] == "rd"]
+            other = [r for r in group if r["method"] != "rd"]
+            if not rd or not other:
+                continue
+            best_rd = max(rd, key=lambda r: better(task, value[r["label"]], 0.0))
+            best_other = max(other, key=lambda r: better(task, value[r["label"]], 0.0))
+            margin = better(task, value[best_rd["label"]], value[best_other["label"]])
+            lines.append(_verdict(ratio, pipe, best_rd, best_other, value, margin, noise))
+        ours = [r for r in at if r["pipeline"] != "onnxsim" and r["method"] == "rd"]
+        sims = [r for r in at if r["pipeline"] == "onnxsim"]
+        if ours and sims:
+            best_rd = max(ours, key=lambda r: better(task, value[r["label"]], 0.0))
+            best_sim = max(sims, key=lambda r: better(task, value[r["label"]], 0.0))
+            margin = better(task, value[best_rd["label"]], value[best_sim["label"]])
+            lines.append(_verdict(ratio, "any vs onnxsim", best_rd, best_sim, value, margin, noise))
+    return lines
+
+
+def _verdict(
+    ratio: float,
+    pipe: str,
+    ours: Mapping[str, Any],
+    other: Mapping[str, Any],
+    value: Mapping[str, float],
+    margin: float,
+    noise: float,
+) -> str:
+    word = "tie" if abs(margin) <= noise + 1e-12 else ("win" if margin > 0 else "LOSS")
+    return (
+        f"| {ratio:g} | {pipe} | {ours['label']} {value[ours['label']]:.4f} | "
+        f"{other['label']} {value[other['label']]:.4f} | {margin:+.4f} | {noise:.4f} | {word} |"
+    )
+
+
+def table(task: Task, rows: Sequence[dict[str, Any]], ratios: Sequence[float]) -> list[str]:
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    head = "| row | " + " | ".join(f"{r:g}" for r in ratios) + " |"
+    lines = [head, "|---" * (len(ratios) + 1) + "|"]
+    for label in labels:
+        cells = []
+        for ratio in ratios:
+            found = [r for r in rows if r["label"] == label and r["ratio"] == ratio]
+            if not found or "scores" not in found[0]:
+                cells.append("-" if not found else "err")
+                continue
+            row = found[0]
+            cell = f"{row['scores'][task.score]:.3f}"
+            if row.get("predicted") is not None and row.get("measured"):
+                cell += f" ({row['predicted']:.3g}/{row['measured']:.3g})"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="digits", help="comma list: digits,recognizer,minilm")
+    p.add_argument("--ratios", default=",".join(map(str, RATIOS)))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--masks", default=",".join(MASKS))
+    p.add_argument("--refit", default="none,reconstruct", help="comma list: none,reconstruct")
+    p.add_argument("--onnxsim", default=",".join(ONNXSIM), help="comma list, or 'none'")
+    p.add_argument("--levels", type=int, default=None, help="default: 101 digits, 51 others")
+    p.add_argument("--metric", default=None, help="rd metric (default mse; kl on recognizer)")
+    p.add_argument("--minilm", type=Path, default=ROOT / "models/minilm")
+    p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "rdbench")
+    p.add_argument("--out", type=Path, default=ROOT / "results/bench_pipelines.json")
+    p.add_argument("--markdown", type=Path, default=ROOT / "results/bench_pipelines.md")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --out")
+    return p.parse_args(argv)
+
+
+def make_task(name: str, args: argparse.Namespace) -> Task:
+    levels = args.levels or (101 if name == "digits" else 51)
+    if name == "digits":
+        task = digits_task(levels)
+    elif name == "recognizer":
+        task = recognizer_task(levels, args.metric or "kl")
+    elif name == "minilm":
+        task = minilm_task(args.minilm, levels)
+    else:
+        raise SystemExit(f"unknown model {name}")
+    if args.metric and name != "recognizer":
+        task.metric = args.metric
+    return task
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    refits = [{"none": False, "reconstruct": True}[r] for r in args.refit.split(",")]
+    ours = rows_for(args.methods.split(","), args.masks.split(","), refits)
+    sims = (
+        []
+        if args.onnxsim == "none"
+        else [Row("-", "-", False, onnxsim=p) for p in args.onnxsim.split(",")]
+    )
+    try:
+        import onnxsim  # noqa: F401
+    except ImportError:
+        sims = []
+    record: dict[str, Any] = {"tasks": {}}
+    if args.resume and args.out.is_file():
+        record = json.loads(args.out.read_text())
+    record["config"] = {k: str(v) for k, v in vars(args).items()}
+    record["versions"] = versions() | {"python": platform.python_version()}
+    for name in args.models.split(","):
+        task = make_task(name, args)
+        saved = record["tasks"].setdefault(name, {"rows": []})
+        done = {(r["label"], r["ratio"]) for r in saved["rows"] if "scores" in r}
+        if "dense" not in saved:
+            saved["dense"] = task.scorer(load_model(task.model))
+        saved["config"] = dataclasses.asdict(task) | {"scorer": None, "model": str(task.model)}
+        saved["config"]["calib"] = str(task.calib)
+        print(f"=== {name}: dense {saved['dense']}", flush=True)
+        for ratio in ratios:
+            for row in ours + sims:
+                if (row.label, ratio) in done:
+                    continue
+                t = time.perf_counter()
+                entry: dict[str, Any] = {
+                    "label": row.label,
+                    "pipeline": row.pipeline,
+                    "method": row.method,
+                    "mask": row.mask,
+                    "refit": row.refit,
+                    "ratio": ratio,
+                }
+                try:
+                    if row.onnxsim is not None:
+                        entry |= run_onnxsim(row, ratio, task)
+                    else:
+                        entry |= run_ours(row, ratio, task, args.cache_dir)
+                except Exception as exc:  # a row that fails is recorded, the run goes on
+                    entry["error"] = f"{type(exc).__name__}: {exc}"
+                entry["wall_s"] = time.perf_counter() - t
+                saved["rows"] = [
+                    r for r in saved["rows"] if (r["label"], r["ratio"]) != (row.label, ratio)
+                ] + [entry]
+                print(
+                    f"{name} {ratio:g} {row.label}: "
+                    f"{entry.get('scores', entry.get('error'))} ({entry['wall_s']:.1f} s)",
+                    flush=True,
+                )
+                _write(args.out, json.dumps(record, indent=1, default=float))
+    lines = []
+    for name, saved in record["tasks"].items():
+        task = make_task(name, args) if name in args.models.split(",") else None
+        if task is None:
+            continue
+        lines += [f"## {name} ({task.score}, dense {saved['dense'][task.score]:.4f})", ""]
+        lines += [*table(task, saved["rows"], ratios), ""]
+        lines += [
+            "| ratio | pipeline | best rd | best other | margin | noise | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [*summary(task, saved["rows"], ratios), ""]
+    text = "\n".join(lines)
+    _write(args.markdown, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
