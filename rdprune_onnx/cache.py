@@ -106,7 +106,7 @@ class CurveFile:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> CurveFile:
-        if raw.get("format") != FORMAT:
+        if not isinstance(raw, Mapping) or raw.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} file")
         return cls(
             model=str(raw["model_fingerprint"]),
@@ -133,7 +133,7 @@ def read_curve_file(path: str | os.PathLike[str]) -> CurveFile:
         raise UserError(f"curves file {str(p)!r} does not exist", "run `rdprune-onnx curves`")
     try:
         return CurveFile.from_dict(json.loads(p.read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(
             f"{str(p)!r} is not a curves file ({exc})", "write one with `rdprune-onnx curves`"
         ) from None

@@ -109,12 +109,66 @@ def _check_finite(name: str, array: np.ndarray, source: str) -> None:
         )
 
 
+def memory_budget() -> int:
+    """Bytes an .npz may unpack to: ``RDPRUNE_MAX_DATA_BYTES``, else half the memory."""
+    env = os.environ.get("RDPRUNE_MAX_DATA_BYTES")
+    if env and env.isdigit():
+        return int(env)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 * 1024**3
+
+
+def check_npz_sizes(path: Path, budget: int | None = None) -> None:
+    """Read every member's .npy header (nothing else) and refuse, before loading anything,
+    a member whose header declares more data than the member holds, or an archive that
+    would unpack to more than the memory budget (a decompression bomb)."""
+    budget = memory_budget() if budget is None else budget
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+                    else:
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+                    header = fh.tell()
+                name = info.filename.removesuffix(".npy")
+                if dtype.hasobject:
+                    continue  # refused as pickled when loaded
+                declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if declared > info.file_size - header:
+                    raise UserError(
+                        f"array {name!r} in {str(path)!r} declares shape {tuple(shape)} "
+                        f"({declared} bytes) but holds {info.file_size - header} bytes",
+                        "the file is corrupt or truncated; save it again with numpy.savez",
+                    )
+                total += declared
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise UserError(
+            f"cannot read {str(path)!r} as .npz ({type(exc).__name__}: {str(exc)[:120]})",
+            "save it with numpy.savez",
+        ) from None
+    if total > budget:
+        raise UserError(
+            f"{str(path)!r} unpacks to {total / 1024**3:.1f} GiB, more than the memory budget "
+            f"of {budget / 1024**3:.1f} GiB",
+            "use fewer samples, or raise RDPRUNE_MAX_DATA_BYTES",
+        )
+
+
 def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"calibration file {str(p)!r} does not exist", "check the --data path")
     if not zipfile.is_zipfile(p):
         raise UserError(f"cannot read {str(p)!r}: not an .npz archive", "save it with numpy.savez")
+    check_npz_sizes(p)
     try:
         with np.load(p, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}

@@ -828,7 +828,7 @@ def measure_curves(
     finally:
         builder.shutdown(cancel_futures=True)
         if pool is not None:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)  # Ctrl-C: queued points are dropped
     for layer in layers:
         curves[layer.name] = done[layer.name] if layer.name in done else measured[layer.name]
     log.info("measured %d curve points in %.1f s", total, time.perf_counter() - started)

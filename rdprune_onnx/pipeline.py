@@ -47,16 +47,24 @@ from rdprune_onnx.distortion import METRICS, check_metric
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import Evaluation, compare
 from rdprune_onnx.export import STORAGES, compact_weights
+from rdprune_onnx.files import RunFiles, staging
 from rdprune_onnx.flops import macs_per_weight
 from rdprune_onnx.graph.external import write_external
 from rdprune_onnx.graph.layers import Layer, LayerScan, Skipped, find_layers, read_weight
 from rdprune_onnx.graph.load import has_lazy, read_model, save_model
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.masks import apply_mask
+from rdprune_onnx.plot import check_plot_target
 from rdprune_onnx.reconstruct import SOLVERS, reconstruct
 from rdprune_onnx.refit_curves import REFIT_DAMPING, RefitCandidates
 from rdprune_onnx.report import write_json
-from rdprune_onnx.runtime import Session, SessionConfig, resolve_provider, versions
+from rdprune_onnx.runtime import (
+    Session,
+    SessionConfig,
+    resolve_provider,
+    user_model,
+    versions,
+)
 from rdprune_onnx.weights import ModelWeights
 
 log = logging.getLogger(__name__)
@@ -360,6 +368,7 @@ class _Job:
     eval_arrays: dict[str, np.ndarray] | None = None
     eval_labels: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    files: RunFiles = field(default_factory=RunFiles)
 
 
 def _check_outputs(
@@ -367,23 +376,54 @@ def _check_outputs(
     outputs: Sequence[Path],
     report: str | os.PathLike[str] | None,
     force: bool,
-) -> None:
-    """Refuse bad output paths before any expensive work."""
-    source = Path(model_path).resolve()
+    *,
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
+    plot: str | os.PathLike[str] | None = None,
+) -> RunFiles:
+    """Refuse bad output paths before any expensive work (see :mod:`rdprune_onnx.files`):
+    an input of the run, another output of it, a non-regular file, or (without ``force``)
+    any existing file. The model's external data files are added when it is loaded."""
+    files = RunFiles(force=force)
+    files.add_input(model_path, "input model")
+    for label, path in (inputs or {}).items():
+        files.add_input(path, label)
     for out in outputs:
-        if out.resolve() == source:
-            raise UserError("refusing to overwrite the input model", "choose another -o")
-        if out.exists() and not force:
-            raise UserError(f"output {str(out)!r} already exists", "pass --force to replace it")
-        if not out.parent.is_dir():
-            raise UserError(f"output folder {str(out.parent)!r} does not exist", "create it first")
+        files.claim(out, "output")
     if report is not None:
-        if Path(report).exists() and not force:
-            raise UserError(f"report {str(report)!r} already exists", "pass --force to replace it")
-        if not Path(report).parent.is_dir():
-            raise UserError(
-                f"report folder {str(Path(report).parent)!r} does not exist", "create it first"
-            )
+        files.claim(report, "report")
+    if plot is not None:
+        check_plot_target(plot, force=force)
+        files.claim(plot, "plot")
+    return files
+
+
+def check_targets(
+    model_path: str | os.PathLike[str],
+    targets: Sequence[tuple[str | os.PathLike[str] | None, str | os.PathLike[str] | None]],
+    *,
+    force: bool = False,
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
+) -> None:
+    """Check several runs' (output, report) targets together, before the first one runs
+    (``allocate`` with several ratios): no two share a path, none is an input."""
+    files = RunFiles(force=force)
+    files.add_input(model_path, "input model")
+    for label, path in (inputs or {}).items():
+        files.add_input(path, label)
+    for output, report in targets:
+        out = Path(output) if output is not None else default_output(model_path)
+        files.claim(out, "output")
+        if report is not None:
+            files.claim(report, "report")
+
+
+def _claim_data_files(job: _Job, data_files: Sequence[Path], outputs: Sequence[Path]) -> None:
+    """Once the model is loaded: its external data files are inputs too, and an output
+    written with external data claims ``<output>.data``."""
+    job.files.add_inputs(data_files, "input model's data file")
+    if job.had_external:
+        for out in outputs:
+            job.files.claim(out.with_name(out.name + ".data"), "output data file")
 
 
 def _load_job(
@@ -392,9 +432,13 @@ def _load_job(
     calibration: CalibrationSpec | None,
     eval_data: str | os.PathLike[str] | None = None,
     labels: str | None = None,
+    *,
+    files: RunFiles | None = None,
+    outputs: Sequence[Path] = (),
 ) -> _Job:
     start = time.perf_counter()
-    model, had_external = read_model(model_path)
+    data_files: list[Path] = []
+    model, had_external = read_model(model_path, data_files=data_files)
     scan = find_layers(model)
     layers = select_layers(scan, settings.exclude)
     job = _Job(
@@ -406,13 +450,17 @@ def _load_job(
         config=SessionConfig(provider=resolve_provider(settings.provider)),
         lazy=has_lazy(model),
     )
+    if files is not None:
+        job.files = files
+    _claim_data_files(job, data_files, outputs)
     if calibration is not None and calibration.given:
         job.data, job.batch_size = load_calibration(model, calibration)
     job.eval_arrays, job.eval_labels = _load_eval(model, eval_data, labels)
     job.timings["load"] = time.perf_counter() - start
     if job.data is not None:
         t = time.perf_counter()
-        job.reference = run_reference(model, job.data, job.batch_size, job.config)
+        with user_model("the model on its calibration data"):
+            job.reference = run_reference(model, job.data, job.batch_size, job.config)
         check_metric(settings.metric, job.reference.outputs, job.reference.values[0])
         job.timings["reference"] = time.perf_counter() - t
     return job
@@ -430,7 +478,8 @@ def _layer_specs(
                 "pass --data or --synthetic",
             )
         sample = {k: v[:1] if v.ndim else v for k, v in job.data.items()}
-        costs = macs_per_weight(job.model, job.layers, sample)
+        with user_model("the model (shape inference for --budget flops)"):
+            costs = macs_per_weight(job.model, job.layers, sample)
     specs = []
     for layer in job.layers:
         # Weights already zero stay zero: a layer's ratio never decreases (between
@@ -537,9 +586,9 @@ def _staging(job: _Job, output: Path | None) -> Iterator[Path | None]:
     if not job.lazy:
         yield None
         return
-    parent = output.parent if output is not None else None
-    with tempfile.TemporaryDirectory(prefix=".rdprune-", dir=parent) as folder:
-        yield Path(folder)
+    parent = output.parent if output is not None else Path(tempfile.gettempdir())
+    with staging(parent) as folder:
+        yield folder
 
 
 def _finish(
@@ -651,14 +700,15 @@ def _finish(
     evaluation = None
     if job.eval_arrays is not None:
         t = time.perf_counter()
-        evaluation = compare(
-            job.model,
-            pruned_model,
-            job.eval_arrays,
-            labels=job.eval_labels,
-            batch_size=job.batch_size,
-            config=job.config,
-        )
+        with user_model("the models on --eval-data"):
+            evaluation = compare(
+                job.model,
+                pruned_model,
+                job.eval_arrays,
+                labels=job.eval_labels,
+                batch_size=job.batch_size,
+                config=job.config,
+            )
         timings["evaluate"] = time.perf_counter() - t
     written = None
     files: list[Path] = []
@@ -672,7 +722,7 @@ def _finish(
             output,
             external_data=job.had_external or None,
             force=force,
-            protect=(job.path,),
+            protect=job.files.protected(),
         )
         written = str(output)
         timings["write"] = time.perf_counter() - t
@@ -703,7 +753,7 @@ def _finish(
     )
     if report is not None:
         try:
-            write_json(result.to_dict(), report, force=force)
+            write_json(result.to_dict(), report, force=force, protect=job.files.protected())
         except BaseException:
             # All or nothing: a model without its report is not left behind.
             for path in files:
@@ -763,8 +813,12 @@ def prune(
     cache_dir: str | os.PathLike[str] | None = None,
     storage: str = "dense",
     progress: bool = False,
+    plot: str | os.PathLike[str] | None = None,
 ) -> PruneResult:
     """Prune ``model_path`` to ``settings.ratio`` and (unless ``write`` is False) write it.
+
+    ``plot`` is only checked with the other outputs before any work (the caller draws it
+    with :func:`~rdprune_onnx.plot.plot_result`).
 
     Curves are cached in ``cache_dir`` (resumable; ``None`` disables the cache).
     ``storage="compact"`` writes the pruned weights in a form that shrinks with sparsity
@@ -774,12 +828,22 @@ def prune(
     settings.check()
     _check_storage(storage)
     out_path = Path(output) if output is not None else default_output(model_path)
-    _check_outputs(model_path, [out_path] if write else [], report, force)
+    outputs = [out_path] if write else []
+    files = _check_outputs(
+        model_path,
+        outputs,
+        report,
+        force,
+        inputs={"calibration data": calibration.data, "evaluation data": eval_data},
+        plot=plot,
+    )
     if not calibration.given and (settings.method == "rd" or settings.budget == "flops"):
         raise UserError(
             "no calibration data", "pass --data FILE.npz or --synthetic N (random inputs)"
         )
-    job = _load_job(model_path, settings, calibration, eval_data, labels)
+    job = _load_job(
+        model_path, settings, calibration, eval_data, labels, files=files, outputs=outputs
+    )
 
     def measure(model: onnx.ModelProto, reference: Reference | None) -> dict[str, Curve]:
         assert reference is not None and job.data is not None
@@ -826,13 +890,16 @@ def measure(
     The file records fingerprints of the model and the data and the settings, so that
     :func:`allocate` can check that curves belong to the model they are applied to.
     """
+    files = _check_outputs(
+        model_path, [], None, force, inputs={"calibration data": calibration.data}
+    )
     if output is not None:
-        _check_outputs(model_path, [Path(output)], None, force)
+        files.claim(output, "curves file", suffixes=(".json",))
     if not calibration.given:
         raise UserError(
             "no calibration data", "pass --data FILE.npz or --synthetic N (random inputs)"
         )
-    job = _load_job(model_path, settings, calibration)
+    job = _load_job(model_path, settings, calibration, files=files)
     assert job.reference is not None and job.data is not None
     entry = curve_entry(
         job.model, job.layers, job.data, settings, job.config.provider, job.batch_size
@@ -849,7 +916,9 @@ def measure(
         candidates=_refit_candidates(job.model, job.data, job.batch_size, settings, job.config),
     )
     if output is not None:
-        write_json(entry.to_dict(), output, force=force)
+        write_json(
+            entry.to_dict(), output, force=force, protect=files.protected(), label="curves file"
+        )
     return entry
 
 
@@ -866,6 +935,7 @@ def allocate(
     eval_data: str | os.PathLike[str] | None = None,
     labels: str | None = None,
     storage: str = "dense",
+    plot: str | os.PathLike[str] | None = None,
 ) -> PruneResult:
     """Prune ``model_path`` with curves saved by :func:`measure`, measuring nothing.
 
@@ -880,9 +950,23 @@ def allocate(
             "--steps re-measures curves on the partly pruned model", "use `prune --steps`"
         )
     out_path = Path(output) if output is not None else default_output(model_path)
-    _check_outputs(model_path, [out_path] if write else [], report, force)
+    outputs = [out_path] if write else []
+    files = _check_outputs(
+        model_path,
+        outputs,
+        report,
+        force,
+        inputs={
+            "curves file": curves_path,
+            "calibration data": calibration.data if calibration is not None else None,
+            "evaluation data": eval_data,
+        },
+        plot=plot,
+    )
     saved = read_curve_file(curves_path)
-    job = _load_job(model_path, settings, calibration, eval_data, labels)
+    job = _load_job(
+        model_path, settings, calibration, eval_data, labels, files=files, outputs=outputs
+    )
     fingerprint = model_fingerprint(job.model)
     if saved.model != fingerprint:
         raise UserError(

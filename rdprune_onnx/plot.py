@@ -8,11 +8,9 @@ rendered with the Agg canvas, without touching pyplot or the global backend.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from rdprune_onnx import files
 from rdprune_onnx.errors import UserError
 
 FIGSIZE = (12.0, 9.0)  # inches; with DPI this fixes the image size (1200 x 900 pixels)
@@ -193,8 +192,7 @@ def _check_output(path: Path, force: bool, formats: Mapping[str, str]) -> str:
         )
     if path.is_dir():
         raise UserError(f"{str(path)!r} is a directory", "name an image file")
-    if path.exists() and not force:
-        raise UserError(f"plot {str(path)!r} already exists", "pass --force to replace it")
+    files.check_existing(path, "plot", force=force, force_hint=files.FORCE_HINT)
     return fmt
 
 
@@ -205,6 +203,7 @@ def plot_result(
     force: bool = False,
     size: tuple[float, float] = FIGSIZE,
     dpi: int = DPI,
+    protect: Sequence[files.Identity] = (),
 ) -> Path:
     """Draw a prune report to ``path`` (format from the suffix: .png, .svg, .pdf, ...).
 
@@ -387,32 +386,29 @@ def plot_result(
         fontsize=9,
     )
 
-    fd, tmp = tempfile.mkstemp(prefix=".rdprune-", suffix=out.suffix, dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            canvas.print_figure(fh, format=fmt, dpi=dpi)
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).replace(out)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink()
-        raise UserError(
-            f"could not write {str(out)!r}: {exc.strerror or exc}", "choose another path"
-        ) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink()
-        raise
+    files.write_file(
+        out,
+        lambda fh: canvas.print_figure(fh, format=fmt, dpi=dpi),
+        force=force,
+        label="plot",
+        protect=protect,
+    )
     return out
 
 
+def _formats() -> Mapping[str, str]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError(
+            "plotting needs matplotlib, which is not installed",
+            "pip install 'rdprune-onnx[plot]'",
+        ) from None
+    formats: Mapping[str, str] = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    return formats
+
+
 def check_plot_target(path: str | os.PathLike[str], *, force: bool = False) -> None:
-    """Refuse a bad plot path before a long run (the image format is checked when drawing)."""
-    out = Path(path)
-    if not out.parent.is_dir():
-        raise UserError(f"plot folder {str(out.parent)!r} does not exist", "create it first")
-    if out.is_dir():
-        raise UserError(f"{str(out)!r} is a directory", "name an image file")
-    if out.exists() and not force:
-        raise UserError(f"plot {str(out)!r} already exists", "pass --force to replace it")
+    """Refuse a bad plot path before a long run: folder, image format, existing file."""
+    _check_output(Path(path), force, _formats())

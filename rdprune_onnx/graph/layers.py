@@ -218,6 +218,8 @@ def find_layers(model: onnx.ModelProto) -> LayerScan:
             reason = f"weight has rank {len(dims)} (a vector or scalar, not a matrix)"
         elif node.op_type in ("Conv", "ConvTranspose") and input_index != 1:
             reason = "weight is not the Conv's second input"
+        elif 0 in dims:
+            reason = f"weight is empty (shape {'x'.join(map(str, dims))}): nothing to prune"
         if reason is not None:
             skipped.append(Skipped(label, node.op_type, name, reason, dims))
             continue
