@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import click
 
-from rdprune_onnx.runtime import terminate_runs
+from rdprune_onnx.runtime import reset_terminate, terminate_runs
 
 DEBUG = False
 CACHE: Any = None  # the curve cache folder of the running command, if any
@@ -38,15 +38,25 @@ def _handler(signum: int, frame: FrameType | None) -> None:
 
 
 def _watch(read_fd: int) -> None:
-    while True:
-        try:
-            data = os.read(read_fd, 64)
-        except OSError:
-            return
-        if not data:
-            return
-        _received.extend(b for b in data if not _received)
-        terminate_runs()
+    """Owns ``read_fd``: reads signal numbers until EOF (the write end closed), then closes
+    it (closing it from another thread could let a reused descriptor be read here)."""
+    try:
+        while True:
+            try:
+                data = os.read(read_fd, 64)
+            except InterruptedError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum in (signal.SIGINT, signal.SIGTERM):
+                    if not _received:
+                        _received.append(signum)
+                    terminate_runs()
+    finally:
+        os.close(read_fd)
 
 
 @contextlib.contextmanager
@@ -55,6 +65,8 @@ def handled() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _received.clear()
+    reset_terminate()
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -75,9 +87,7 @@ def handled() -> Iterator[None]:
         signal.set_wakeup_fd(old_fd)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        os.close(write_fd)  # the watcher reads EOF and ends; it closes nothing itself
-        with contextlib.suppress(OSError):
-            os.close(read_fd)
+        os.close(write_fd)  # the watcher reads EOF, closes its end and ends
 
 
 def exit_interrupted() -> NoReturn:

@@ -100,6 +100,51 @@ def parse_input_ranges(items: Sequence[str]) -> dict[str, tuple[float, float]]:
     return ranges
 
 
+def parse_input_values(items: Sequence[str]) -> dict[str, float]:
+    """Parse ``NAME=VALUE`` items (as given to ``--input-value``)."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not sep or not name or not np.isfinite(number):
+            raise UserError(
+                f"cannot read input value {item!r}", "write NAME=VALUE, e.g. --input-value sr=16000"
+            )
+        out[name] = number
+    return out
+
+
+def check_informative(
+    data: Mapping[str, np.ndarray], source: str, fixed: Sequence[str] = ()
+) -> None:
+    """Refuse calibration data that cannot measure anything: every input (other than those
+    fixed on purpose, and per-sample scalars such as a sample rate) holds one single
+    value. Warn when some of them do."""
+    checked = {
+        name: array
+        for name, array in data.items()
+        if name not in fixed and array.ndim >= 1 and array.size > max(array.shape[0], 1)
+    }
+    constant = [
+        name for name, array in checked.items() if array.size and np.ptp(array.reshape(-1)) == 0
+    ]
+    if checked and len(constant) == len(checked):
+        raise UserError(
+            f"{source}: every input holds one constant value ({', '.join(constant)}); curves "
+            "measured on it cannot tell the layers apart and the pruned model would break",
+            "use real samples (--data) or random ones (--synthetic N)",
+        )
+    if constant:
+        log.warning(
+            "%s: input(s) %s hold one constant value; the curves only reflect that value",
+            source,
+            ", ".join(constant),
+        )
+
+
 def _check_finite(name: str, array: np.ndarray, source: str) -> None:
     if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
         bad = int(np.count_nonzero(~np.isfinite(array)))
@@ -260,6 +305,7 @@ def synthesize(
     shapes: Mapping[str, tuple[int, ...]] | None = None,
     ranges: Mapping[str, tuple[float, float]] | None = None,
     seed: int = 0,
+    values: Mapping[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Random calibration inputs: standard normal for float inputs (the paper's zero-data
     mode), uniform integers in an explicit range for integer inputs.
@@ -271,8 +317,9 @@ def synthesize(
         raise UserError(f"--synthetic must be positive, got {samples}", "e.g. --synthetic 64")
     shapes = dict(shapes or {})
     ranges = dict(ranges or {})
+    fixed = dict(values or {})
     names = {s.name for s in specs}
-    for name in list(shapes) + list(ranges):
+    for name in list(shapes) + list(ranges) + list(fixed):
         if name not in names:
             raise UserError(
                 f"the model has no input named {name!r}", f"inputs: {describe_inputs(specs)}"
@@ -303,7 +350,9 @@ def synthesize(
                 )
             dims = tuple(int(d) for d in spec.shape[1:] if isinstance(d, int))
         shape = (samples, *dims) if spec.shape != () else ()
-        if spec.dtype.kind == "f":
+        if spec.name in fixed:  # --input-value: the same value everywhere
+            out[spec.name] = np.full(shape, fixed[spec.name]).astype(spec.dtype)
+        elif spec.dtype.kind == "f":
             out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind in "iub":
             if spec.dtype.kind == "b":
@@ -315,8 +364,8 @@ def synthesize(
                     f"integer input {spec.describe()} cannot be synthesized without a range",
                     f"pass --input-range {spec.name}:LOW:HIGH or use --data",
                 )
-            values = rng.integers(int(low), int(high), size=shape)
-            out[spec.name] = values.astype(spec.dtype)
+            drawn = rng.integers(int(low), int(high), size=shape)
+            out[spec.name] = drawn.astype(spec.dtype)
         else:
             raise UserError(
                 f"input {spec.describe()} cannot be synthesized", "use --data with real inputs"

@@ -5,6 +5,7 @@ verify -> write. :func:`prune` is the one call the command line and Python users
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -80,6 +81,8 @@ class CalibrationSpec:
     input_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     batch_size: int = 32
     seed: int = 0
+    # Synthetic inputs fixed to one value (``--input-value sr=16000``).
+    input_values: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def given(self) -> bool:
@@ -116,6 +119,9 @@ class PruneSettings:
     # rd curves measured with each layer pruned AND refit (rdprune_onnx.refit_curves);
     # implies ``reconstruct``: the allocation is then chosen for what will be applied.
     refit_curves: bool = False
+    # Layers whose whole curve is zero (they never reached the output on the calibration
+    # data) are kept at the median ratio of the others unless this is set.
+    prune_unused_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.refit_curves:
@@ -319,15 +325,25 @@ def load_calibration(
             shapes=spec.input_shapes,
             ranges=spec.input_ranges,
             seed=spec.seed,
+            values=spec.input_values,
         )
     else:
         raise UserError(
             "no calibration data", "pass --data FILE.npz or --synthetic N (random inputs)"
         )
+    if spec.input_values and spec.data is not None:
+        raise UserError("--input-value fixes synthetic inputs", "use it with --synthetic")
+    source = str(spec.data) if spec.data is not None else "synthetic data"
+    calib.check_informative(data, source, fixed=list(spec.input_values))
     return calib.fit_fixed_batch(data, specs, spec.batch_size)
 
 
 def select_layers(scan: LayerScan, exclude: Sequence[str]) -> list[Layer]:
+    for pattern in exclude:
+        if not any(fnmatch.fnmatchcase(layer.name, pattern) for layer in scan.layers):
+            log.warning(
+                "--exclude %r matches no prunable layer (see `rdprune-onnx inspect`)", pattern
+            )
     layers = [
         layer
         for layer in scan.layers
@@ -441,6 +457,22 @@ def _load_job(
     model, had_external = read_model(model_path, data_files=data_files)
     scan = find_layers(model)
     layers = select_layers(scan, settings.exclude)
+    for pattern in settings.overrides:
+        if not any(fnmatch.fnmatchcase(layer.name, pattern) for layer in layers):
+            log.warning("--overrides pattern %r matches no pruned layer", pattern)
+    _check_finite_weights(model, layers)
+    empty = [layer.name for layer in layers if layer.size and layer.zeros == layer.size]
+    if empty and len(empty) < len(layers):
+        log.warning(
+            "%d layer(s) are all zeros already and are left as they are: %s",
+            len(empty),
+            ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""),
+        )
+        layers = [layer for layer in layers if layer.name not in empty]
+    elif empty:
+        raise UserError(
+            "every prunable weight of the model is already zero", "there is nothing to prune"
+        )
     job = _Job(
         path=str(model_path),
         model=model,
@@ -461,9 +493,76 @@ def _load_job(
         t = time.perf_counter()
         with user_model("the model on its calibration data"):
             job.reference = run_reference(model, job.data, job.batch_size, job.config)
+        _warn_constant_outputs(job.reference)
         check_metric(settings.metric, job.reference.outputs, job.reference.values[0])
         job.timings["reference"] = time.perf_counter() - t
     return job
+
+
+def _zeros(model: onnx.ModelProto) -> dict[str, float]:
+    return {spec.name: 0.0 for spec in calib.model_inputs(model)}
+
+
+def _check_finite_weights(model: onnx.ModelProto, layers: Sequence[Layer]) -> None:
+    """NaN or Inf in a weight is the model's fault, not the calibration data's."""
+    for layer in layers:
+        weight = read_weight(model, layer.name)
+        if weight.dtype.kind == "f" and not np.all(np.isfinite(weight)):
+            bad = int(np.count_nonzero(~np.isfinite(weight)))
+            raise UserError(
+                f"weight {layer.name!r} holds {bad} NaN or Inf value(s)",
+                "the model itself is broken; re-export it from a healthy checkpoint",
+            )
+        del weight
+
+
+def _warn_constant_outputs(reference: Reference) -> None:
+    """Warn loudly when a dense output is the same for every calibration sample."""
+    for position, name in enumerate(reference.outputs):
+        values = [batch[position] for batch in reference.values]
+        if sum(v.shape[0] if v.ndim else 1 for v in values) < 2:
+            continue
+        if values[0].ndim == 0 or not values[0].size:
+            continue
+        first = values[0][:1]  # the first sample's output
+        if all(np.array_equal(v, np.broadcast_to(first, v.shape)) for v in values):
+            log.warning(
+                "the dense model's output %r is one constant value on every calibration "
+                "sample: distortion measured on it says nothing about the other inputs; "
+                "use more varied calibration data",
+                name,
+            )
+
+
+def unused_layers(curves: Mapping[str, Curve], names: Sequence[str]) -> list[str]:
+    """Layers whose whole curve is zero: pruning them never changed the output on the
+    calibration data (e.g. a branch for another input mode)."""
+    return [
+        name
+        for name in names
+        if name in curves
+        and len(curves[name].distortion) > 1
+        and not np.any(curves[name].distortion[1:])
+    ]
+
+
+def _keep_unused(
+    specs: list[LayerSpec], allocation: Allocation, unused: Sequence[str]
+) -> list[LayerSpec] | None:
+    """The specs with every unused layer fixed at the median ratio the others got, or
+    None when there is nothing to hold back (no unused layer, or no other layer)."""
+    others = [s for s in specs if s.name not in unused]
+    if not unused or not others:
+        return None
+    ratios = allocation.ratios(specs)
+    median = float(np.median([ratios[s.name] for s in others]))
+    out = []
+    for spec in specs:
+        if spec.name in unused:
+            keep = min(max(median, spec.min_ratio), spec.max_ratio)
+            spec = dataclasses.replace(spec, min_ratio=spec.min_ratio, max_ratio=keep)
+        out.append(spec)
+    return out
 
 
 def _layer_specs(
@@ -473,11 +572,18 @@ def _layer_specs(
     costs: Mapping[str, int] = {}
     if settings.budget == "flops":
         if job.data is None:
-            raise UserError(
-                "a FLOPs budget needs calibration inputs to infer shapes",
-                "pass --data or --synthetic",
-            )
-        sample = {k: v[:1] if v.ndim else v for k, v in job.data.items()}
+            try:  # MACs per sample need shapes only: one sample of zeros, batch 1
+                sample = calib.synthesize(
+                    calib.model_inputs(job.model), 1, seed=0, values=_zeros(job.model)
+                )
+            except UserError:
+                raise UserError(
+                    "a FLOPs budget needs calibration inputs to infer shapes (the model has "
+                    "dynamic dimensions other than the batch)",
+                    "pass --data or --synthetic",
+                ) from None
+        else:
+            sample = {k: v[:1] if v.ndim else v for k, v in job.data.items()}
         with user_model("the model (shape inference for --budget flops)"):
             costs = macs_per_weight(job.model, job.layers, sample)
     specs = []
@@ -561,6 +667,23 @@ def _allocate(
             options={"allow_layer_removal": settings.allow_layer_removal},
         )
         allocation = get_allocator(settings.method).allocate(problem)
+        unused = unused_layers(curves, names) if curves is not None else []
+        held = None if settings.prune_unused_layers else _keep_unused(specs, allocation, unused)
+        if held is not None:
+            specs = held
+            problem = dataclasses.replace(problem, layers=specs)
+            allocation = get_allocator(settings.method).allocate(problem)
+        if unused:
+            log.warning(
+                "%d layer(s) have a zero curve (they never reached the output on the "
+                "calibration data): %s; %s",
+                len(unused),
+                ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else ""),
+                "pruned freely"
+                if held is None
+                else "kept at the median ratio of the other layers "
+                "(--prune-unused-layers prunes them freely)",
+            )
         job.timings["allocate"] = job.timings.get("allocate", 0.0) + time.perf_counter() - t
         del problem
         if job.lazy:
@@ -573,6 +696,7 @@ def _allocate(
                 "target_ratio": step_ratio,
                 "ratios": allocation.ratios(specs),
                 **dict(allocation.info),
+                **({"unused_layers": unused, "unused_pruned": held is None} if unused else {}),
             }
         )
     assert allocation is not None
@@ -733,6 +857,25 @@ def _finish(
     }
     if len(steps) > 1:
         info["steps"] = steps
+    if steps and steps[-1].get("unused_layers"):
+        info["unused_layers"] = {
+            "layers": steps[-1]["unused_layers"],
+            "pruned_freely": steps[-1]["unused_pruned"],
+        }
+    if achieved > settings.ratio + 0.005:
+        log.warning(
+            "the model was already sparser than --ratio %g: %.2f%% of its prunable weights "
+            "are zero now (weights already zero stay zero)",
+            settings.ratio,
+            100 * achieved,
+        )
+    if settings.method == "rd" and predicted_total == 0.0 and achieved > 0:
+        log.warning(
+            "the predicted distortion is exactly 0 at ratio %g: on this calibration data "
+            "the pruned weights never change the output; the pruned model may break on "
+            "other inputs (use more varied calibration data)",
+            settings.ratio,
+        )
     result = PruneResult(
         input=job.path,
         output=written,
@@ -837,7 +980,7 @@ def prune(
         inputs={"calibration data": calibration.data, "evaluation data": eval_data},
         plot=plot,
     )
-    if not calibration.given and (settings.method == "rd" or settings.budget == "flops"):
+    if not calibration.given and settings.method == "rd":
         raise UserError(
             "no calibration data", "pass --data FILE.npz or --synthetic N (random inputs)"
         )
@@ -1077,6 +1220,34 @@ def _measure_with_cache(
     timings: dict[str, float] | None = None,
 ) -> dict[str, Curve]:
     cache = CurveCache(cache_dir) if cache_dir is not None else None
+    with cache.locked(entry) if cache is not None else contextlib.nullcontext():
+        return _measure_locked(
+            model,
+            layers,
+            reference,
+            settings,
+            config,
+            entry,
+            cache,
+            progress,
+            candidates=candidates,
+            timings=timings,
+        )
+
+
+def _measure_locked(
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    reference: Reference,
+    settings: PruneSettings,
+    config: SessionConfig,
+    entry: CurveFile,
+    cache: CurveCache | None,
+    progress: bool,
+    *,
+    candidates: RefitCandidates | None = None,
+    timings: dict[str, float] | None = None,
+) -> dict[str, Curve]:
     done = cache.load(entry) if cache is not None else {}
     entry.curves.update(done)
 

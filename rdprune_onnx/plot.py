@@ -164,6 +164,19 @@ def short_name(name: str, width: int = 24) -> str:
     return name[:head] + "…" + name[-tail:]
 
 
+def short_names(names: Sequence[str], width: int = 24) -> list[str]:
+    """:func:`short_name` of each, made distinct: where two shortened labels clash, their
+    layer numbers (``#i``) are appended so that no two layers share a label."""
+    labels = [short_name(name, width) for name in names]
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    return [
+        f"{short_name(name, width - 4)}#{i}" if counts[label] > 1 else label
+        for i, (name, label) in enumerate(zip(names, labels, strict=True))
+    ]
+
+
 def _floor(layers: Sequence[_Layer]) -> float:
     """A positive stand-in for zero distortion: a decade below the smallest positive value."""
     positive = [
@@ -259,6 +272,7 @@ def plot_result(
         floor = _floor(layers)
         many = n > 20
         clipped = False
+        curve_labels = short_names(middles, 32)
         for i, layer in enumerate(layers):
             if layer.curve is None:
                 continue
@@ -271,7 +285,7 @@ def plot_result(
                 color=colors[i],
                 lw=0.8 if many else 1.4,
                 alpha=0.75 if many else 0.95,
-                label=short_name(middles[i], 32),
+                label=curve_labels[i],
             )
             point = float(np.interp(layer.ratio, xs, shown))
             ax_curves.scatter(
@@ -344,7 +358,7 @@ def plot_result(
     ax_size.set_ylim(min(sizes) / 2, max(sizes) * 2)
     ax_size.set_ylabel("weights in the layer (log scale)")
     if named:
-        labels = [short_name(middle, 20) for middle in middles]
+        labels = short_names(middles, 20)
         tilt = n * max(len(label) for label in labels) > 100
         ax_bars.set_xticks(
             index,

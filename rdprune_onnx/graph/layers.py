@@ -176,14 +176,16 @@ def find_layers(model: onnx.ModelProto) -> LayerScan:
             continue
         label = _describe_node(node, node_index)
         if node.op_type in _RECURRENT_OPS:
-            for position in (1, 2, 3):  # W, R and B
+            roles = {1: "W (input weights)", 2: "R (recurrence weights)", 3: "B (biases)"}
+            for position, role in roles.items():
                 if position < len(node.input) and node.input[position]:
                     skipped.append(
                         Skipped(
                             label,
                             node.op_type,
                             node.input[position],
-                            f"recurrent {node.op_type} weights are not pruned",
+                            f"recurrent {node.op_type} {role} {node.input[position]!r}: "
+                            "recurrent weights are not pruned",
                         )
                     )
             continue

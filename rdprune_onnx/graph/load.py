@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -68,9 +69,29 @@ def external_files(model: onnx.ModelProto, folder: str | os.PathLike[str]) -> li
     found: dict[Path, None] = {}
     for tensor in iter_all_tensors(model):
         if external_data_helper.uses_external_data(tensor):
-            location = external_data_helper.ExternalDataInfo(tensor).location
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
             found[Path(folder) / location] = None
     return list(found)
+
+
+def _bad_text(message: Any) -> bool:
+    """Whether some text field holds invalid UTF-8 (protobuf then hands out ``bytes``, and
+    copying the field raises far from here). Tensor contents are not read, only names and
+    external-data entries."""
+    if isinstance(message, onnx.TensorProto):
+        texts = [message.name, message.doc_string]
+        texts += [t for e in message.external_data for t in (e.key, e.value)]
+        return any(isinstance(t, bytes) for t in texts)
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_MESSAGE:
+            items = [value] if hasattr(value, "ListFields") else list(value)
+            if any(_bad_text(item) for item in items):
+                return True
+        elif field.type == field.TYPE_STRING:
+            items = [value] if isinstance(value, str | bytes) else list(value)
+            if any(isinstance(item, bytes) for item in items):
+                return True
+    return False
 
 
 def _check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
@@ -120,12 +141,12 @@ def _check_external_fields(tensor: onnx.TensorProto) -> str:
         raise _bad_external(tensor, "no location")
     for key in ("offset", "length"):
         text = entries.get(key)
-        if text is None or text == "":
+        if text is None:
             continue
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise _bad_external(tensor, f"{key} {text[:30]!r} is not a whole number >= 0")
     length = entries.get("length")
-    if length and tensor.data_type in _WHOLE_BYTE_TYPES:
+    if length is not None and tensor.data_type in _WHOLE_BYTE_TYPES:
         expected = nbytes(tensor)
         if int(length) != expected:
             raise _bad_external(
@@ -186,6 +207,11 @@ def read_model(
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise UserError(
             f"{str(p)!r} holds no ONNX graph", "the file is not an ONNX model; re-export it"
+        )
+    if _bad_text(model):
+        raise UserError(
+            f"{str(p)!r} holds text that is not valid UTF-8 (a corrupt name or attribute)",
+            "the file is corrupt; re-export it",
         )
     _check_external_locations(model, p.parent)
     if data_files is not None:
@@ -253,6 +279,8 @@ def save_model(
         )
     if not os.access(folder, os.W_OK):
         raise UserError(f"output folder {str(folder)!r} is not writable", "choose another -o")
+    if out.suffix.lower() != ".onnx":
+        log.warning("writing an ONNX model (protobuf) to %s, whose name does not end in .onnx", out)
     data_name = out.name + ".data"
     if external_data is None:
         external_data = data_bytes(model) >= _PROTOBUF_LIMIT // 2
@@ -279,7 +307,8 @@ def save_model(
             else:
                 if weights:
                     model = replace_weights(model, weights)
-                onnx.save_model(model, str(tmp_model))
+                # Protobuf whatever the suffix (onnx would write out.json as JSON text).
+                onnx.save_model(model, str(tmp_model), format="protobuf")
             for target in reversed(targets):  # data file first, the model last
                 files.publish(tmp / target.name, target, force=force, protect=guard)
                 published.append(target)
