@@ -86,6 +86,12 @@ def show_eval(result: FileEvaluation) -> None:
         f"latency ({lat.provider}, batch of {lat.batch_size}, median of {lat.repeats} runs): "
         f"dense {lat.dense_ms:.3f} ms, pruned {lat.pruned_ms:.3f} ms, "
         f"pruned/dense {lat.ratio:.2f}"
+        + (
+            f" (middle half of the pairs {lat.ratio_low:.2f}-{lat.ratio_high:.2f}"
+            + ("; within noise)" if lat.ratio_low <= 1 <= lat.ratio_high else ")")
+            if lat.ratio_low == lat.ratio_low
+            else ""
+        )
     )
 
 

@@ -486,6 +486,27 @@ def zero_size_weight(folder: Path) -> list[str]:
     return _prune_args(folder / "m.onnx", "--synthetic", "4")
 
 
+def tensor_size_mismatch(folder: Path) -> list[str]:
+    """Found by fuzzing: a shape that disagrees with the data stored (the checker passes)."""
+    model = graphs.cnn()
+    model.graph.initializer[0].dims[0] = 1
+    onnx.save_model(model, str(folder / "m.onnx"))
+    return _prune_args(folder / "m.onnx", "--synthetic", "4")
+
+
+def invalid_utf8_name(folder: Path) -> list[str]:
+    """Found by fuzzing: protobuf hands out bytes for a name that is not UTF-8."""
+    data = bytearray(graphs.cnn().SerializeToString())
+    data[data.index(b"conv1")] = 0x80
+    (folder / "m.onnx").write_bytes(bytes(data))
+    return _prune_args(folder / "m.onnx", "--synthetic", "4")
+
+
+def external_empty_offset(folder: Path) -> list[str]:
+    """Found by fuzzing: an empty offset field."""
+    return ["inspect", str(_external_field(folder, "offset", ""))]
+
+
 ONE_LINE = [
     pytest.param(ext_negative_length, "length", id="external-negative-length"),
     pytest.param(ext_negative_offset, "offset", id="external-negative-offset"),
@@ -496,6 +517,9 @@ ONE_LINE = [
     pytest.param(npz_bomb, "memory budget", id="npz-decompression-bomb"),
     pytest.param(curves_file_is_a_list, "not a curves file", id="curves-file-json-list"),
     pytest.param(zero_size_weight, "", id="zero-size-weight"),
+    pytest.param(tensor_size_mismatch, "need", id="fuzz-tensor-size-mismatch"),
+    pytest.param(invalid_utf8_name, "UTF-8", id="fuzz-invalid-utf8-name"),
+    pytest.param(external_empty_offset, "offset", id="fuzz-external-empty-offset"),
 ]
 
 

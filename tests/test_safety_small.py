@@ -133,3 +133,20 @@ def test_plot_labels_never_clash() -> None:
     labels = short_names(names, 20)
     assert len(set(labels)) == 3 and labels[2] == "short"
     assert all(len(label) <= 20 for label in labels)
+
+
+def test_eval_latency_reports_the_spread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pruned/dense ratios of interleaved pairs that straddle 1 are called noise."""
+    import rdprune_onnx.evaluate as ev
+
+    def fake(*args: object, **kwargs: object) -> tuple[list[float], list[float]]:
+        return [1.0, 1.0, 1.0, 1.0], [0.8, 0.9, 1.1, 1.2]
+
+    monkeypatch.setattr(ev, "measure_latency", fake)
+    dense = _save(graphs.cnn(), tmp_path, "d.onnx")
+    pruned = _save(graphs.cnn(), tmp_path, "p.onnx")
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32))
+    result = CliRunner().invoke(cli, ["eval", str(dense), str(pruned), "--data", str(data)])
+    assert result.exit_code == 0, result.output
+    assert "middle half of the pairs 0.88-1.12; within noise" in result.output, result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -125,6 +126,43 @@ _WHOLE_BYTE_TYPES = frozenset(
 )  # fmt: skip
 
 
+# Element type -> (typed field holding the values, values per element).
+_TYPED_FIELDS: dict[int, tuple[str, int]] = {
+    _T.FLOAT: ("float_data", 1), _T.COMPLEX64: ("float_data", 2),
+    _T.DOUBLE: ("double_data", 1), _T.COMPLEX128: ("double_data", 2),
+    _T.INT64: ("int64_data", 1), _T.UINT32: ("uint64_data", 1), _T.UINT64: ("uint64_data", 1),
+    _T.INT32: ("int32_data", 1), _T.INT16: ("int32_data", 1), _T.INT8: ("int32_data", 1),
+    _T.UINT16: ("int32_data", 1), _T.UINT8: ("int32_data", 1), _T.BOOL: ("int32_data", 1),
+    _T.FLOAT16: ("int32_data", 1), _T.BFLOAT16: ("int32_data", 1),
+}  # fmt: skip
+
+
+def _check_inline_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Every tensor stored in the file holds as many values as its shape says (the
+    checker does not look; reading it would fail far from here)."""
+    for tensor in iter_all_tensors(model):
+        if is_external(tensor) or tensor.data_type not in _WHOLE_BYTE_TYPES:
+            continue
+        if any(d < 0 for d in tensor.dims):
+            raise UserError(
+                f"tensor {tensor.name!r} in {str(path)!r} has a negative dimension",
+                "the file is corrupt; re-export it",
+            )
+        expected = nbytes(tensor)
+        if tensor.HasField("raw_data"):
+            held, unit = len(tensor.raw_data), "bytes"
+        else:
+            field, per = _TYPED_FIELDS[tensor.data_type]
+            held, unit = len(getattr(tensor, field)), "values"
+            expected = math.prod(tensor.dims) * per
+        if held != expected:
+            raise UserError(
+                f"tensor {tensor.name!r} in {str(path)!r} holds {held} {unit} but its type and "
+                f"shape {list(tensor.dims)} need {expected}",
+                "the file is corrupt; re-export it",
+            )
+
+
 def _bad_external(tensor: onnx.TensorProto, why: str) -> UserError:
     return UserError(
         f"tensor {tensor.name!r} has invalid external data: {why}",
@@ -213,6 +251,7 @@ def read_model(
             f"{str(p)!r} holds text that is not valid UTF-8 (a corrupt name or attribute)",
             "the file is corrupt; re-export it",
         )
+    _check_inline_sizes(model, p)
     _check_external_locations(model, p.parent)
     if data_files is not None:
         data_files.extend(external_files(model, p.parent))
