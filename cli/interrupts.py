@@ -25,6 +25,7 @@ from rdprune_onnx.runtime import reset_terminate, terminate_runs
 
 DEBUG = False
 CACHE: Any = None  # the curve cache folder of the running command, if any
+MEASURES = False  # the running command measures curves (prune, curves)
 ISSUES = "https://github.com/rdprune/rdprune-onnx/issues"
 
 _received: list[int] = []
@@ -65,8 +66,10 @@ def handled() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global CACHE, MEASURES
     _received.clear()
     reset_terminate()
+    CACHE, MEASURES = None, False
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -95,12 +98,14 @@ def exit_interrupted() -> NoReturn:
     name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
     if CACHE is not None:
         kept = (
-            f"the curves of every finished layer are kept in the cache {CACHE}; "
+            f"; the curves of every finished layer are kept in the cache {CACHE}: "
             "run the same command again to resume"
         )
+    elif MEASURES:
+        kept = "; no curve cache was in use (--no-cache): a new run starts over"
     else:
-        kept = "no curve cache was in use (--no-cache): a new run starts over"
-    click.echo(f"Interrupted ({name}): stopped; no output was written; {kept}.", err=True)
+        kept = ""
+    click.echo(f"Interrupted ({name}): stopped; no output was written{kept}.", err=True)
     sys.exit(128 + int(signum))
 
 

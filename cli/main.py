@@ -91,6 +91,7 @@ def _cache_dir(kwargs: dict[str, Any]) -> Any:
     cache_dir = kwargs.pop("cache_dir") or default_cache_dir()
     cache = None if kwargs.pop("no_cache") else cache_dir
     interrupts.CACHE = cache  # named in the one line printed on Ctrl-C
+    interrupts.MEASURES = True
     return cache
 
 

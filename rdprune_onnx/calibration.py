@@ -194,7 +194,15 @@ def check_npz_sizes(path: Path, budget: int | None = None) -> None:
                         "the file is corrupt or truncated; save it again with numpy.savez",
                     )
                 total += declared
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (
+        ValueError,
+        OSError,
+        zipfile.BadZipFile,
+        EOFError,
+        RuntimeError,
+        NotImplementedError,
+    ) as exc:
+        # RuntimeError: an encrypted member; NotImplementedError: an unknown compression.
         raise UserError(
             f"cannot read {str(path)!r} as .npz ({type(exc).__name__}: {str(exc)[:120]})",
             "save it with numpy.savez",
@@ -226,7 +234,7 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         raise UserError(
             f"cannot read {str(p)!r} as .npz ({exc})", "save it with numpy.savez"
         ) from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError) as exc:
         raise UserError(
             f"cannot read {str(p)!r} as .npz ({type(exc).__name__})", "save it with numpy.savez"
         ) from None

@@ -507,6 +507,30 @@ def external_empty_offset(folder: Path) -> list[str]:
     return ["inspect", str(_external_field(folder, "offset", ""))]
 
 
+def unknown_element_type(folder: Path) -> list[str]:
+    """Found by fuzzing: an element type number onnx does not know."""
+    model = graphs.cnn()
+    model.graph.initializer[0].data_type = 29
+    (folder / "m.onnx").write_bytes(model.SerializeToString())
+    return _prune_args(folder / "m.onnx", "--synthetic", "4")
+
+
+def external_nul_location(folder: Path) -> list[str]:
+    """Found by fuzzing: a NUL byte in the data file's name."""
+    return ["inspect", str(_external_field(folder, "location", "\x00"))]
+
+
+def npz_encrypted_member(folder: Path) -> list[str]:
+    """Found by fuzzing: a member flagged as encrypted (zipfile raises RuntimeError)."""
+    path = folder / "calib.npz"
+    np.savez(path, x=np.zeros(X_SHAPE, np.float32) + 1)
+    data = bytearray(path.read_bytes())
+    central = data.rindex(b"PK\x01\x02")
+    data[central + 8] |= 1  # general purpose flag: encrypted
+    path.write_bytes(bytes(data))
+    return _prune_args(_cnn(folder), "--data", str(path))
+
+
 ONE_LINE = [
     pytest.param(ext_negative_length, "length", id="external-negative-length"),
     pytest.param(ext_negative_offset, "offset", id="external-negative-offset"),
@@ -520,6 +544,9 @@ ONE_LINE = [
     pytest.param(tensor_size_mismatch, "need", id="fuzz-tensor-size-mismatch"),
     pytest.param(invalid_utf8_name, "UTF-8", id="fuzz-invalid-utf8-name"),
     pytest.param(external_empty_offset, "offset", id="fuzz-external-empty-offset"),
+    pytest.param(unknown_element_type, "unknown element type", id="fuzz-unknown-element-type"),
+    pytest.param(external_nul_location, "location", id="fuzz-external-nul-location"),
+    pytest.param(npz_encrypted_member, "npz", id="fuzz-npz-encrypted-member"),
 ]
 
 

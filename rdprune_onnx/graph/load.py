@@ -141,6 +141,14 @@ def _check_inline_sizes(model: onnx.ModelProto, path: Path) -> None:
     """Every tensor stored in the file holds as many values as its shape says (the
     checker does not look; reading it would fail far from here)."""
     for tensor in iter_all_tensors(model):
+        try:
+            onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        except (KeyError, ValueError):
+            raise UserError(
+                f"tensor {tensor.name!r} in {str(path)!r} has an unknown element type "
+                f"{tensor.data_type}",
+                "the file is corrupt, or needs a newer onnx; re-export it",
+            ) from None
         if is_external(tensor) or tensor.data_type not in _WHOLE_BYTE_TYPES:
             continue
         if any(d < 0 for d in tensor.dims):
@@ -175,8 +183,8 @@ def _check_external_fields(tensor: onnx.TensorProto) -> str:
     length is the tensor's size (before anything is read or allocated from them)."""
     entries = {e.key: e.value for e in tensor.external_data}
     location = entries.get("location", "")
-    if not location:
-        raise _bad_external(tensor, "no location")
+    if not location or "\x00" in location:
+        raise _bad_external(tensor, f"location {location[:40]!r} is not a file name")
     for key in ("offset", "length"):
         text = entries.get(key)
         if text is None:
