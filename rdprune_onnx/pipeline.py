@@ -66,6 +66,13 @@ from rdprune_onnx.runtime import (
     user_model,
     versions,
 )
+from rdprune_onnx.sanity import (
+    check_finite_weights,
+    keep_unused,
+    unused_layers,
+    warn_constant_outputs,
+    zero_values,
+)
 from rdprune_onnx.weights import ModelWeights
 
 log = logging.getLogger(__name__)
@@ -460,7 +467,7 @@ def _load_job(
     for pattern in settings.overrides:
         if not any(fnmatch.fnmatchcase(layer.name, pattern) for layer in layers):
             log.warning("--overrides pattern %r matches no pruned layer", pattern)
-    _check_finite_weights(model, layers)
+    check_finite_weights(model, layers)
     empty = [layer.name for layer in layers if layer.size and layer.zeros == layer.size]
     if empty and len(empty) < len(layers):
         log.warning(
@@ -493,76 +500,10 @@ def _load_job(
         t = time.perf_counter()
         with user_model("the model on its calibration data"):
             job.reference = run_reference(model, job.data, job.batch_size, job.config)
-        _warn_constant_outputs(job.reference)
+        warn_constant_outputs(job.reference)
         check_metric(settings.metric, job.reference.outputs, job.reference.values[0])
         job.timings["reference"] = time.perf_counter() - t
     return job
-
-
-def _zeros(model: onnx.ModelProto) -> dict[str, float]:
-    return {spec.name: 0.0 for spec in calib.model_inputs(model)}
-
-
-def _check_finite_weights(model: onnx.ModelProto, layers: Sequence[Layer]) -> None:
-    """NaN or Inf in a weight is the model's fault, not the calibration data's."""
-    for layer in layers:
-        weight = read_weight(model, layer.name)
-        if weight.dtype.kind == "f" and not np.all(np.isfinite(weight)):
-            bad = int(np.count_nonzero(~np.isfinite(weight)))
-            raise UserError(
-                f"weight {layer.name!r} holds {bad} NaN or Inf value(s)",
-                "the model itself is broken; re-export it from a healthy checkpoint",
-            )
-        del weight
-
-
-def _warn_constant_outputs(reference: Reference) -> None:
-    """Warn loudly when a dense output is the same for every calibration sample."""
-    for position, name in enumerate(reference.outputs):
-        values = [batch[position] for batch in reference.values]
-        if sum(v.shape[0] if v.ndim else 1 for v in values) < 2:
-            continue
-        if values[0].ndim == 0 or not values[0].size:
-            continue
-        first = values[0][:1]  # the first sample's output
-        if all(np.array_equal(v, np.broadcast_to(first, v.shape)) for v in values):
-            log.warning(
-                "the dense model's output %r is one constant value on every calibration "
-                "sample: distortion measured on it says nothing about the other inputs; "
-                "use more varied calibration data",
-                name,
-            )
-
-
-def unused_layers(curves: Mapping[str, Curve], names: Sequence[str]) -> list[str]:
-    """Layers whose whole curve is zero: pruning them never changed the output on the
-    calibration data (e.g. a branch for another input mode)."""
-    return [
-        name
-        for name in names
-        if name in curves
-        and len(curves[name].distortion) > 1
-        and not np.any(curves[name].distortion[1:])
-    ]
-
-
-def _keep_unused(
-    specs: list[LayerSpec], allocation: Allocation, unused: Sequence[str]
-) -> list[LayerSpec] | None:
-    """The specs with every unused layer fixed at the median ratio the others got, or
-    None when there is nothing to hold back (no unused layer, or no other layer)."""
-    others = [s for s in specs if s.name not in unused]
-    if not unused or not others:
-        return None
-    ratios = allocation.ratios(specs)
-    median = float(np.median([ratios[s.name] for s in others]))
-    out = []
-    for spec in specs:
-        if spec.name in unused:
-            keep = min(max(median, spec.min_ratio), spec.max_ratio)
-            spec = dataclasses.replace(spec, min_ratio=spec.min_ratio, max_ratio=keep)
-        out.append(spec)
-    return out
 
 
 def _layer_specs(
@@ -574,7 +515,7 @@ def _layer_specs(
         if job.data is None:
             try:  # MACs per sample need shapes only: one sample of zeros, batch 1
                 sample = calib.synthesize(
-                    calib.model_inputs(job.model), 1, seed=0, values=_zeros(job.model)
+                    calib.model_inputs(job.model), 1, seed=0, values=zero_values(job.model)
                 )
             except UserError:
                 raise UserError(
@@ -668,7 +609,7 @@ def _allocate(
         )
         allocation = get_allocator(settings.method).allocate(problem)
         unused = unused_layers(curves, names) if curves is not None else []
-        held = None if settings.prune_unused_layers else _keep_unused(specs, allocation, unused)
+        held = None if settings.prune_unused_layers else keep_unused(specs, allocation, unused)
         if held is not None:
             specs = held
             problem = dataclasses.replace(problem, layers=specs)
