@@ -124,9 +124,17 @@ def prune_command(model: str, **kwargs: Any) -> None:
     result = prune(
         model, settings, calibration, progress=progress, cache_dir=cache_dir, plot=plot, **kwargs
     )
+    if plot is not None:
+        try:
+            plot_result(result, plot, force=kwargs["force"])
+        except BaseException:
+            # All or nothing, as for the report: no model and report without their plot.
+            for path in result.files:
+                Path(path).unlink(missing_ok=True)
+            raise
     click.echo(show_prune(result))
     if plot is not None:
-        click.echo(f"plotted {plot_result(result, plot, force=kwargs['force'])}")
+        click.echo(f"plotted {plot}")
 
 
 @cli.command("curves")
@@ -209,10 +217,7 @@ def allocate_command(curves: str, model: str, ratios: str, **kwargs: Any) -> Non
             result = allocate(
                 curves, model, settings, calibration=calibration, output=target, **args
             )
-            if result.output is not None:
-                written += [Path(result.output), Path(result.output + ".data")]
-            if args.get("report") is not None:
-                written.append(Path(args["report"]))
+            written += [Path(path) for path in result.files]
             click.echo(show_prune(result))
     except BaseException:
         for path in written:

@@ -266,6 +266,8 @@ class PruneResult:
     curves: dict[str, Curve] | None = None
     evaluation: Evaluation | None = None
     model: onnx.ModelProto | None = field(default=None, repr=False)
+    # Every file this run wrote (the model, its data file, the report).
+    files: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -834,10 +836,12 @@ def _finish(
         curves=curves,
         evaluation=evaluation,
         model=pruned_model if staging is None else _reload(written, storage),
+        files=[str(path) for path in files],
     )
     if report is not None:
         try:
             write_json(result.to_dict(), report, force=force, protect=job.files.protected())
+            result.files.append(str(report))
         except BaseException:
             # All or nothing: a model without its report is not left behind.
             for path in files:

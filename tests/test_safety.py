@@ -568,3 +568,36 @@ def test_bad_input_is_one_line(
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     assert needle in lines[0], lines[0]
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("label", ["report", "curves file", "plot", "output"])
+def test_read_only_file_system_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, label: str
+) -> None:
+    """EROFS at the publishing step (where a read-only mount fails): one line, nothing left."""
+    import errno
+
+    publish = files.publish
+
+    def read_only(src: Path, target: Path, **kwargs: object) -> None:
+        if kwargs.get("label", "output") == label:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        publish(src, target, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(files, "publish", read_only)
+    folder = tmp_path / "work"
+    folder.mkdir()
+    if label == "curves file":
+        model = str(_cnn(folder))
+        args = ["curves", model, "--synthetic", "4", "--levels", "5", "-o", str(folder / "c.json")]
+    else:
+        args = _synthetic(folder, "-o", str(folder / "o.onnx"))
+        args += ["--report", str(folder / "r.json"), "--plot", str(folder / "p.png")]
+        (folder / "o.onnx.data").write_bytes(b"the user's, not ours")  # never rolled back
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(cli, [*args, "--no-cache"] if label == "curves file" else args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1, result.output
+    assert lines[-1].startswith("Error: ") and "Read-only file system" in lines[-1], lines
+    assert "Traceback" not in result.output
+    assert snapshot(tmp_path) == before  # the plot failing removes the model and report
