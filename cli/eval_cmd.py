@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import FileEvaluation, evaluate_files
+from rdprune_onnx.files import RunFiles
 from rdprune_onnx.plot import plot_result, read_report
 from rdprune_onnx.report import to_json
-from rdprune_onnx.runtime import PROVIDERS
+from rdprune_onnx.runtime import PROVIDERS, user_model
 
 from .render import table
 
@@ -86,6 +86,12 @@ def show_eval(result: FileEvaluation) -> None:
         f"latency ({lat.provider}, batch of {lat.batch_size}, median of {lat.repeats} runs): "
         f"dense {lat.dense_ms:.3f} ms, pruned {lat.pruned_ms:.3f} ms, "
         f"pruned/dense {lat.ratio:.2f}"
+        + (
+            f" (middle half of the pairs {lat.ratio_low:.2f}-{lat.ratio_high:.2f}"
+            + ("; within noise)" if lat.ratio_low <= 1 <= lat.ratio_high else ")")
+            if lat.ratio_low == lat.ratio_low
+            else ""
+        )
     )
 
 
@@ -114,15 +120,16 @@ def eval_command(
     as_json: bool,
 ) -> None:
     """Compare PRUNED with its DENSE original: outputs, accuracy, sparsity, size, latency."""
-    result = evaluate_files(
-        dense,
-        pruned,
-        data,
-        labels=labels,
-        provider=provider,
-        batch_size=batch_size,
-        repeats=repeats,
-    )
+    with user_model():
+        result = evaluate_files(
+            dense,
+            pruned,
+            data,
+            labels=labels,
+            provider=provider,
+            batch_size=batch_size,
+            repeats=repeats,
+        )
     if as_json:
         click.echo(to_json(result.to_dict()))
     else:
@@ -138,7 +145,8 @@ def eval_command(
 def plot_command(report: str, output: str | None, force: bool) -> None:
     """Draw the layers' distortion curves and chosen ratios from a prune REPORT (JSON)."""
     out = Path(output) if output is not None else Path(report).with_suffix(".png")
-    if out.resolve() == Path(report).resolve():
-        raise UserError("refusing to overwrite the report with the plot", "choose another -o")
-    written = plot_result(read_report(report), out, force=force)
+    run = RunFiles(force=force)
+    run.add_input(report, "report")
+    run.claim(out, "plot")  # never the report (by path or hard link), nor a device
+    written = plot_result(read_report(report), out, force=force, protect=run.protected())
     click.echo(f"wrote {written}")

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import click
 
 from rdprune_onnx import UserError, inspect_model
 from rdprune_onnx.cache import default_cache_dir
-from rdprune_onnx.pipeline import allocate, measure, output_for_ratio, prune
-from rdprune_onnx.plot import check_plot_target, plot_result
+from rdprune_onnx.pipeline import allocate, check_targets, measure, output_for_ratio, prune
+from rdprune_onnx.plot import plot_result
 from rdprune_onnx.reconstruct import SOLVERS
 from rdprune_onnx.report import to_json
 
+from . import interrupts
 from .eval_cmd import eval_command, plot_command
 from .options import (
     allocation_options,
@@ -56,21 +58,32 @@ class _Group(click.Group):
             raise _UsageError(exc.format_message(), exc.ctx) from None
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            raise click.ClickException(str(exc)) from None
-        except click.UsageError as exc:
-            if exc.exit_code == 1:
+        with interrupts.handled():
+            try:
+                return super().invoke(ctx)
+            except UserError as exc:
+                raise click.ClickException(str(exc)) from None
+            except click.UsageError as exc:
+                if exc.exit_code == 1:
+                    raise
+                raise _UsageError(exc.format_message(), exc.ctx) from None
+            except (click.exceptions.Exit, click.Abort, click.ClickException, SystemExit):
                 raise
-            raise _UsageError(exc.format_message(), exc.ctx) from None
+            except KeyboardInterrupt:
+                interrupts.exit_interrupted()
+            except Exception as exc:  # a bug: ours to fix, not the user's
+                if interrupts.DEBUG:
+                    raise
+                interrupts.exit_internal(exc)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rdprune-onnx")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the library does.")
-def cli(verbose: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an internal error.")
+def cli(verbose: bool, debug: bool) -> None:
     """Prune ONNX model weights with rate-distortion layer-adaptive allocation."""
+    interrupts.DEBUG = debug
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -79,7 +92,10 @@ def cli(verbose: bool) -> None:
 
 def _cache_dir(kwargs: dict[str, Any]) -> Any:
     cache_dir = kwargs.pop("cache_dir") or default_cache_dir()
-    return None if kwargs.pop("no_cache") else cache_dir
+    cache = None if kwargs.pop("no_cache") else cache_dir
+    interrupts.CACHE = cache  # named in the one line printed on Ctrl-C
+    interrupts.MEASURES = True
+    return cache
 
 
 @cli.command("inspect")
@@ -112,8 +128,6 @@ def prune_command(model: str, **kwargs: Any) -> None:
     progress = not kwargs.pop("no_progress")
     cache_dir = _cache_dir(kwargs)
     plot = kwargs.pop("plot")
-    if plot is not None:
-        check_plot_target(plot, force=kwargs["force"])
     result = prune(
         model,
         settings,
@@ -121,13 +135,22 @@ def prune_command(model: str, **kwargs: Any) -> None:
         progress=progress,
         cache_dir=cache_dir,
         target=target,
+        plot=plot,
         **kwargs,
     )
+    if plot is not None:
+        try:
+            plot_result(result, plot, force=kwargs["force"])
+        except BaseException:
+            # All or nothing, as for the report: no model and report without their plot.
+            for path in result.files:
+                Path(path).unlink(missing_ok=True)
+            raise
     click.echo(show_prune(result))
     if result.search is not None:
         click.echo(show_search(result.search))
     if plot is not None:
-        click.echo(f"plotted {plot_result(result, plot, force=kwargs['force'])}")
+        click.echo(f"plotted {plot}")
 
 
 @cli.command("curves")
@@ -185,14 +208,40 @@ def allocate_command(curves: str, model: str, ratios: str, **kwargs: Any) -> Non
     kwargs.pop("cache_dir")
     kwargs.pop("no_cache")
     base = dict(kwargs)
+    plans = []
     for ratio in values:
         args = dict(base)
         settings = build_settings(args, ratio=ratio)
         target = output
         if len(values) > 1:
             target = output_for_ratio(output or f"{model.removesuffix('.onnx')}.pruned.onnx", ratio)
-        result = allocate(curves, model, settings, calibration=calibration, output=target, **args)
-        click.echo(show_prune(result))
+            if args.get("report") is not None:
+                args["report"] = output_for_ratio(args["report"], ratio)
+        settings.check()
+        plans.append((settings, target, args))
+    # Every target checked before the first ratio runs; nothing left behind on a failure.
+    check_targets(
+        model,
+        [(t, a.get("report")) for _, t, a in plans],
+        force=base["force"],
+        inputs={
+            "curves file": curves,
+            "calibration data": calibration.data if calibration is not None else None,
+            "evaluation data": base.get("eval_data"),
+        },
+    )
+    written: list[Path] = []
+    try:
+        for settings, target, args in plans:
+            result = allocate(
+                curves, model, settings, calibration=calibration, output=target, **args
+            )
+            written += [Path(path) for path in result.files]
+            click.echo(show_prune(result))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
 
 
 cli.add_command(eval_command)

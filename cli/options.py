@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import click
 
 from rdprune_onnx.allocate import METHODS
-from rdprune_onnx.calibration import parse_input_ranges, parse_input_shapes
+from rdprune_onnx.calibration import parse_input_ranges, parse_input_shapes, parse_input_values
 from rdprune_onnx.distortion import METRICS, OUTPUT_KINDS
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.export import STORAGES
@@ -55,6 +55,13 @@ def calibration_options(func: F) -> F:
                 multiple=True,
                 metavar="NAME:LOW:HIGH",
                 help="Value range [LOW, HIGH) for a synthetic integer input (repeatable).",
+            ),
+            click.option(
+                "--input-value",
+                "input_values",
+                multiple=True,
+                metavar="NAME=VALUE",
+                help="Fix a synthetic input to one value, e.g. sr=16000 (repeatable).",
             ),
             click.option("--batch-size", default=32, show_default=True, help="Samples per run."),
             click.option("--seed", default=0, show_default=True, help="Seed for synthetic data."),
@@ -118,6 +125,11 @@ def allocation_options(func: F) -> F:
             ),
             click.option(
                 "--allow-layer-removal", is_flag=True, help="Let rd prune a layer entirely."
+            ),
+            click.option(
+                "--prune-unused-layers",
+                is_flag=True,
+                help="Prune layers with a zero curve freely (default: the others' median).",
             ),
             click.option(
                 "--reconstruct",
@@ -207,6 +219,7 @@ def build_calibration(kwargs: dict[str, Any]) -> CalibrationSpec:
         synthetic=kwargs.pop("synthetic"),
         input_shapes=parse_input_shapes(kwargs.pop("input_shapes")),
         input_ranges=parse_input_ranges(kwargs.pop("input_ranges")),
+        input_values=parse_input_values(kwargs.pop("input_values")),
         batch_size=kwargs.pop("batch_size"),
         seed=kwargs.pop("seed"),
     )
@@ -235,6 +248,7 @@ def build_settings(kwargs: dict[str, Any], *, ratio: float) -> PruneSettings:
         mask=kwargs.pop("mask", "magnitude"),
         mask_inputs=kwargs.pop("mask_inputs", "dense"),
         output_kind=kwargs.pop("output_kind", "auto"),
+        prune_unused_layers=kwargs.pop("prune_unused_layers", False),
     )
 
 

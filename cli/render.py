@@ -75,7 +75,11 @@ def show_prune(result: PruneResult) -> str:
     s = result.settings
     lines.append(
         f"method {s.method}, metric {s.metric}, {s.levels} levels, provider {result.provider}, "
-        f"{result.samples} calibration samples"
+        + (
+            f"{result.samples} calibration samples"
+            if result.samples
+            else "no calibration data (saved curves; nothing measured)"
+        )
     )
     if s.select_masks:
         lines.append(

@@ -1,6 +1,6 @@
 """rdprune-onnx: rate-distortion layer-adaptive weight pruning for ONNX models."""
 
-from rdprune_onnx.errors import InfeasibleError, UserError
+from rdprune_onnx.errors import InfeasibleError, InternalError, UserError
 from rdprune_onnx.inspect import ModelSummary, inspect_model
 from rdprune_onnx.pipeline import (
     CalibrationSpec,
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationSpec",
     "InfeasibleError",
+    "InternalError",
     "ModelSummary",
     "PruneResult",
     "PruneSettings",

@@ -8,12 +8,13 @@ finished; a file whose fingerprints do not match is never used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,14 +100,18 @@ class CurveFile:
             "settings": self.settings,
             "layers": self.layers,
             "curves": {
-                name: {"ratios": c.ratios.tolist(), "distortion": c.distortion.tolist()}
+                name: {
+                    "ratios": c.ratios.tolist(),
+                    "distortion": c.distortion.tolist(),
+                    "checksum": curve_checksum(self.key, name, c),
+                }
                 for name, c in self.curves.items()
             },
         }
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> CurveFile:
-        if raw.get("format") != FORMAT:
+        if not isinstance(raw, Mapping) or raw.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} file")
         return cls(
             model=str(raw["model_fingerprint"]),
@@ -127,16 +132,44 @@ class CurveFile:
         write_json(self.to_dict(), path, force=True)
 
 
+def curve_checksum(key: str, name: str, curve: Curve) -> str:
+    """SHA-256 of one curve's content and the cache key it was measured under."""
+    text = json.dumps([key, name, curve.ratios.tolist(), curve.distortion.tolist()], allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def curve_problem(curve: Curve) -> str | None:
+    """Why a curve cannot be used (NaN, negative distortion, bad grid), or None."""
+    ratios, distortion = curve.ratios, curve.distortion
+    if ratios.ndim != 1 or distortion.shape != ratios.shape or len(ratios) < 2:
+        return f"{len(distortion.reshape(-1))} distortions for {len(ratios.reshape(-1))} ratios"
+    if not (np.all(np.isfinite(ratios)) and np.all(np.isfinite(distortion))):
+        return "NaN or Inf values"
+    if np.any(distortion < 0):
+        return "negative distortion"
+    if np.any(np.diff(ratios) <= 0) or ratios[0] < 0 or ratios[-1] > 1:
+        return "ratios not increasing within [0, 1]"
+    return None
+
+
 def read_curve_file(path: str | os.PathLike[str]) -> CurveFile:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"curves file {str(p)!r} does not exist", "run `rdprune-onnx curves`")
     try:
-        return CurveFile.from_dict(json.loads(p.read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
+        saved = CurveFile.from_dict(json.loads(p.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(
             f"{str(p)!r} is not a curves file ({exc})", "write one with `rdprune-onnx curves`"
         ) from None
+    for name, curve in saved.curves.items():
+        problem = curve_problem(curve)
+        if problem is not None:
+            raise UserError(
+                f"{str(p)!r}: the curve of {name!r} is unusable ({problem})",
+                "measure the curves again with `rdprune-onnx curves`",
+            )
+    return saved
 
 
 def default_cache_dir() -> Path:
@@ -145,6 +178,30 @@ def default_cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "rdprune-onnx"
+
+
+def _lock(path: Path, fcntl: Any) -> int:
+    """Open and lock ``path`` (exclusive; waits for another holder), retrying when the
+    holder removed the file meanwhile; returns the locked descriptor."""
+    warned = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not warned:
+                    log.warning("another run is measuring the same curves (%s); waiting", path)
+                    warned = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass  # removed by the run that held it: lock the new one
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
 
 
 class CurveCache:
@@ -162,18 +219,67 @@ class CurveCache:
         if not path.is_file():
             return {}
         try:
-            cached = CurveFile.from_dict(json.loads(path.read_text()))
-        except (ValueError, KeyError, TypeError, OSError) as exc:
-            log.warning("ignoring unreadable curve cache %s: %s", path, exc)
+            raw = json.loads(path.read_text())
+            cached = CurveFile.from_dict(raw)
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+            log.warning("ignoring unreadable curve cache %s (re-measuring): %s", path, exc)
             return {}
         if not cached.matches(entry):
             return {}
-        log.info("resuming from %d cached curves in %s", len(cached.curves), path)
-        return {
-            name: curve
-            for name, curve in cached.curves.items()
-            if entry.layers.get(name) == cached.layers.get(name)
-        }
+        good: dict[str, Curve] = {}
+        bad: list[str] = []
+        for name, curve in cached.curves.items():
+            if entry.layers.get(name) != cached.layers.get(name):
+                continue
+            stored = (
+                raw["curves"][name].get("checksum")
+                if isinstance(raw["curves"][name], dict)
+                else None
+            )
+            problem = curve_problem(curve)
+            if problem is None and stored != curve_checksum(entry.key, name, curve):
+                problem = "checksum mismatch" if stored else "no checksum"
+            if problem is not None:
+                bad.append(f"{name} ({problem})")
+                continue
+            good[name] = curve
+        if bad:
+            log.warning(
+                "curve cache %s: %d entr%s failed the check and will be re-measured: %s",
+                path,
+                len(bad),
+                "y" if len(bad) == 1 else "ies",
+                ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else ""),
+            )
+        log.info("resuming from %d cached curves in %s", len(good), path)
+        return good
+
+    @contextlib.contextmanager
+    def locked(self, entry: CurveFile) -> Iterator[None]:
+        """Hold this entry's lock file (``<key>.lock``, ``fcntl.flock``) while measuring:
+        a second run on the same model, data and settings waits, then resumes from the
+        curves the first one stored instead of measuring them again. Other entries are
+        not blocked. Without ``fcntl`` (or on a folder that refuses locks) it does nothing."""
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        path = self.folder / f"{entry.key}.lock"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = _lock(path, fcntl)
+        except OSError as exc:
+            log.warning("curve cache %s: no lock file (%s)", self.folder, exc)
+            yield
+            return
+        try:
+            yield
+        finally:
+            # Removed while still held: a run waiting on it finds it gone and retries.
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(fd)
 
     def store(self, entry: CurveFile) -> None:
         try:

@@ -100,6 +100,51 @@ def parse_input_ranges(items: Sequence[str]) -> dict[str, tuple[float, float]]:
     return ranges
 
 
+def parse_input_values(items: Sequence[str]) -> dict[str, float]:
+    """Parse ``NAME=VALUE`` items (as given to ``--input-value``)."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not sep or not name or not np.isfinite(number):
+            raise UserError(
+                f"cannot read input value {item!r}", "write NAME=VALUE, e.g. --input-value sr=16000"
+            )
+        out[name] = number
+    return out
+
+
+def check_informative(
+    data: Mapping[str, np.ndarray], source: str, fixed: Sequence[str] = ()
+) -> None:
+    """Refuse calibration data that cannot measure anything: every input (other than those
+    fixed on purpose, and per-sample scalars such as a sample rate) holds one single
+    value. Warn when some of them do."""
+    checked = {
+        name: array
+        for name, array in data.items()
+        if name not in fixed and array.ndim >= 1 and array.size > max(array.shape[0], 1)
+    }
+    constant = [
+        name for name, array in checked.items() if array.size and np.ptp(array.reshape(-1)) == 0
+    ]
+    if checked and len(constant) == len(checked):
+        raise UserError(
+            f"{source}: every input holds one constant value ({', '.join(constant)}); curves "
+            "measured on it cannot tell the layers apart and the pruned model would break",
+            "use real samples (--data) or random ones (--synthetic N)",
+        )
+    if constant:
+        log.warning(
+            "%s: input(s) %s hold one constant value; the curves only reflect that value",
+            source,
+            ", ".join(constant),
+        )
+
+
 def _check_finite(name: str, array: np.ndarray, source: str) -> None:
     if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
         bad = int(np.count_nonzero(~np.isfinite(array)))
@@ -109,12 +154,74 @@ def _check_finite(name: str, array: np.ndarray, source: str) -> None:
         )
 
 
+def memory_budget() -> int:
+    """Bytes an .npz may unpack to: ``RDPRUNE_MAX_DATA_BYTES``, else half the memory."""
+    env = os.environ.get("RDPRUNE_MAX_DATA_BYTES")
+    if env and env.isdigit():
+        return int(env)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 * 1024**3
+
+
+def check_npz_sizes(path: Path, budget: int | None = None) -> None:
+    """Read every member's .npy header (nothing else) and refuse, before loading anything,
+    a member whose header declares more data than the member holds, or an archive that
+    would unpack to more than the memory budget (a decompression bomb)."""
+    budget = memory_budget() if budget is None else budget
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+                    else:
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+                    header = fh.tell()
+                name = info.filename.removesuffix(".npy")
+                if dtype.hasobject:
+                    continue  # refused as pickled when loaded
+                declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if declared > info.file_size - header:
+                    raise UserError(
+                        f"array {name!r} in {str(path)!r} declares shape {tuple(shape)} "
+                        f"({declared} bytes) but holds {info.file_size - header} bytes",
+                        "the file is corrupt or truncated; save it again with numpy.savez",
+                    )
+                total += declared
+    except (
+        ValueError,
+        OSError,
+        zipfile.BadZipFile,
+        EOFError,
+        RuntimeError,
+        NotImplementedError,
+    ) as exc:
+        # RuntimeError: an encrypted member; NotImplementedError: an unknown compression.
+        raise UserError(
+            f"cannot read {str(path)!r} as .npz ({type(exc).__name__}: {str(exc)[:120]})",
+            "save it with numpy.savez",
+        ) from None
+    if total > budget:
+        raise UserError(
+            f"{str(path)!r} unpacks to {total / 1024**3:.1f} GiB, more than the memory budget "
+            f"of {budget / 1024**3:.1f} GiB",
+            "use fewer samples, or raise RDPRUNE_MAX_DATA_BYTES",
+        )
+
+
 def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"calibration file {str(p)!r} does not exist", "check the --data path")
     if not zipfile.is_zipfile(p):
         raise UserError(f"cannot read {str(p)!r}: not an .npz archive", "save it with numpy.savez")
+    check_npz_sizes(p)
     try:
         with np.load(p, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
@@ -127,7 +234,7 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         raise UserError(
             f"cannot read {str(p)!r} as .npz ({exc})", "save it with numpy.savez"
         ) from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError) as exc:
         raise UserError(
             f"cannot read {str(p)!r} as .npz ({type(exc).__name__})", "save it with numpy.savez"
         ) from None
@@ -206,6 +313,7 @@ def synthesize(
     shapes: Mapping[str, tuple[int, ...]] | None = None,
     ranges: Mapping[str, tuple[float, float]] | None = None,
     seed: int = 0,
+    values: Mapping[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Random calibration inputs: standard normal for float inputs (the paper's zero-data
     mode), uniform integers in an explicit range for integer inputs.
@@ -217,8 +325,9 @@ def synthesize(
         raise UserError(f"--synthetic must be positive, got {samples}", "e.g. --synthetic 64")
     shapes = dict(shapes or {})
     ranges = dict(ranges or {})
+    fixed = dict(values or {})
     names = {s.name for s in specs}
-    for name in list(shapes) + list(ranges):
+    for name in list(shapes) + list(ranges) + list(fixed):
         if name not in names:
             raise UserError(
                 f"the model has no input named {name!r}", f"inputs: {describe_inputs(specs)}"
@@ -249,7 +358,9 @@ def synthesize(
                 )
             dims = tuple(int(d) for d in spec.shape[1:] if isinstance(d, int))
         shape = (samples, *dims) if spec.shape != () else ()
-        if spec.dtype.kind == "f":
+        if spec.name in fixed:  # --input-value: the same value everywhere
+            out[spec.name] = np.full(shape, fixed[spec.name]).astype(spec.dtype)
+        elif spec.dtype.kind == "f":
             out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind in "iub":
             if spec.dtype.kind == "b":
@@ -261,8 +372,8 @@ def synthesize(
                     f"integer input {spec.describe()} cannot be synthesized without a range",
                     f"pass --input-range {spec.name}:LOW:HIGH or use --data",
                 )
-            values = rng.integers(int(low), int(high), size=shape)
-            out[spec.name] = values.astype(spec.dtype)
+            drawn = rng.integers(int(low), int(high), size=shape)
+            out[spec.name] = drawn.astype(spec.dtype)
         else:
             raise UserError(
                 f"input {spec.describe()} cannot be synthesized", "use --data with real inputs"

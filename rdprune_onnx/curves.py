@@ -71,9 +71,14 @@ def float_outputs(model: onnx.ModelProto) -> list[str]:
         if elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
             names.append(out.name)
     if not names:
+        zipmap = any(n.op_type == "ZipMap" for n in model.graph.node)
         raise UserError(
-            "the model has no float output to measure distortion on",
-            "rdprune-onnx compares float outputs (logits, embeddings, features)",
+            "the model has no float output to measure distortion on"
+            + (" (its probabilities go through a ZipMap into a list of maps)" if zipmap else ""),
+            "convert it again with skl2onnx's options={'zipmap': False} to get a float "
+            "probability tensor"
+            if zipmap
+            else "rdprune-onnx compares float outputs (logits, embeddings, features)",
         )
     return names
 
@@ -835,7 +840,7 @@ def measure_curves(
     finally:
         builder.shutdown(cancel_futures=True)
         if pool is not None:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)  # Ctrl-C: queued points are dropped
     for layer in layers:
         curves[layer.name] = done[layer.name] if layer.name in done else measured[layer.name]
     log.info("measured %d curve points in %.1f s", total, time.perf_counter() - started)

@@ -1,8 +1,10 @@
 """Error types.
 
 ``UserError`` is for mistakes the user can fix (bad path, bad ratio, mismatched data,
-unsupported model). The command line prints it as one line without a traceback. Any other
-exception is a bug and keeps its traceback.
+unsupported model). The command line prints it as one line without a traceback, exit 1.
+``InternalError`` is a failure in something the library built (a cut graph, a pruned
+copy): a bug. The command line asks to report it (exit 2; traceback with ``--debug``), as
+it does for any other exception.
 """
 
 from __future__ import annotations
@@ -24,3 +26,7 @@ class UserError(Exception):
 
 class InfeasibleError(UserError):
     """The requested budget cannot be met under the given constraints."""
+
+
+class InternalError(Exception):
+    """A failure in what the library built (not the user's input): a bug to report."""

@@ -209,6 +209,10 @@ class Latency:
     pruned_ms: float
     dense_min_ms: float
     pruned_min_ms: float
+    # Spread of pruned/dense over the interleaved pairs of runs (25th and 75th percentile):
+    # a ratio whose range straddles 1 is noise, not a speed-up.
+    ratio_low: float = float("nan")
+    ratio_high: float = float("nan")
 
     @property
     def ratio(self) -> float:
@@ -363,6 +367,14 @@ def measure_latency(
     return times[0], times[1]
 
 
+def _ratio_spread(dense: Sequence[float], pruned: Sequence[float]) -> dict[str, float]:
+    pairs = [p / d for d, p in zip(dense, pruned, strict=True) if d > 0]
+    if not pairs:
+        return {}
+    low, high = np.percentile(pairs, [25, 75])
+    return {"ratio_low": float(low), "ratio_high": float(high)}
+
+
 def _load_data(
     path: str | os.PathLike[str],
     dense: onnx.ModelProto,
@@ -471,6 +483,7 @@ def evaluate_files(
         pruned_ms=statistics.median(pruned_times) * 1e3,
         dense_min_ms=min(dense_times) * 1e3,
         pruned_min_ms=min(pruned_times) * 1e3,
+        **_ratio_spread(dense_times, pruned_times),
     )
     return FileEvaluation(
         dense=dense_file,

@@ -5,6 +5,7 @@ verify -> write. :func:`prune` is the one call the command line and Python users
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -49,6 +50,7 @@ from rdprune_onnx.distortion import METRICS, OUTPUT_KINDS, Metric, resolve_metri
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import Evaluation, compare
 from rdprune_onnx.export import STORAGES, compact_weights
+from rdprune_onnx.files import RunFiles, staging
 from rdprune_onnx.flops import macs_per_weight
 from rdprune_onnx.graph.activation import output_activations
 from rdprune_onnx.graph.external import write_external
@@ -56,11 +58,25 @@ from rdprune_onnx.graph.layers import Layer, LayerScan, Skipped, find_layers, re
 from rdprune_onnx.graph.load import has_lazy, read_model, save_model
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.masks import MASK_INPUTS, MASKS, apply_mask, get_mask, magnitude_order
+from rdprune_onnx.plot import check_plot_target
 from rdprune_onnx.reconstruct import INPUTS as REFIT_INPUTS
 from rdprune_onnx.reconstruct import SOLVERS, reconstruct
 from rdprune_onnx.refit_curves import REFIT_DAMPING, RefitCandidates
 from rdprune_onnx.report import write_json
-from rdprune_onnx.runtime import Session, SessionConfig, resolve_provider, versions
+from rdprune_onnx.runtime import (
+    Session,
+    SessionConfig,
+    resolve_provider,
+    user_model,
+    versions,
+)
+from rdprune_onnx.sanity import (
+    check_finite_weights,
+    keep_unused,
+    unused_layers,
+    warn_constant_outputs,
+    zero_values,
+)
 from rdprune_onnx.weights import ModelWeights
 
 if TYPE_CHECKING:
@@ -79,6 +95,8 @@ class CalibrationSpec:
     input_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     batch_size: int = 32
     seed: int = 0
+    # Synthetic inputs fixed to one value (``--input-value sr=16000``).
+    input_values: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def given(self) -> bool:
@@ -128,6 +146,9 @@ class PruneSettings:
     # What each output holds, for kl / prob-mse (rdprune_onnx.distortion): auto (from the
     # graph's last activation, else the data), logits, probs, log-probs, sigmoid, embedding.
     output_kind: str = "auto"
+    # Layers whose whole curve is zero (they never reached the output on the calibration
+    # data) are kept at the median ratio of the others unless this is set.
+    prune_unused_layers: bool = False
 
     @property
     def data_aware_mask(self) -> bool:
@@ -311,6 +332,8 @@ class PruneResult:
     search: dict[str, Any] | None = None
     # Each output's resolved kind (rdprune_onnx.distortion.OutputKind), when measured.
     output_kinds: dict[str, Any] | None = None
+    # Every file this run wrote (the model, its data file, the report).
+    files: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -379,15 +402,25 @@ def load_calibration(
             shapes=spec.input_shapes,
             ranges=spec.input_ranges,
             seed=spec.seed,
+            values=spec.input_values,
         )
     else:
         raise UserError(
             "no calibration data", "pass --data FILE.npz or --synthetic N (random inputs)"
         )
+    if spec.input_values and spec.data is not None:
+        raise UserError("--input-value fixes synthetic inputs", "use it with --synthetic")
+    source = str(spec.data) if spec.data is not None else "synthetic data"
+    calib.check_informative(data, source, fixed=list(spec.input_values))
     return calib.fit_fixed_batch(data, specs, spec.batch_size)
 
 
 def select_layers(scan: LayerScan, exclude: Sequence[str]) -> list[Layer]:
+    for pattern in exclude:
+        if not any(fnmatch.fnmatchcase(layer.name, pattern) for layer in scan.layers):
+            log.warning(
+                "--exclude %r matches no prunable layer (see `rdprune-onnx inspect`)", pattern
+            )
     layers = [
         layer
         for layer in scan.layers
@@ -429,6 +462,7 @@ class _Job:
     eval_labels: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
     metric: str = "mse"  # the settings' metric, resolved to a Metric once outputs are known
+    files: RunFiles = field(default_factory=RunFiles)
 
 
 def _check_outputs(
@@ -436,23 +470,54 @@ def _check_outputs(
     outputs: Sequence[Path],
     report: str | os.PathLike[str] | None,
     force: bool,
-) -> None:
-    """Refuse bad output paths before any expensive work."""
-    source = Path(model_path).resolve()
+    *,
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
+    plot: str | os.PathLike[str] | None = None,
+) -> RunFiles:
+    """Refuse bad output paths before any expensive work (see :mod:`rdprune_onnx.files`):
+    an input of the run, another output of it, a non-regular file, or (without ``force``)
+    any existing file. The model's external data files are added when it is loaded."""
+    files = RunFiles(force=force)
+    files.add_input(model_path, "input model")
+    for label, path in (inputs or {}).items():
+        files.add_input(path, label)
     for out in outputs:
-        if out.resolve() == source:
-            raise UserError("refusing to overwrite the input model", "choose another -o")
-        if out.exists() and not force:
-            raise UserError(f"output {str(out)!r} already exists", "pass --force to replace it")
-        if not out.parent.is_dir():
-            raise UserError(f"output folder {str(out.parent)!r} does not exist", "create it first")
+        files.claim(out, "output")
     if report is not None:
-        if Path(report).exists() and not force:
-            raise UserError(f"report {str(report)!r} already exists", "pass --force to replace it")
-        if not Path(report).parent.is_dir():
-            raise UserError(
-                f"report folder {str(Path(report).parent)!r} does not exist", "create it first"
-            )
+        files.claim(report, "report")
+    if plot is not None:
+        check_plot_target(plot, force=force)
+        files.claim(plot, "plot")
+    return files
+
+
+def check_targets(
+    model_path: str | os.PathLike[str],
+    targets: Sequence[tuple[str | os.PathLike[str] | None, str | os.PathLike[str] | None]],
+    *,
+    force: bool = False,
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
+) -> None:
+    """Check several runs' (output, report) targets together, before the first one runs
+    (``allocate`` with several ratios): no two share a path, none is an input."""
+    files = RunFiles(force=force)
+    files.add_input(model_path, "input model")
+    for label, path in (inputs or {}).items():
+        files.add_input(path, label)
+    for output, report in targets:
+        out = Path(output) if output is not None else default_output(model_path)
+        files.claim(out, "output")
+        if report is not None:
+            files.claim(report, "report")
+
+
+def _claim_data_files(job: _Job, data_files: Sequence[Path], outputs: Sequence[Path]) -> None:
+    """Once the model is loaded: its external data files are inputs too, and an output
+    written with external data claims ``<output>.data``."""
+    job.files.add_inputs(data_files, "input model's data file")
+    if job.had_external:
+        for out in outputs:
+            job.files.claim(out.with_name(out.name + ".data"), "output data file")
 
 
 def _load_job(
@@ -461,11 +526,31 @@ def _load_job(
     calibration: CalibrationSpec | None,
     eval_data: str | os.PathLike[str] | None = None,
     labels: str | None = None,
+    *,
+    files: RunFiles | None = None,
+    outputs: Sequence[Path] = (),
 ) -> _Job:
     start = time.perf_counter()
-    model, had_external = read_model(model_path)
+    data_files: list[Path] = []
+    model, had_external = read_model(model_path, data_files=data_files)
     scan = find_layers(model)
     layers = select_layers(scan, settings.exclude)
+    for pattern in settings.overrides:
+        if not any(fnmatch.fnmatchcase(layer.name, pattern) for layer in layers):
+            log.warning("--overrides pattern %r matches no pruned layer", pattern)
+    check_finite_weights(model, layers)
+    empty = [layer.name for layer in layers if layer.size and layer.zeros == layer.size]
+    if empty and len(empty) < len(layers):
+        log.warning(
+            "%d layer(s) are all zeros already and are left as they are: %s",
+            len(empty),
+            ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""),
+        )
+        layers = [layer for layer in layers if layer.name not in empty]
+    elif empty:
+        raise UserError(
+            "every prunable weight of the model is already zero", "there is nothing to prune"
+        )
     job = _Job(
         path=str(model_path),
         model=model,
@@ -475,13 +560,18 @@ def _load_job(
         config=SessionConfig(provider=resolve_provider(settings.provider)),
         lazy=has_lazy(model),
     )
+    if files is not None:
+        job.files = files
+    _claim_data_files(job, data_files, outputs)
     if calibration is not None and calibration.given:
         job.data, job.batch_size = load_calibration(model, calibration)
     job.eval_arrays, job.eval_labels = _load_eval(model, eval_data, labels)
     job.timings["load"] = time.perf_counter() - start
     if job.data is not None:
         t = time.perf_counter()
-        job.reference = run_reference(model, job.data, job.batch_size, job.config)
+        with user_model("the model on its calibration data"):
+            job.reference = run_reference(model, job.data, job.batch_size, job.config)
+        warn_constant_outputs(job.reference)
         job.metric = resolve_metric(
             settings.metric,
             job.reference.outputs,
@@ -500,12 +590,20 @@ def _layer_specs(
     costs: Mapping[str, int] = {}
     if settings.budget == "flops":
         if job.data is None:
-            raise UserError(
-                "a FLOPs budget needs calibration inputs to infer shapes",
-                "pass --data or --synthetic",
-            )
-        sample = {k: v[:1] if v.ndim else v for k, v in job.data.items()}
-        costs = macs_per_weight(job.model, job.layers, sample)
+            try:  # MACs per sample need shapes only: one sample of zeros, batch 1
+                sample = calib.synthesize(
+                    calib.model_inputs(job.model), 1, seed=0, values=zero_values(job.model)
+                )
+            except UserError:
+                raise UserError(
+                    "a FLOPs budget needs calibration inputs to infer shapes (the model has "
+                    "dynamic dimensions other than the batch)",
+                    "pass --data or --synthetic",
+                ) from None
+        else:
+            sample = {k: v[:1] if v.ndim else v for k, v in job.data.items()}
+        with user_model("the model (shape inference for --budget flops)"):
+            costs = macs_per_weight(job.model, job.layers, sample)
     specs = []
     for layer in job.layers:
         # Weights already zero stay zero: a layer's ratio never decreases (between
@@ -696,6 +794,23 @@ def _allocate(
             options={"allow_layer_removal": settings.allow_layer_removal},
         )
         allocation = get_allocator(settings.method).allocate(problem)
+        unused = unused_layers(curves, names) if curves is not None else []
+        held = None if settings.prune_unused_layers else keep_unused(specs, allocation, unused)
+        if held is not None:
+            specs = held
+            problem = dataclasses.replace(problem, layers=specs)
+            allocation = get_allocator(settings.method).allocate(problem)
+        if unused:
+            log.warning(
+                "%d layer(s) have a zero curve (they never reached the output on the "
+                "calibration data): %s; %s",
+                len(unused),
+                ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else ""),
+                "pruned freely"
+                if held is None
+                else "kept at the median ratio of the other layers "
+                "(--prune-unused-layers prunes them freely)",
+            )
         job.timings["allocate"] = job.timings.get("allocate", 0.0) + time.perf_counter() - t
         del problem
         pruned = _apply_masks(job, settings, pruned, allocation.counts, stats)
@@ -705,6 +820,7 @@ def _allocate(
                 "target_ratio": step_ratio,
                 "ratios": allocation.ratios(specs),
                 **dict(allocation.info),
+                **({"unused_layers": unused, "unused_pruned": held is None} if unused else {}),
             }
         )
     assert allocation is not None
@@ -729,9 +845,9 @@ def _staging(job: _Job, output: Path | None) -> Iterator[Path | None]:
     if not job.lazy:
         yield None
         return
-    parent = output.parent if output is not None else None
-    with tempfile.TemporaryDirectory(prefix=".rdprune-", dir=parent) as folder:
-        yield Path(folder)
+    parent = output.parent if output is not None else Path(tempfile.gettempdir())
+    with staging(parent) as folder:
+        yield folder
 
 
 def _finish(
@@ -845,14 +961,15 @@ def _finish(
     evaluation = None
     if job.eval_arrays is not None:
         t = time.perf_counter()
-        evaluation = compare(
-            job.model,
-            pruned_model,
-            job.eval_arrays,
-            labels=job.eval_labels,
-            batch_size=job.batch_size,
-            config=job.config,
-        )
+        with user_model("the models on --eval-data"):
+            evaluation = compare(
+                job.model,
+                pruned_model,
+                job.eval_arrays,
+                labels=job.eval_labels,
+                batch_size=job.batch_size,
+                config=job.config,
+            )
         timings["evaluate"] = time.perf_counter() - t
     written = None
     files: list[Path] = []
@@ -866,7 +983,7 @@ def _finish(
             output,
             external_data=job.had_external or None,
             force=force,
-            protect=(job.path,),
+            protect=job.files.protected(),
         )
         written = str(output)
         timings["write"] = time.perf_counter() - t
@@ -877,6 +994,25 @@ def _finish(
     }
     if len(steps) > 1:
         info["steps"] = steps
+    if steps and steps[-1].get("unused_layers"):
+        info["unused_layers"] = {
+            "layers": steps[-1]["unused_layers"],
+            "pruned_freely": steps[-1]["unused_pruned"],
+        }
+    if achieved > settings.ratio + 0.005:
+        log.warning(
+            "the model was already sparser than --ratio %g: %.2f%% of its prunable weights "
+            "are zero now (weights already zero stay zero)",
+            settings.ratio,
+            100 * achieved,
+        )
+    if settings.method == "rd" and predicted_total == 0.0 and achieved > 0:
+        log.warning(
+            "the predicted distortion is exactly 0 at ratio %g: on this calibration data "
+            "the pruned weights never change the output; the pruned model may break on "
+            "other inputs (use more varied calibration data)",
+            settings.ratio,
+        )
     result = PruneResult(
         input=job.path,
         output=written,
@@ -895,10 +1031,12 @@ def _finish(
         evaluation=evaluation,
         model=pruned_model if staging is None else _reload(written, storage),
         output_kinds=_kinds_record(job.metric),
+        files=[str(path) for path in files],
     )
     if report is not None:
         try:
-            write_json(result.to_dict(), report, force=force)
+            write_json(result.to_dict(), report, force=force, protect=job.files.protected())
+            result.files.append(str(report))
         except BaseException:
             # All or nothing: a model without its report is not left behind.
             for path in files:
@@ -966,8 +1104,12 @@ def prune(
     storage: str = "dense",
     progress: bool = False,
     target: QualityTarget | None = None,
+    plot: str | os.PathLike[str] | None = None,
 ) -> PruneResult:
     """Prune ``model_path`` to ``settings.ratio`` and (unless ``write`` is False) write it.
+
+    ``plot`` is only checked with the other outputs before any work (the caller draws it
+    with :func:`~rdprune_onnx.plot.plot_result`).
 
     Curves are cached in ``cache_dir`` (resumable; ``None`` disables the cache).
     ``storage="compact"`` writes the pruned weights in a form that shrinks with sparsity
@@ -997,12 +1139,22 @@ def prune(
     settings.check()
     _check_storage(storage)
     out_path = Path(output) if output is not None else default_output(model_path)
-    _check_outputs(model_path, [out_path] if write else [], report, force)
-    if not calibration.given and (settings.method == "rd" or settings.budget == "flops"):
+    outputs = [out_path] if write else []
+    files = _check_outputs(
+        model_path,
+        outputs,
+        report,
+        force,
+        inputs={"calibration data": calibration.data, "evaluation data": eval_data},
+        plot=plot,
+    )
+    if not calibration.given and settings.method == "rd":
         raise UserError(
             "no calibration data", "pass --data FILE.npz or --synthetic N (random inputs)"
         )
-    job = _load_job(model_path, settings, calibration, eval_data, labels)
+    job = _load_job(
+        model_path, settings, calibration, eval_data, labels, files=files, outputs=outputs
+    )
 
     def measure(
         model: onnx.ModelProto, reference: Reference | None, order: MaskOrder | None
@@ -1059,13 +1211,16 @@ def measure(
     The file records fingerprints of the model and the data and the settings, so that
     :func:`allocate` can check that curves belong to the model they are applied to.
     """
+    files = _check_outputs(
+        model_path, [], None, force, inputs={"calibration data": calibration.data}
+    )
     if output is not None:
-        _check_outputs(model_path, [Path(output)], None, force)
+        files.claim(output, "curves file", suffixes=(".json",))
     if not calibration.given:
         raise UserError(
             "no calibration data", "pass --data FILE.npz or --synthetic N (random inputs)"
         )
-    job = _load_job(model_path, settings, calibration)
+    job = _load_job(model_path, settings, calibration, files=files)
     assert job.reference is not None and job.data is not None
     entry = curve_entry(
         job.model,
@@ -1091,7 +1246,9 @@ def measure(
         metric=job.metric,
     )
     if output is not None:
-        write_json(entry.to_dict(), output, force=force)
+        write_json(
+            entry.to_dict(), output, force=force, protect=files.protected(), label="curves file"
+        )
     return entry
 
 
@@ -1108,6 +1265,7 @@ def allocate(
     eval_data: str | os.PathLike[str] | None = None,
     labels: str | None = None,
     storage: str = "dense",
+    plot: str | os.PathLike[str] | None = None,
 ) -> PruneResult:
     """Prune ``model_path`` with curves saved by :func:`measure`, measuring nothing.
 
@@ -1122,9 +1280,23 @@ def allocate(
             "--steps re-measures curves on the partly pruned model", "use `prune --steps`"
         )
     out_path = Path(output) if output is not None else default_output(model_path)
-    _check_outputs(model_path, [out_path] if write else [], report, force)
+    outputs = [out_path] if write else []
+    files = _check_outputs(
+        model_path,
+        outputs,
+        report,
+        force,
+        inputs={
+            "curves file": curves_path,
+            "calibration data": calibration.data if calibration is not None else None,
+            "evaluation data": eval_data,
+        },
+        plot=plot,
+    )
     saved = read_curve_file(curves_path)
-    job = _load_job(model_path, settings, calibration, eval_data, labels)
+    job = _load_job(
+        model_path, settings, calibration, eval_data, labels, files=files, outputs=outputs
+    )
     fingerprint = model_fingerprint(job.model)
     if saved.model != fingerprint:
         raise UserError(
@@ -1154,10 +1326,12 @@ def allocate(
     saved_mask = str(saved.settings.get("mask", "magnitude"))
     if saved_mask != settings.curve_mask:
         log.warning(
-            "the curves were measured with the %s mask; --mask %s prunes with %s curves",
+            "the curves were measured with --mask %s; --mask %s allocates on %s curves "
+            "(measure them with `rdprune-onnx curves --mask %s`)",
             saved_mask,
             settings.mask,
             settings.curve_mask,
+            settings.mask,
         )
 
     def fixed(
@@ -1258,6 +1432,38 @@ def _measure_with_cache(
     metric: str | None = None,
 ) -> dict[str, Curve]:
     cache = CurveCache(cache_dir) if cache_dir is not None else None
+    with cache.locked(entry) if cache is not None else contextlib.nullcontext():
+        return _measure_locked(
+            model,
+            layers,
+            reference,
+            settings,
+            config,
+            entry,
+            cache,
+            progress,
+            candidates=candidates,
+            timings=timings,
+            mask_order=mask_order,
+            metric=metric,
+        )
+
+
+def _measure_locked(
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    reference: Reference,
+    settings: PruneSettings,
+    config: SessionConfig,
+    entry: CurveFile,
+    cache: CurveCache | None,
+    progress: bool,
+    *,
+    candidates: RefitCandidates | None = None,
+    timings: dict[str, float] | None = None,
+    mask_order: MaskOrder | None = None,
+    metric: str | None = None,
+) -> dict[str, Curve]:
     done = cache.load(entry) if cache is not None else {}
     entry.curves.update(done)
 

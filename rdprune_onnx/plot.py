@@ -8,11 +8,9 @@ rendered with the Agg canvas, without touching pyplot or the global backend.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from rdprune_onnx import files
 from rdprune_onnx.errors import UserError
 
 FIGSIZE = (12.0, 9.0)  # inches; with DPI this fixes the image size (1200 x 900 pixels)
@@ -165,6 +164,19 @@ def short_name(name: str, width: int = 24) -> str:
     return name[:head] + "…" + name[-tail:]
 
 
+def short_names(names: Sequence[str], width: int = 24) -> list[str]:
+    """:func:`short_name` of each, made distinct: where two shortened labels clash, their
+    layer numbers (``#i``) are appended so that no two layers share a label."""
+    labels = [short_name(name, width) for name in names]
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    return [
+        f"{short_name(name, width - 4)}#{i}" if counts[label] > 1 else label
+        for i, (name, label) in enumerate(zip(names, labels, strict=True))
+    ]
+
+
 def _floor(layers: Sequence[_Layer]) -> float:
     """A positive stand-in for zero distortion: a decade below the smallest positive value."""
     positive = [
@@ -193,8 +205,7 @@ def _check_output(path: Path, force: bool, formats: Mapping[str, str]) -> str:
         )
     if path.is_dir():
         raise UserError(f"{str(path)!r} is a directory", "name an image file")
-    if path.exists() and not force:
-        raise UserError(f"plot {str(path)!r} already exists", "pass --force to replace it")
+    files.check_existing(path, "plot", force=force, force_hint=files.FORCE_HINT)
     return fmt
 
 
@@ -205,6 +216,7 @@ def plot_result(
     force: bool = False,
     size: tuple[float, float] = FIGSIZE,
     dpi: int = DPI,
+    protect: Sequence[files.Identity] = (),
 ) -> Path:
     """Draw a prune report to ``path`` (format from the suffix: .png, .svg, .pdf, ...).
 
@@ -260,6 +272,7 @@ def plot_result(
         floor = _floor(layers)
         many = n > 20
         clipped = False
+        curve_labels = short_names(middles, 32)
         for i, layer in enumerate(layers):
             if layer.curve is None:
                 continue
@@ -272,7 +285,7 @@ def plot_result(
                 color=colors[i],
                 lw=0.8 if many else 1.4,
                 alpha=0.75 if many else 0.95,
-                label=short_name(middles[i], 32),
+                label=curve_labels[i],
             )
             point = float(np.interp(layer.ratio, xs, shown))
             ax_curves.scatter(
@@ -345,7 +358,7 @@ def plot_result(
     ax_size.set_ylim(min(sizes) / 2, max(sizes) * 2)
     ax_size.set_ylabel("weights in the layer (log scale)")
     if named:
-        labels = [short_name(middle, 20) for middle in middles]
+        labels = short_names(middles, 20)
         tilt = n * max(len(label) for label in labels) > 100
         ax_bars.set_xticks(
             index,
@@ -387,32 +400,29 @@ def plot_result(
         fontsize=9,
     )
 
-    fd, tmp = tempfile.mkstemp(prefix=".rdprune-", suffix=out.suffix, dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            canvas.print_figure(fh, format=fmt, dpi=dpi)
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).replace(out)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink()
-        raise UserError(
-            f"could not write {str(out)!r}: {exc.strerror or exc}", "choose another path"
-        ) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink()
-        raise
+    files.write_file(
+        out,
+        lambda fh: canvas.print_figure(fh, format=fmt, dpi=dpi),
+        force=force,
+        label="plot",
+        protect=protect,
+    )
     return out
 
 
+def _formats() -> Mapping[str, str]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError(
+            "plotting needs matplotlib, which is not installed",
+            "pip install 'rdprune-onnx[plot]'",
+        ) from None
+    formats: Mapping[str, str] = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    return formats
+
+
 def check_plot_target(path: str | os.PathLike[str], *, force: bool = False) -> None:
-    """Refuse a bad plot path before a long run (the image format is checked when drawing)."""
-    out = Path(path)
-    if not out.parent.is_dir():
-        raise UserError(f"plot folder {str(out.parent)!r} does not exist", "create it first")
-    if out.is_dir():
-        raise UserError(f"{str(out)!r} is a directory", "name an image file")
-    if out.exists() and not force:
-        raise UserError(f"plot {str(out)!r} already exists", "pass --force to replace it")
+    """Refuse a bad plot path before a long run: folder, image format, existing file."""
+    _check_output(Path(path), force, _formats())

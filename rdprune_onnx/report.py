@@ -1,13 +1,14 @@
-"""Writing reports: JSON, atomically."""
+"""Writing reports: JSON, through :mod:`rdprune_onnx.files`."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rdprune_onnx import files
 from rdprune_onnx.errors import UserError
 
 
@@ -25,29 +26,18 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=_default, allow_nan=True)
 
 
-def write_json(obj: Any, path: str | os.PathLike[str], *, force: bool = False) -> Path:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
+def write_json(
+    obj: Any,
+    path: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    protect: Sequence[files.Identity] = (),
+    label: str = "report",
+) -> Path:
+    """Write ``obj`` as JSON to ``path`` through :func:`rdprune_onnx.files.write_text`
+    (staged, published in one step, never over an input or a non-regular file)."""
     out = Path(path)
     folder = out.parent
     if not folder.is_dir():
-        raise UserError(f"report folder {str(folder)!r} does not exist", "create it first")
-    if out.exists() and not force:
-        raise UserError(f"report {str(out)!r} already exists", "pass --force to replace it")
-    text = to_json(obj) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".rdprune-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).replace(out)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(
-            f"could not write {str(out)!r}: {exc.strerror or exc}",
-            "free disk space or choose another path",
-        ) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+        raise UserError(f"{label} folder {str(folder)!r} does not exist", "create it first")
+    return files.write_text(out, to_json(obj) + "\n", force=force, label=label, protect=protect)

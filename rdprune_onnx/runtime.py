@@ -17,12 +17,14 @@ ONNX Runtime directly (``Session(..., path=...)``).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from rdprune_onnx.errors import UserError
+from rdprune_onnx.errors import InternalError, UserError
 from rdprune_onnx.graph.external import write_external
 from rdprune_onnx.graph.load import data_bytes, has_lazy
 from rdprune_onnx.graph.surgery import replace_weights
@@ -192,7 +194,8 @@ class Session:
         if self._session is None:
             raise ValueError("the session is closed")
         try:
-            result = self._session.run(list(outputs) if outputs else None, dict(feeds))
+            with _run_options() as options:
+                result = self._session.run(list(outputs) if outputs else None, dict(feeds), options)
         except Exception as exc:
             raise _run_error(exc) from None
         return [np.asarray(r) for r in result]
@@ -231,7 +234,8 @@ class Session:
         for name in outputs:
             binding.bind_output(name, self.device if on_device else "cpu", 0)
         try:
-            self._session.run_with_iobinding(binding)
+            with _run_options() as options:
+                self._session.run_with_iobinding(binding, options)
         except Exception as exc:
             raise _run_error(exc) from None
         if on_device:
@@ -239,12 +243,72 @@ class Session:
         return [np.asarray(v) for v in binding.copy_outputs_to_cpu()]
 
 
-def _run_error(exc: Exception) -> UserError:
+# --- stopping at once (Ctrl-C, SIGTERM) ----------------------------------------------------
+
+_TERMINATED = threading.Event()
+_ACTIVE: dict[int, Any] = {}  # id -> RunOptions of every run in progress
+_ACTIVE_LOCK = threading.Lock()
+
+
+def terminate_runs() -> None:
+    """Stop every ONNX Runtime run in progress now (``RunOptions.terminate``) and refuse
+    new ones (they raise ``KeyboardInterrupt``), so queued work drains at once. Safe to
+    call from any thread (the command line calls it when SIGINT or SIGTERM arrives)."""
+    _TERMINATED.set()
+    with _ACTIVE_LOCK:
+        for options in _ACTIVE.values():
+            options.terminate = True
+
+
+def reset_terminate() -> None:
+    """Allow runs again after :func:`terminate_runs` (for a process that goes on)."""
+    _TERMINATED.clear()
+
+
+@contextlib.contextmanager
+def _run_options() -> Iterator[Any]:
+    if _TERMINATED.is_set():
+        raise KeyboardInterrupt
+    options = ort.RunOptions()
+    with _ACTIVE_LOCK:
+        _ACTIVE[id(options)] = options
+    try:
+        yield options
+    finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE.pop(id(options), None)
+
+
+_USER_MODEL: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "rdprune_user_model", default=None
+)
+
+
+@contextlib.contextmanager
+def user_model(what: str = "the model") -> Iterator[None]:
+    """Sessions created and run inside this block are on the user's own model and data: an
+    ONNX Runtime failure there is the user's to fix (:class:`UserError`). Everywhere else
+    the graphs are the library's (cut graphs, pruned copies) and a failure is a bug
+    (:class:`InternalError`). Worker threads never inherit the block."""
+    token = _USER_MODEL.set(what)
+    try:
+        yield
+    finally:
+        _USER_MODEL.reset(token)
+
+
+def _failure(exc: Exception, doing: str, hint: str) -> Exception:
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-    return UserError(
-        f"ONNX Runtime failed to run the model: {message[:300]}",
-        "check that the calibration data fits the model's inputs",
-    )
+    what = _USER_MODEL.get()
+    if what is not None:
+        return UserError(f"ONNX Runtime {doing} {what}: {message[:300]}", hint)
+    return InternalError(f"ONNX Runtime {doing} a graph rdprune-onnx built: {message[:300]}")
+
+
+def _run_error(exc: Exception) -> BaseException:
+    if _TERMINATED.is_set():  # terminated on purpose: not a failure of the model
+        return KeyboardInterrupt()
+    return _failure(exc, "failed to run", "check that the calibration data fits the model's inputs")
 
 
 def _sweep_stale(parent: Path) -> None:
@@ -281,8 +345,8 @@ def _create(
     try:
         return ort.InferenceSession(model, sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        raise UserError(
-            f"ONNX Runtime cannot load the model: {message[:300]}",
+        raise _failure(
+            exc,
+            "cannot load",
             "the graph uses an operator or type this onnxruntime does not support",
         ) from None

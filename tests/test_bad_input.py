@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -19,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
+import rdprune_onnx.files
 import rdprune_onnx.graph.load
 import rdprune_onnx.report
 from rdprune_onnx.graph import external
@@ -353,7 +355,14 @@ class _FullDiskOs:
 
 
 def disk_full_report(folder: Path, mp: pytest.MonkeyPatch) -> Setup:
-    mp.setattr(rdprune_onnx.report, "os", _FullDiskOs())
+    publish = rdprune_onnx.files.publish
+
+    def full_for_reports(src: Path, target: Path, **kwargs: Any) -> None:
+        if kwargs.get("label") == "report":  # the model is written; its report fails
+            _FullDiskOs.fsync(0)
+        publish(src, target, **kwargs)
+
+    mp.setattr(rdprune_onnx.files, "publish", full_for_reports)
     return _synthetic(_cnn(folder), "-o", str(folder / OUTPUT), "--report", str(folder / "r.json"))
 
 

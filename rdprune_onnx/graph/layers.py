@@ -176,14 +176,16 @@ def find_layers(model: onnx.ModelProto) -> LayerScan:
             continue
         label = _describe_node(node, node_index)
         if node.op_type in _RECURRENT_OPS:
-            for position in (1, 2, 3):  # W, R and B
+            roles = {1: "W (input weights)", 2: "R (recurrence weights)", 3: "B (biases)"}
+            for position, role in roles.items():
                 if position < len(node.input) and node.input[position]:
                     skipped.append(
                         Skipped(
                             label,
                             node.op_type,
                             node.input[position],
-                            f"recurrent {node.op_type} weights are not pruned",
+                            f"recurrent {node.op_type} {role} {node.input[position]!r}: "
+                            "recurrent weights are not pruned",
                         )
                     )
             continue
@@ -218,6 +220,8 @@ def find_layers(model: onnx.ModelProto) -> LayerScan:
             reason = f"weight has rank {len(dims)} (a vector or scalar, not a matrix)"
         elif node.op_type in ("Conv", "ConvTranspose") and input_index != 1:
             reason = "weight is not the Conv's second input"
+        elif 0 in dims:
+            reason = f"weight is empty (shape {'x'.join(map(str, dims))}): nothing to prune"
         if reason is not None:
             skipped.append(Skipped(label, node.op_type, name, reason, dims))
             continue

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
-import shutil
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import external_data_helper
 
+from rdprune_onnx import files
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.external import (
     LAZY_MIN_BYTES,
@@ -64,13 +65,42 @@ def has_lazy(model: onnx.ModelProto) -> bool:
     return any(is_lazy(t) for t in iter_all_tensors(model))
 
 
+def external_files(model: onnx.ModelProto, folder: str | os.PathLike[str]) -> list[Path]:
+    """The external data files the model's tensors point to (relative to ``folder``)."""
+    found: dict[Path, None] = {}
+    for tensor in iter_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            found[Path(folder) / location] = None
+    return list(found)
+
+
+def _bad_text(message: Any) -> bool:
+    """Whether some text field holds invalid UTF-8 (protobuf then hands out ``bytes``, and
+    copying the field raises far from here). Tensor contents are not read, only names and
+    external-data entries."""
+    if isinstance(message, onnx.TensorProto):
+        texts = [message.name, message.doc_string]
+        texts += [t for e in message.external_data for t in (e.key, e.value)]
+        return any(isinstance(t, bytes) for t in texts)
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_MESSAGE:
+            items = [value] if hasattr(value, "ListFields") else list(value)
+            if any(_bad_text(item) for item in items):
+                return True
+        elif field.type == field.TYPE_STRING:
+            items = [value] if isinstance(value, str | bytes) else list(value)
+            if any(isinstance(item, bytes) for item in items):
+                return True
+    return False
+
+
 def _check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
     root = folder.resolve()
     for tensor in iter_all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
-        info = external_data_helper.ExternalDataInfo(tensor)
-        location = info.location
+        location = _check_external_fields(tensor)
         target = (folder / location).resolve()
         if Path(location).is_absolute() or not target.is_relative_to(root):
             raise UserError(
@@ -83,6 +113,107 @@ def _check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
                 f"external data file {location!r} for tensor {tensor.name!r} is missing",
                 f"put it next to the model in {folder}",
             )
+        _check_external_extent(tensor, target, location)
+
+
+_T = onnx.TensorProto
+# Element types stored one whole number of bytes each (sub-byte types are packed).
+_WHOLE_BYTE_TYPES = frozenset(
+    {
+        _T.FLOAT, _T.DOUBLE, _T.FLOAT16, _T.BFLOAT16, _T.INT8, _T.INT16, _T.INT32, _T.INT64,
+        _T.UINT8, _T.UINT16, _T.UINT32, _T.UINT64, _T.BOOL, _T.COMPLEX64, _T.COMPLEX128,
+    }
+)  # fmt: skip
+
+
+# Element type -> (typed field holding the values, values per element).
+_TYPED_FIELDS: dict[int, tuple[str, int]] = {
+    _T.FLOAT: ("float_data", 1), _T.COMPLEX64: ("float_data", 2),
+    _T.DOUBLE: ("double_data", 1), _T.COMPLEX128: ("double_data", 2),
+    _T.INT64: ("int64_data", 1), _T.UINT32: ("uint64_data", 1), _T.UINT64: ("uint64_data", 1),
+    _T.INT32: ("int32_data", 1), _T.INT16: ("int32_data", 1), _T.INT8: ("int32_data", 1),
+    _T.UINT16: ("int32_data", 1), _T.UINT8: ("int32_data", 1), _T.BOOL: ("int32_data", 1),
+    _T.FLOAT16: ("int32_data", 1), _T.BFLOAT16: ("int32_data", 1),
+}  # fmt: skip
+
+
+def _check_inline_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Every tensor stored in the file holds as many values as its shape says (the
+    checker does not look; reading it would fail far from here)."""
+    for tensor in iter_all_tensors(model):
+        try:
+            onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        except (KeyError, ValueError):
+            raise UserError(
+                f"tensor {tensor.name!r} in {str(path)!r} has an unknown element type "
+                f"{tensor.data_type}",
+                "the file is corrupt, or needs a newer onnx; re-export it",
+            ) from None
+        if is_external(tensor) or tensor.data_type not in _WHOLE_BYTE_TYPES:
+            continue
+        if any(d < 0 for d in tensor.dims):
+            raise UserError(
+                f"tensor {tensor.name!r} in {str(path)!r} has a negative dimension",
+                "the file is corrupt; re-export it",
+            )
+        expected = nbytes(tensor)
+        if tensor.HasField("raw_data"):
+            held, unit = len(tensor.raw_data), "bytes"
+        else:
+            field, per = _TYPED_FIELDS[tensor.data_type]
+            held, unit = len(getattr(tensor, field)), "values"
+            expected = math.prod(tensor.dims) * per
+        if held != expected:
+            raise UserError(
+                f"tensor {tensor.name!r} in {str(path)!r} holds {held} {unit} but its type and "
+                f"shape {list(tensor.dims)} need {expected}",
+                "the file is corrupt; re-export it",
+            )
+
+
+def _bad_external(tensor: onnx.TensorProto, why: str) -> UserError:
+    return UserError(
+        f"tensor {tensor.name!r} has invalid external data: {why}",
+        "the model file is corrupt or was edited by hand; re-export it",
+    )
+
+
+def _check_external_fields(tensor: onnx.TensorProto) -> str:
+    """The location, after checking offset and length are whole numbers >= 0 and the
+    length is the tensor's size (before anything is read or allocated from them)."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    location = entries.get("location", "")
+    if not location or "\x00" in location:
+        raise _bad_external(tensor, f"location {location[:40]!r} is not a file name")
+    for key in ("offset", "length"):
+        text = entries.get(key)
+        if text is None:
+            continue
+        if not (text.isascii() and text.isdigit()):
+            raise _bad_external(tensor, f"{key} {text[:30]!r} is not a whole number >= 0")
+    length = entries.get("length")
+    if length is not None and tensor.data_type in _WHOLE_BYTE_TYPES:
+        expected = nbytes(tensor)
+        if int(length) != expected:
+            raise _bad_external(
+                tensor, f"length {length} bytes, but its type and shape need {expected}"
+            )
+    if any(d < 0 for d in tensor.dims):
+        raise _bad_external(tensor, f"negative dimension in {list(tensor.dims)}")
+    return location
+
+
+def _check_external_extent(tensor: onnx.TensorProto, target: Path, location: str) -> None:
+    entries = {e.key: e.value for e in tensor.external_data}
+    offset = int(entries.get("offset") or 0)
+    length = int(entries["length"]) if entries.get("length") else nbytes(tensor)
+    size = target.stat().st_size
+    if offset + length > size:
+        raise UserError(
+            f"the external data of tensor {tensor.name!r} ({length} bytes at offset {offset}) "
+            f"is missing or truncated: it runs past the end of {location!r} ({size} bytes)",
+            "the data file is truncated or belongs to another model; copy it again, whole",
+        )
 
 
 def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto:
@@ -90,14 +221,20 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.Mode
     return read_model(path, check=check)[0]
 
 
-def read_model(path: str | os.PathLike[str], *, check: bool = True) -> tuple[onnx.ModelProto, bool]:
+def read_model(
+    path: str | os.PathLike[str],
+    *,
+    check: bool = True,
+    data_files: list[Path] | None = None,
+) -> tuple[onnx.ModelProto, bool]:
     """:func:`load_model`, also telling whether the file kept its tensors in external data.
 
     External data must live in the model's folder (no absolute paths, no escapes through
     ``..`` or symbolic links). Tensors of :data:`~rdprune_onnx.graph.external.LAZY_MIN_BYTES`
     or more stay on disk (see :mod:`rdprune_onnx.graph.external`): read them with
     :func:`~rdprune_onnx.graph.external.tensor_array`, write the model with
-    :func:`save_model`. Smaller ones are read in.
+    :func:`save_model`. Smaller ones are read in. ``data_files``, when given, receives the
+    external data files the model reads (inputs no output may overwrite).
     """
     p = Path(path)
     if not p.exists():
@@ -117,7 +254,15 @@ def read_model(path: str | os.PathLike[str], *, check: bool = True) -> tuple[onn
         raise UserError(
             f"{str(p)!r} holds no ONNX graph", "the file is not an ONNX model; re-export it"
         )
+    if _bad_text(model):
+        raise UserError(
+            f"{str(p)!r} holds text that is not valid UTF-8 (a corrupt name or attribute)",
+            "the file is corrupt; re-export it",
+        )
+    _check_inline_sizes(model, p)
     _check_external_locations(model, p.parent)
+    if data_files is not None:
+        data_files.extend(external_files(model, p.parent))
     external = uses_external_data(model)
     if check:
         try:
@@ -157,7 +302,7 @@ def save_model(
     *,
     external_data: bool | None = None,
     force: bool = False,
-    protect: tuple[str | os.PathLike[str], ...] = (),
+    protect: Sequence[str | os.PathLike[str] | files.Identity] = (),
     weights: Mapping[str, np.ndarray] | None = None,
 ) -> list[Path]:
     """Write ``model`` to ``path`` atomically and return the files written.
@@ -166,7 +311,10 @@ def save_model(
     only when complete, so an interrupted or failed write leaves no partial output. With
     external data (chosen automatically for models over 2 GiB, or forced by
     ``external_data``) a fresh data file ``<name>.data`` is written beside the output.
-    ``protect`` lists paths that must never be overwritten (the input model and its data).
+    ``protect`` lists paths that must never be overwritten (the input model and its data),
+    compared by resolved path and by inode (see :mod:`rdprune_onnx.files`). An existing
+    target that is not a regular file is refused even with ``force``; without ``force``
+    the final step cannot replace a file that appeared meanwhile.
     ``weights`` replaces the named constants as they are written (see
     :func:`~rdprune_onnx.graph.external.write_external`).
     """
@@ -178,43 +326,54 @@ def save_model(
         )
     if not os.access(folder, os.W_OK):
         raise UserError(f"output folder {str(folder)!r} is not writable", "choose another -o")
+    if out.suffix.lower() != ".onnx":
+        log.warning("writing an ONNX model (protobuf) to %s, whose name does not end in .onnx", out)
     data_name = out.name + ".data"
     if external_data is None:
         external_data = data_bytes(model) >= _PROTOBUF_LIMIT // 2
     # External references (lazy tensors among them) are only resolved by writing the data.
     external_data = external_data or uses_external_data(model)
     targets = [out] + ([folder / data_name] if external_data else [])
-    protected = {Path(p).resolve() for p in protect}
-    for target in targets:
-        if target.resolve() in protected:
-            raise UserError(
-                f"refusing to overwrite the input file {str(target)!r}", "choose another -o"
-            )
-        if target.exists() and not force:
-            raise UserError(f"output {str(target)!r} already exists", "pass --force to replace it")
-    tmp = Path(tempfile.mkdtemp(prefix=".rdprune-", dir=folder))
+    guard = [p if isinstance(p, files.Identity) else files.identity(p, "input") for p in protect]
+    for target, label in zip(targets, ("output", "output data file"), strict=False):
+        for other in guard:
+            if files.same(files.identity(target, label), other):
+                raise UserError(
+                    f"refusing to overwrite the {other.label} {str(target)!r}",
+                    "choose another -o",
+                )
+        files.check_existing(target, label, force=force, force_hint=files.FORCE_HINT)
+    published: list[Path] = []
     try:
-        tmp_model = tmp / out.name
-        if external_data:
-            # Streams tensor by tensor (lazy ones copied from their files) into one fresh
-            # data file; the caller's model is only read.
-            write_external(model, tmp, weights, name=out.name, durable=True)
-        else:
-            if weights:
-                model = replace_weights(model, weights)
-            onnx.save_model(model, str(tmp_model))
-        for target in reversed(targets):  # data file first, the model last
-            src = tmp / target.name
-            with open(src, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(src, target)
+        with files.staging(folder) as tmp:
+            tmp_model = tmp / out.name
+            if external_data:
+                # Streams tensor by tensor (lazy ones copied from their files) into one fresh
+                # data file; the caller's model is only read.
+                write_external(model, tmp, weights, name=out.name, durable=True)
+            else:
+                if weights:
+                    model = replace_weights(model, weights)
+                # Protobuf whatever the suffix (onnx would write out.json as JSON text).
+                onnx.save_model(model, str(tmp_model), format="protobuf")
+            for target in reversed(targets):  # data file first, the model last
+                files.publish(tmp / target.name, target, force=force, protect=guard)
+                published.append(target)
     except OSError as exc:
+        _unpublish(published)
         raise UserError(
             f"could not write {str(out)!r}: {exc.strerror or exc}",
             "free disk space or choose another -o",
         ) from None
-    finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp)
+    except BaseException:
+        _unpublish(published)
+        raise
     log.info("wrote %s", ", ".join(str(t) for t in targets))
     return targets
+
+
+def _unpublish(paths: list[Path]) -> None:
+    """All or nothing: remove the files of a write that failed part way."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
