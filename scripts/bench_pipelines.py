@@ -190,7 +190,9 @@ class Row:
         return f"{self.mask}{' + refit' if self.refit and self.mask != 'sparsegpt' else ''}"
 
 
-def rows_for(methods: Sequence[str], masks: Sequence[str], refits: Sequence[bool]) -> list[Row]:
+def rows_for(
+    methods: Sequence[str], masks: Sequence[str], refits: Sequence[bool], refit_curves: bool = True
+) -> list[Row]:
     rows = []
     for mask in masks:
         for refit in refits:
@@ -198,7 +200,12 @@ def rows_for(methods: Sequence[str], masks: Sequence[str], refits: Sequence[bool
                 continue  # sparsegpt rewrites the kept weights: refit is implied
             for method in methods:
                 rows.append(Row(method, mask, refit or mask == "sparsegpt"))
-            if "rd" in methods and (refit or mask == "sparsegpt") and mask != "wanda":
+            if (
+                refit_curves
+                and "rd" in methods
+                and (refit or mask == "sparsegpt")
+                and mask != "wanda"
+            ):
                 rows.append(Row("rd", mask, True, refit_curves=True))
     return rows
 
@@ -332,6 +339,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--masks", default=",".join(MASKS))
     p.add_argument("--refit", default="none,reconstruct", help="comma list: none,reconstruct")
     p.add_argument("--onnxsim", default=",".join(ONNXSIM), help="comma list, or 'none'")
+    p.add_argument(
+        "--no-refit-curves",
+        action="store_true",
+        help="no 'rd (refit curves)' rows (refit-aware curves take long on wide models)",
+    )
     p.add_argument("--levels", type=int, default=None, help="default: 101 digits, 51 others")
     p.add_argument("--metric", default=None, help="rd metric (default mse; kl on recognizer)")
     p.add_argument("--minilm", type=Path, default=ROOT / "models/minilm")
@@ -369,7 +381,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     ratios = [float(r) for r in args.ratios.split(",")]
     refits = [{"none": False, "reconstruct": True}[r] for r in args.refit.split(",")]
-    ours = rows_for(args.methods.split(","), args.masks.split(","), refits)
+    ours = rows_for(
+        args.methods.split(","), args.masks.split(","), refits, not args.no_refit_curves
+    )
     sims = (
         []
         if args.onnxsim == "none"
