@@ -12,6 +12,7 @@ from rdprune_onnx.calibration import parse_input_ranges, parse_input_shapes
 from rdprune_onnx.distortion import METRICS
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.export import STORAGES
+from rdprune_onnx.grid import GRIDS
 from rdprune_onnx.pipeline import BUDGETS, CalibrationSpec, PruneSettings, read_overrides
 from rdprune_onnx.reconstruct import SOLVERS
 from rdprune_onnx.runtime import PROVIDERS
@@ -66,6 +67,14 @@ def measurement_options(func: F) -> F:
         [
             click.option("--metric", type=click.Choice(METRICS), default="mse", show_default=True),
             click.option("--levels", default=101, show_default=True, help="Grid points, 0 to 1."),
+            click.option(
+                "--grid",
+                type=click.Choice(GRIDS),
+                default="adaptive",
+                show_default=True,
+                help="adaptive: measure only the levels the allocation needs (refined in "
+                "rounds, --levels is the finest); full: every level.",
+            ),
             click.option(
                 "--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True
             ),
@@ -177,6 +186,7 @@ def build_settings(kwargs: dict[str, Any], *, ratio: float) -> PruneSettings:
         reconstruct=kwargs.pop("reconstruct", False),
         refit_solver=kwargs.pop("refit_solver", "auto"),
         refit_curves=kwargs.pop("refit_curves", False),
+        grid=kwargs.pop("grid", "adaptive"),
     )
 
 

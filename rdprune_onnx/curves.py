@@ -753,6 +753,8 @@ def measure_curves(
     on_curve: ProgressHook | None = None,
     candidates: CandidateFactory | None = None,
     workers: int | None = None,
+    layer_ratios: Mapping[str, np.ndarray] | None = None,
+    desc: str = "curves",
 ) -> dict[str, Curve]:
     """Measure each layer's curve at ``ratios``.
 
@@ -764,7 +766,8 @@ def measure_curves(
     again. ``on_curve`` is called after each new curve, e.g. to save it. ``candidates``
     makes, per layer, what is fed for each level instead of the masked weight (see
     :class:`LayerCandidates`). ``workers``: candidates run at once on the CPU (default from
-    :func:`worker_layout`).
+    :func:`worker_layout`). ``layer_ratios`` replaces ``ratios`` for the layers it names
+    (the adaptive grid measures a different subset per layer); ``desc`` labels the bar.
     """
     if engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}", f"choose one of {', '.join(ENGINES)}")
@@ -774,7 +777,10 @@ def measure_curves(
     curves: dict[str, Curve] = {}
     todo = [layer for layer in layers if layer.name not in done]
     ratios = np.asarray(ratios, dtype=np.float64)
-    total = len(todo) * len(ratios)
+    own = {
+        name: np.asarray(values, dtype=np.float64) for name, values in (layer_ratios or {}).items()
+    }
+    total = sum(len(own.get(layer.name, ratios)) for layer in todo)
     typed = infer_types(model) if engine != "full" and todo else model
     started = time.perf_counter()
     pool = ThreadPoolExecutor(count) if count > 1 else None
@@ -785,7 +791,7 @@ def measure_curves(
     measured: dict[str, Curve] = {}
     try:
         with tqdm(
-            total=total, disable=not progress, unit="pt", desc="curves", leave=False, delay=0.5
+            total=total, disable=not progress, unit="pt", desc=desc, leave=False, delay=0.5
         ) as bar:
             context = _Context(
                 model, typed, reference, run_config, engine, metric, memory_budget, count, pool, bar
@@ -817,10 +823,11 @@ def measure_curves(
                     if prefetch and index + 1 < len(queue):
                         ahead = builder.submit(build, index + 1)
                     index += 1
-                    distortion = measurer.measure(ratios, store, chunks)
+                    levels = own.get(layer.name, ratios)
+                    distortion = measurer.measure(levels, store, chunks)
                     measurer.close()
                     del measurer
-                    curve = Curve(layer.name, ratios.copy(), distortion)
+                    curve = Curve(layer.name, levels.copy(), distortion)
                     measured[layer.name] = curve
                     if on_curve is not None:
                         on_curve(layer.name, curve)

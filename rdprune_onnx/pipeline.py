@@ -29,6 +29,7 @@ from rdprune_onnx.allocate import (
     LayerSpec,
     get_allocator,
 )
+from rdprune_onnx.allocate.refine import plan_refinement
 from rdprune_onnx.cache import (
     CurveCache,
     CurveFile,
@@ -39,7 +40,6 @@ from rdprune_onnx.cache import (
 from rdprune_onnx.curves import (
     Reference,
     grid,
-    measure_curves,
     measure_distortion,
     run_reference,
 )
@@ -52,6 +52,7 @@ from rdprune_onnx.graph.external import write_external
 from rdprune_onnx.graph.layers import Layer, LayerScan, Skipped, find_layers, read_weight
 from rdprune_onnx.graph.load import has_lazy, read_model, save_model
 from rdprune_onnx.graph.surgery import replace_weights
+from rdprune_onnx.grid import GridResult, check_grid, measure_grid, on_grid
 from rdprune_onnx.masks import apply_mask
 from rdprune_onnx.reconstruct import SOLVERS, reconstruct
 from rdprune_onnx.refit_curves import REFIT_DAMPING, RefitCandidates
@@ -108,6 +109,9 @@ class PruneSettings:
     # rd curves measured with each layer pruned AND refit (rdprune_onnx.refit_curves);
     # implies ``reconstruct``: the allocation is then chosen for what will be applied.
     refit_curves: bool = False
+    # Which curve points are measured: "adaptive" (those the allocation needs, refined in
+    # rounds; ``levels`` is the finest resolution) or "full" (every level).
+    grid: str = "adaptive"
 
     def __post_init__(self) -> None:
         if self.refit_curves:
@@ -132,6 +136,7 @@ class PruneSettings:
                 f"unknown budget {self.budget!r}", f"choose one of {', '.join(BUDGETS)}"
             )
         grid(self.levels)
+        check_grid(self.grid)
         if self.steps < 1:
             raise UserError(f"--steps must be at least 1, got {self.steps}", "e.g. --steps 3")
         if self.steps > 1 and self.method != "rd":
@@ -245,6 +250,8 @@ class PruneResult:
     curves: dict[str, Curve] | None = None
     evaluation: Evaluation | None = None
     model: onnx.ModelProto | None = field(default=None, repr=False)
+    # How the curve points were scheduled (rd only): see GridResult.summary.
+    curve_points: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -277,6 +284,13 @@ class PruneResult:
                 else None
             ),
             "evaluation": self.evaluation.to_dict() if self.evaluation else None,
+            "curve_points_measured": (
+                self.curve_points["curve_points_measured"] if self.curve_points else None
+            ),
+            "curve_points_full_grid": (
+                self.curve_points["curve_points_full_grid"] if self.curve_points else None
+            ),
+            "curve_grid": self.curve_points,
             "timings_s": self.timings,
             "versions": versions() | {"python": platform.python_version()},
         }
@@ -360,6 +374,8 @@ class _Job:
     eval_arrays: dict[str, np.ndarray] | None = None
     eval_labels: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # Curve points measured (summed over --steps) and the full grid's count.
+    curve_points: dict[str, Any] | None = None
 
 
 def _check_outputs(
@@ -459,7 +475,28 @@ def _layer_specs(
     return specs
 
 
-CurveSource = Callable[[onnx.ModelProto, Reference | None], dict[str, Curve]]
+@dataclass(frozen=True)
+class CurveNeeds:
+    """What the allocation will ask of the curves: the adaptive grid refines for it."""
+
+    specs: Sequence[LayerSpec]
+    targets: Sequence[float]
+    options: Mapping[str, object]
+
+
+CurveSource = Callable[[onnx.ModelProto, Reference | None, CurveNeeds], dict[str, Curve]]
+
+
+def _count_points(job: _Job, result: GridResult) -> None:
+    """Add one measurement's point counts to the job's (several with --steps)."""
+    summary = result.summary()
+    if job.curve_points is None:
+        job.curve_points = summary
+        return
+    for key in ("curve_points_measured", "curve_points_full_grid"):
+        job.curve_points[key] += summary[key]
+    job.curve_points["rounds"] = [*job.curve_points["rounds"], *summary["rounds"]]
+    job.curve_points["converged"] = job.curve_points["converged"] and summary["converged"]
 
 
 def _allocate(
@@ -489,8 +526,12 @@ def _allocate(
     steps: list[dict[str, Any]] = []
     allocation: Allocation | None = None
     specs: list[LayerSpec] = []
+    options = {"allow_layer_removal": settings.allow_layer_removal}
     for step in range(1, settings.steps + 1):
         step_ratio = settings.ratio * step / settings.steps
+        t = time.perf_counter()
+        specs = _layer_specs(job, settings, pruned)
+        job.timings["allocate"] = job.timings.get("allocate", 0.0) + time.perf_counter() - t
         if settings.method == "rd":
             assert curve_source is not None
             t = time.perf_counter()
@@ -499,17 +540,16 @@ def _allocate(
                 current = replace_weights(job.model, pruned)
                 if reference is not None:
                     reference = reference.rebased(current, job.config)
-            curves = curve_source(current, reference)
+            curves = curve_source(current, reference, CurveNeeds(specs, [step_ratio], options))
             job.timings["curves"] = job.timings.get("curves", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
-        specs = _layer_specs(job, settings, pruned)
         problem = AllocationProblem(
             layers=specs,
             target_ratio=step_ratio,
             curves=curves,
             # The allocators take |w| themselves, one layer at a time.
             magnitudes=pruned if settings.method in ("global", "lamp") else None,
-            options={"allow_layer_removal": settings.allow_layer_removal},
+            options=options,
         )
         allocation = get_allocator(settings.method).allocate(problem)
         job.timings["allocate"] = job.timings.get("allocate", 0.0) + time.perf_counter() - t
@@ -700,6 +740,7 @@ def _finish(
         curves=curves,
         evaluation=evaluation,
         model=pruned_model if staging is None else _reload(written, storage),
+        curve_points=job.curve_points,
     )
     if report is not None:
         try:
@@ -781,12 +822,14 @@ def prune(
         )
     job = _load_job(model_path, settings, calibration, eval_data, labels)
 
-    def measure(model: onnx.ModelProto, reference: Reference | None) -> dict[str, Curve]:
+    def measure(
+        model: onnx.ModelProto, reference: Reference | None, needs: CurveNeeds
+    ) -> dict[str, Curve]:
         assert reference is not None and job.data is not None
         entry = curve_entry(
             model, job.layers, job.data, settings, job.config.provider, job.batch_size
         )
-        return _measure_with_cache(
+        result = _measure_with_cache(
             model,
             job.layers,
             reference,
@@ -795,9 +838,12 @@ def prune(
             entry,
             cache_dir,
             progress,
+            needs,
             candidates=_refit_candidates(model, job.data, job.batch_size, settings, job.config),
             timings=job.timings,
         )
+        _count_points(job, result)
+        return result.curves
 
     return _allocate_and_finish(
         job,
@@ -811,6 +857,10 @@ def prune(
     )
 
 
+# The ratios `curves --grid adaptive` refines for unless told otherwise.
+DEFAULT_TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
 def measure(
     model_path: str | os.PathLike[str],
     settings: PruneSettings,
@@ -820,12 +870,19 @@ def measure(
     force: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    targets: Sequence[float] = DEFAULT_TARGETS,
 ) -> CurveFile:
     """Measure the rate-distortion curves of ``model_path`` and save them to ``output``.
 
     The file records fingerprints of the model and the data and the settings, so that
-    :func:`allocate` can check that curves belong to the model they are applied to.
+    :func:`allocate` can check that curves belong to the model they are applied to. With
+    ``settings.grid == "adaptive"`` the curves are refined for the ratios ``targets`` (with
+    ``settings``' bounds and budget); ``allocate`` at another ratio checks whether the
+    measured points cover it.
     """
+    for target in targets:
+        if not 0.0 < target < 1.0:
+            raise UserError(f"--ratio must be strictly between 0 and 1, got {target}", "e.g. 0.8")
     if output is not None:
         _check_outputs(model_path, [Path(output)], None, force)
     if not calibration.given:
@@ -837,7 +894,10 @@ def measure(
     entry = curve_entry(
         job.model, job.layers, job.data, settings, job.config.provider, job.batch_size
     )
-    entry.curves = _measure_with_cache(
+    names = [layer.name for layer in job.layers]
+    specs = _layer_specs(job, settings, ModelWeights(job.model, names))
+    needs = CurveNeeds(specs, list(targets), {"allow_layer_removal": settings.allow_layer_removal})
+    result = _measure_with_cache(
         job.model,
         job.layers,
         job.reference,
@@ -846,8 +906,11 @@ def measure(
         entry,
         cache_dir,
         progress,
+        needs,
         candidates=_refit_candidates(job.model, job.data, job.batch_size, settings, job.config),
     )
+    entry.curves = result.curves
+    entry.grid = result.summary()
     if output is not None:
         write_json(entry.to_dict(), output, force=force)
     return entry
@@ -909,8 +972,11 @@ def allocate(
             "without --reconstruct the allocation assumes a refit that is not applied"
         )
 
-    def fixed(model: onnx.ModelProto, reference: Reference | None) -> dict[str, Curve]:
-        return {layer.name: saved.curves[layer.name] for layer in job.layers}
+    def fixed(
+        model: onnx.ModelProto, reference: Reference | None, needs: CurveNeeds
+    ) -> dict[str, Curve]:
+        curves = {layer.name: saved.curves[layer.name] for layer in job.layers}
+        return _cover(job, saved, curves_path, curves, settings, needs)
 
     return _allocate_and_finish(
         job,
@@ -922,6 +988,68 @@ def allocate(
         started=started,
         storage=storage,
     )
+
+
+def _cover(
+    job: _Job,
+    saved: CurveFile,
+    path: str | os.PathLike[str],
+    curves: dict[str, Curve],
+    settings: PruneSettings,
+    needs: CurveNeeds,
+) -> dict[str, Curve]:
+    """The saved curves, with the points the allocation at ``needs`` lacks measured.
+
+    Curves from the full grid cover every ratio. Adaptive ones cover the ratios whose
+    allocation sits on measured points (with measured neighbours); for another ratio the
+    missing points are measured when the calibration data they were measured on is given,
+    else a UserError says which ratios the file was refined for.
+    """
+    levels = int(saved.settings.get("levels", 0))
+    if levels < 2 or not on_grid(curves, levels):
+        return curves  # curves from elsewhere (no grid): allocate on what is there
+    plan = plan_refinement(needs.specs, curves, levels, needs.targets, options=needs.options)
+    if not plan.points:
+        return curves
+    refined = (saved.grid or {}).get("refined_for") or []
+    covered = ", ".join(f"{r:g}" for r in refined) or "unknown ratios"
+    asked = ", ".join(f"{t:g}" for t in needs.targets)
+    hint = f"pass the data the curves were measured on (--data), or run `curves --ratio {asked}`"
+    if job.reference is None or job.data is None:
+        raise UserError(
+            f"ratio {asked} needs {plan.count} curve points "
+            f"that {str(path)!r} lacks (its curves were refined for {covered})",
+            hint,
+        )
+    entry = curve_entry(
+        job.model, job.layers, job.data, settings, job.config.provider, job.batch_size
+    )
+    if (entry.data, entry.settings) != (saved.data, saved.settings):
+        raise UserError(
+            f"ratio {asked} needs {plan.count} curve points "
+            f"that {str(path)!r} lacks, and the calibration data or settings given differ "
+            "from the ones it was measured with",
+            hint,
+        )
+    log.info("measuring %d curve points the saved curves lack", plan.count)
+    t = time.perf_counter()
+    result = measure_grid(
+        job.model,
+        job.layers,
+        job.reference,
+        needs.specs,
+        levels=levels,
+        kind="adaptive",
+        targets=needs.targets,
+        options=needs.options,
+        done=curves,
+        metric=saved.settings.get("metric", settings.metric),
+        config=job.config,
+        candidates=_refit_candidates(job.model, job.data, job.batch_size, settings, job.config),
+    )
+    job.timings["curves"] = job.timings.get("curves", 0.0) + time.perf_counter() - t
+    _count_points(job, result)
+    return result.curves
 
 
 def _check_storage(storage: str) -> None:
@@ -988,10 +1116,11 @@ def _measure_with_cache(
     entry: CurveFile,
     cache_dir: str | os.PathLike[str] | None,
     progress: bool,
+    needs: CurveNeeds,
     *,
     candidates: RefitCandidates | None = None,
     timings: dict[str, float] | None = None,
-) -> dict[str, Curve]:
+) -> GridResult:
     cache = CurveCache(cache_dir) if cache_dir is not None else None
     done = cache.load(entry) if cache is not None else {}
     entry.curves.update(done)
@@ -1001,16 +1130,20 @@ def _measure_with_cache(
         if cache is not None:
             cache.store(entry)
 
-    curves = measure_curves(
+    curves = measure_grid(
         model,
         layers,
         reference,
-        ratios=grid(settings.levels),
+        needs.specs,
+        levels=settings.levels,
+        kind=settings.grid,
+        targets=needs.targets,
+        options=needs.options,
+        done=_usable(done, settings.levels),
+        on_curve=save,
+        progress=progress,
         metric=settings.metric,
         config=config,
-        progress=progress,
-        done=done,
-        on_curve=save,
         candidates=candidates,
     )
     if candidates is not None and candidates.costs:
@@ -1021,6 +1154,12 @@ def _measure_with_cache(
                 name = f"curves_refit_{key.removesuffix('_s')}"
                 timings[name] = timings.get(name, 0.0) + float(cost[key])
     return curves
+
+
+def _usable(curves: Mapping[str, Curve], levels: int) -> dict[str, Curve]:
+    """Cached curves whose points lie on the grid (all of them, for a key that includes
+    ``levels``; a curve that does not is measured again)."""
+    return {name: c for name, c in curves.items() if on_grid({name: c}, levels)}
 
 
 def _load_eval(
