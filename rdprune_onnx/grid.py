@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ import onnx
 from rdprune_onnx.allocate import Curve, LayerSpec
 from rdprune_onnx.allocate.dp import IntArray
 from rdprune_onnx.allocate.refine import MARGIN, merge, refine
-from rdprune_onnx.curves import Reference, grid, measure_curves
+from rdprune_onnx.curves import LayerSessions, Reference, grid, measure_curves
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.layers import Layer
 
@@ -49,6 +49,7 @@ class GridResult:
     rounds: list[int]  # points measured in each round of this run (cached ones excluded)
     converged: bool
     seconds: float = 0.0
+    measure_s: list[float] = field(default_factory=list)  # wall seconds of each round
 
     @property
     def measured(self) -> int:
@@ -68,6 +69,8 @@ class GridResult:
             "refined_for": self.targets if self.kind == "adaptive" else None,
             "rounds": self.rounds,
             "converged": self.converged,
+            "seconds": self.seconds,
+            "measure_s": self.measure_s,
             "interpolation": "linear between measured points, within one level of a choice",
         }
 
@@ -103,8 +106,11 @@ def measure_grid(
     wanted = {layer.name for layer in layers}
     current: dict[str, Curve] = {n: c for n, c in (done or {}).items() if n in wanted}
 
+    measure_s: list[float] = []
+
     def measure(points: Mapping[str, IntArray], number: int) -> Mapping[str, Curve]:
         planned = int(sum(p.size for p in points.values()))
+        began = time.perf_counter()
         label = "curves" if kind == "full" else f"curves round {number}"
         log.info("%s: %d points planned over %d layers", label, planned, len(points))
 
@@ -113,7 +119,7 @@ def measure_grid(
             if on_curve is not None:
                 on_curve(name, current[name])
 
-        return measure_curves(
+        got = measure_curves(
             model,
             [layer for layer in layers if layer.name in points],
             reference,
@@ -122,19 +128,28 @@ def measure_grid(
             progress=progress,
             on_curve=save,
             desc=label,
+            sessions=sessions,
             **measure_kwargs,
         )
+        measure_s.append(time.perf_counter() - began)
+        return got
 
-    result = refine(
-        specs,
-        levels,
-        list(targets),
-        measure,
-        done=current,
-        full=kind == "full",
-        options=options,
-        margin=margin,
-    )
+    # Each layer's cut, session and sort serve every round (not rebuilt per round).
+    sessions = LayerSessions() if kind == "adaptive" else None
+    try:
+        result = refine(
+            specs,
+            levels,
+            list(targets),
+            measure,
+            done=current,
+            full=kind == "full",
+            options=options,
+            margin=margin,
+        )
+    finally:
+        if sessions is not None:
+            sessions.close()
     if not result.converged:
         log.warning(
             "the adaptive grid stopped after %d rounds without settling; "
@@ -149,6 +164,7 @@ def measure_grid(
         rounds=result.rounds,
         converged=result.converged,
         seconds=time.perf_counter() - started,
+        measure_s=measure_s,
     )
     log.info(
         "%s grid: %d of %d curve points measured (%d this run, rounds %s)",

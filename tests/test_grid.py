@@ -14,6 +14,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+import rdprune_onnx.curves as curves_module
 import rdprune_onnx.grid as grid_module
 from rdprune_onnx import CalibrationSpec, PruneSettings, UserError, prune
 from rdprune_onnx.allocate import LayerSpec
@@ -38,7 +39,7 @@ def cnn_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_adaptive_points_equal_the_full_grids() -> None:
+def test_adaptive_points_equal_the_full_grids(monkeypatch: pytest.MonkeyPatch) -> None:
     model = graphs.cnn()
     layers = find_layers(model).layers
     data = {"x": np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)}
@@ -46,6 +47,14 @@ def test_adaptive_points_equal_the_full_grids() -> None:
     full = measure_curves(model, layers, reference, ratios=grid(LEVELS))
     specs = [LayerSpec(layer.name, layer.shape) for layer in layers]
     saved: dict[str, int] = {}
+    built: list[str] = []
+    real = curves_module._LayerMeasurer
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        built.append(args[1].name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(curves_module, "_LayerMeasurer", counting)
     result = measure_grid(
         model,
         layers,
@@ -58,6 +67,8 @@ def test_adaptive_points_equal_the_full_grids() -> None:
     assert result.converged and result.kind == "adaptive"
     assert result.measured < 0.6 * result.full == 0.6 * len(layers) * LEVELS
     assert sum(result.rounds) == result.measured and len(result.rounds) >= 2
+    # Each layer's cut and session were built once and served every round.
+    assert sorted(built) == sorted(layer.name for layer in layers)
     for layer in layers:
         curve = result.curves[layer.name]
         assert saved[layer.name] == curve.ratios.size  # the hook saw every point
