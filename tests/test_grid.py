@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +220,20 @@ def test_digits_adaptive_matches_the_full_grid(digits_full: Path, ratio: float) 
     assert adaptive.measured_distortion is not None and full.measured_distortion is not None
     same = [a.pruned for a in adaptive.layers] == [f.pruned for f in full.layers]
     assert same or adaptive.measured_distortion <= 1.01 * full.measured_distortion
+
+
+def test_steps_and_refit_curves_go_through_the_scheduler(cnn_file: Path) -> None:
+    steps = prune(cnn_file, PruneSettings(ratio=0.7, levels=21, steps=2), DATA, write=False)
+    assert steps.curve_points is not None
+    assert steps.curve_points["curve_points_full_grid"] == 2 * 4 * 21  # two measurements
+    assert steps.curve_points["curve_points_measured"] < 2 * 4 * 21
+    assert steps.achieved_ratio == pytest.approx(0.7, abs=1e-3)
+    refit = PruneSettings(ratio=0.6, levels=21, refit_curves=True)
+    result = prune(cnn_file, refit, DATA, write=False, cache_dir=None)
+    assert result.curve_points is not None and result.curve_points["grid"] == "adaptive"
+    assert result.curve_points["curve_points_measured"] < 4 * 21
+    full = prune(cnn_file, replace(refit, grid="full"), DATA, write=False, cache_dir=None)
+    for layer in result.layers:  # the adaptive points are the full grid's refit points
+        got, want = result.curves[layer.name], full.curves[layer.name]  # type: ignore[index]
+        index = np.rint(got.ratios * 20).astype(int)
+        np.testing.assert_allclose(got.distortion, want.distortion[index], rtol=1e-5, atol=1e-9)
