@@ -13,7 +13,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -1021,8 +1021,17 @@ def _cover(
             f"that {str(path)!r} lacks (its curves were refined for {covered})",
             hint,
         )
+    # Measure as the file was measured: its grid, metric and refit settings.
+    refit = saved.settings.get("refit")
+    as_saved = replace(
+        settings,
+        levels=levels,
+        metric=str(saved.settings.get("metric", settings.metric)),
+        refit_curves=isinstance(refit, dict),
+        refit_solver=str(refit.get("solver", "auto")) if isinstance(refit, dict) else "auto",
+    )
     entry = curve_entry(
-        job.model, job.layers, job.data, settings, job.config.provider, job.batch_size
+        job.model, job.layers, job.data, as_saved, job.config.provider, job.batch_size
     )
     if (entry.data, entry.settings) != (saved.data, saved.settings):
         raise UserError(
@@ -1043,9 +1052,9 @@ def _cover(
         targets=needs.targets,
         options=needs.options,
         done=curves,
-        metric=saved.settings.get("metric", settings.metric),
+        metric=as_saved.metric,
         config=job.config,
-        candidates=_refit_candidates(job.model, job.data, job.batch_size, settings, job.config),
+        candidates=_refit_candidates(job.model, job.data, job.batch_size, as_saved, job.config),
     )
     job.timings["curves"] = job.timings.get("curves", 0.0) + time.perf_counter() - t
     _count_points(job, result)

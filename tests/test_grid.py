@@ -107,7 +107,7 @@ def test_sparse_curve_file_round_trips_and_allocates_identically(
 def test_allocate_outside_the_refined_ratios(cnn_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "curves.json"
     measure(cnn_file, PruneSettings(ratio=0.5, levels=LEVELS), DATA, output=out, targets=[0.5])
-    low = PruneSettings(ratio=0.15, levels=LEVELS)
+    low = PruneSettings(ratio=0.15)  # as the allocate command builds it: --levels unset
     with pytest.raises(UserError, match=r"refined for 0\.5") as info:
         allocate(out, cnn_file, low, write=False)
     assert "--data" in (info.value.hint or "")
@@ -115,7 +115,7 @@ def test_allocate_outside_the_refined_ratios(cnn_file: Path, tmp_path: Path) -> 
     result = allocate(out, cnn_file, low, calibration=DATA, write=False)
     assert result.curve_points is not None and sum(result.curve_points["rounds"]) > 0
     assert result.achieved_ratio == pytest.approx(0.15, abs=1e-3)
-    fresh = prune(cnn_file, low, DATA, write=False, cache_dir=None)
+    fresh = prune(cnn_file, replace(low, levels=LEVELS), DATA, write=False, cache_dir=None)
     assert [r.pruned for r in result.layers] == [r.pruned for r in fresh.layers]
     # Other data: refused, not silently mixed.
     other = CalibrationSpec(synthetic=16, batch_size=8, seed=5)
