@@ -450,7 +450,49 @@ def torch_case(name: str, args: argparse.Namespace, folder: Path) -> OnnxCase:
     return OnnxCase(case.description, model, case.data, case.batch_size, torch=case)
 
 
+def markdown(record: dict[str, Any]) -> str:
+    """The tables of a written record, in Markdown."""
+    lines = [
+        "| model | way | points | wall s | CPU s | CPU / (e) | CPU / (a) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for result in record["results"]:
+        rows = {r["way"][:3]: r for r in result["timings"]}
+        fair, naive = rows.get("(e)"), rows.get("(a)")
+        for r in result["timings"]:
+            vs_e = f"{r['cpu_s'] / fair['cpu_s']:.3f}" if fair else "-"
+            vs_a = f"{r['cpu_s'] / naive['cpu_s']:.3f}" if naive else "-"
+            scaled = " *" if r["note"].startswith("(scaled") else ""
+            lines.append(
+                f"| {result['model']} | {r['way']}{scaled} | {r['points']} | {r['wall_s']:.1f} | "
+                f"{r['cpu_s']:.1f} | {vs_e} | {vs_a} |"
+            )
+    lines += [
+        "",
+        "| model | ratio | refined for | points (of full) | predicted x | measured x | top-1 full"
+        " / adaptive | layers whose ratio changed (adaptive - full) |",
+        "| --- | ---: | --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for result in record["results"]:
+        for a in result["allocations"]:
+            share = a["points"] / result["full_points"]
+            acc = a["accuracy"]
+            top1 = f"{acc['full']:.4f} / {acc['adaptive']:.4f}" if acc else "-"
+            changed = ", ".join(f"{k} {v:+.4f}" for k, v in a["changed"].items()) or "none"
+            lines.append(
+                f"| {result['model']} | {a['ratio']:g} | {a['refined_for']} | {a['points']} "
+                f"({share:.1%}) | {a['predicted']['adaptive'] / a['predicted']['full']:.4f} | "
+                f"{a['measured']['adaptive'] / a['measured']['full']:.4f} | {top1} | {changed} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if len(argv) == 2 and argv[0] == "--markdown":  # tables of an earlier run's JSON
+        print(markdown(json.loads(Path(argv[1]).read_text())), end="")
+        return 0
     args = parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     say(f"load average at start {os.getloadavg()}; {os.cpu_count()} CPUs (shared machine)")
@@ -472,7 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": results,
     }
     args.out.write_text(json.dumps(record, indent=1) + "\n")
-    say(f"wrote {args.out}")
+    say("\n" + markdown(record))
+    say(f"wrote {args.out}; its tables again: {Path(__file__).name} --markdown {args.out}")
     return 0
 
 
