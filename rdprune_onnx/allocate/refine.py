@@ -22,7 +22,9 @@ What gets measured next (:func:`plan_refinement`), for every requested target ra
 * a margin: the same DP at R - ``margin`` and R + ``margin``. Moving the budget walks every
   layer along the lower convex hull of its measured curve to the neighbouring slopes, so
   those choices are the hull points whose slopes bracket the Lagrange multiplier of R; their
-  neighbours are measured too.
+  neighbours and gap midpoints are measured too (with neighbours alone, the digits CNN
+  ended 1% worse in predicted distortion at 0.5; with midpoints it reaches the full grid's
+  allocation at 0.5 and 0.7 for about 1.5% more points).
 
 It stops when no target asks for a point: every chosen point (at R and at the margins) has
 both fine-grid neighbours measured. On curves that are convex between measured points this
@@ -100,20 +102,19 @@ class Plan:
         return int(sum(p.size for p in self.points.values()))
 
 
-def _around(x: float, measured: IntArray, levels: int, gaps: bool) -> set[int]:
+def _around(x: float, measured: IntArray, levels: int) -> set[int]:
     """Unmeasured fine indices next to position ``x`` (a fine-grid coordinate): the
-    neighbours of the grid points at or around it, and with ``gaps`` the midpoints of the
-    unmeasured gaps beside it."""
+    neighbours of the grid points at or around it, and the midpoints of the unmeasured gaps
+    beside it."""
     lo = max(0, math.floor(x + 1e-9) - 1)
     hi = min(levels - 1, math.ceil(x - 1e-9) + 1)
     wanted = set(range(lo, hi + 1))
-    if gaps:
-        left = measured[measured < math.floor(x + 1e-9)]
-        right = measured[measured > math.ceil(x - 1e-9)]
-        if left.size:
-            wanted.add((int(left[-1]) + math.floor(x + 1e-9) + 1) // 2)
-        if right.size:
-            wanted.add((int(right[0]) + math.ceil(x - 1e-9)) // 2)
+    left = measured[measured < math.floor(x + 1e-9)]
+    right = measured[measured > math.ceil(x - 1e-9)]
+    if left.size:
+        wanted.add((int(left[-1]) + math.floor(x + 1e-9) + 1) // 2)
+    if right.size:
+        wanted.add((int(right[0]) + math.ceil(x - 1e-9)) // 2)
     known = set(measured.tolist())
     return {i for i in wanted if i not in known}
 
@@ -149,13 +150,13 @@ def plan_refinement(
     wanted: dict[str, set[int]] = {layer.name: set() for layer in layers}
     allocations: dict[float, Allocation] = {}
     for target in targets:
-        budgets = [(target, True)]
+        budgets = [target]
         if margin > 0:
-            budgets += [(t, False) for t in (target - margin, target + margin) if 0.0 < t < 1.0]
-        for budget, main in budgets:
+            budgets += [t for t in (target - margin, target + margin) if 0.0 < t < 1.0]
+        for budget in budgets:
             problem = AllocationProblem(layers, budget, curves, options=dict(options or {}))
             allocation = allocator.allocate(problem)
-            if main:
+            if budget == target:
                 allocations[float(target)] = allocation
             grid_counts = allocation.info.get("grid_counts", {})
             assert isinstance(grid_counts, Mapping)
@@ -164,7 +165,7 @@ def plan_refinement(
                 chosen = _position(int(grid_counts[layer.name]), known, levels, layer.size)
                 final = int(allocation.counts[layer.name]) * (levels - 1) / layer.size
                 for x in {chosen, final}:
-                    wanted[layer.name] |= _around(x, known, levels, gaps=main)
+                    wanted[layer.name] |= _around(x, known, levels)
     points = {
         name: np.array(sorted(indices), dtype=np.int64)
         for name, indices in wanted.items()
