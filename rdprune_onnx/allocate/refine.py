@@ -154,8 +154,8 @@ def plan_refinement(
     measured = {layer.name: grid_indices(curves[layer.name], levels) for layer in layers}
     wanted: dict[str, set[int]] = {layer.name: set() for layer in layers}
     allocations: dict[float, Allocation] = {}
-    spans: dict[str, list[float]] = {}
     for target in targets:
+        spans: dict[str, list[float]] = {}
         budgets = [target]
         if margin > 0:
             budgets += [t for t in (target - margin, target + margin) if 0.0 < t < 1.0]
@@ -173,15 +173,15 @@ def plan_refinement(
                 for x in {chosen, final}:
                     wanted[layer.name] |= _around(x, known, levels)
                     spans.setdefault(layer.name, []).append(x)
-    # Where a layer's choices at R - margin .. R + margin lie close together, every level
-    # between them (small kinks of measured curves hide there; a wide span, e.g. a layer
-    # jumping across a plateau, keeps the bisection above).
-    widest = max(1, round(FILL_SPAN * (levels - 1)))
-    for name, xs in spans.items():
-        lo, hi = math.floor(min(xs) + 1e-9), math.ceil(max(xs) - 1e-9)
-        if hi - lo <= widest:
-            have = set(measured[name].tolist())
-            wanted[name] |= {i for i in range(lo, hi + 1) if i not in have}
+        # Where a layer's choices at R - margin .. R + margin lie close together, every level
+        # between them (small kinks of measured curves hide there; a wide span, e.g. a layer
+        # jumping across a plateau, keeps the bisection above).
+        widest = max(1, round(FILL_SPAN * (levels - 1)))
+        for name, xs in spans.items():
+            lo, hi = math.floor(min(xs) + 1e-9), math.ceil(max(xs) - 1e-9)
+            if hi - lo <= widest:
+                have = set(measured[name].tolist())
+                wanted[name] |= {i for i in range(lo, hi + 1) if i not in have}
     points = {
         name: np.array(sorted(indices), dtype=np.int64)
         for name, indices in wanted.items()
