@@ -10,7 +10,14 @@ import click
 
 from rdprune_onnx import UserError, inspect_model
 from rdprune_onnx.cache import default_cache_dir
-from rdprune_onnx.pipeline import allocate, check_targets, measure, output_for_ratio, prune
+from rdprune_onnx.pipeline import (
+    DEFAULT_TARGETS,
+    allocate,
+    check_targets,
+    measure,
+    output_for_ratio,
+    prune,
+)
 from rdprune_onnx.plot import plot_result
 from rdprune_onnx.reconstruct import SOLVERS
 from rdprune_onnx.report import to_json
@@ -157,6 +164,13 @@ def prune_command(model: str, **kwargs: Any) -> None:
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", type=click.Path(), required=True, help="Curves file (JSON).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Layers not to measure.")
+@click.option(
+    "--ratio",
+    "ratios",
+    default=",".join(f"{r:g}" for r in DEFAULT_TARGETS),
+    show_default=True,
+    help="With --grid adaptive: the target ratios the curves are refined for.",
+)
 @measurement_options
 @mask_options
 @click.option(
@@ -179,6 +193,7 @@ def curves_command(model: str, **kwargs: Any) -> None:
         model,
         settings,
         calibration,
+        targets=parse_ratios(kwargs.pop("ratios")),
         output=kwargs.pop("output"),
         force=kwargs.pop("force"),
         cache_dir=_cache_dir(kwargs),

@@ -12,6 +12,7 @@ from rdprune_onnx.calibration import parse_input_ranges, parse_input_shapes, par
 from rdprune_onnx.distortion import METRICS, OUTPUT_KINDS
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.export import STORAGES
+from rdprune_onnx.grid import GRIDS
 from rdprune_onnx.masks import MASK_INPUTS, MASKS
 from rdprune_onnx.pipeline import BUDGETS, CalibrationSpec, PruneSettings, read_overrides
 from rdprune_onnx.reconstruct import INPUTS as REFIT_INPUTS
@@ -88,6 +89,14 @@ def measurement_options(func: F) -> F:
             click.option("--metric", type=click.Choice(METRICS), default="mse", show_default=True),
             output_kind_option,
             click.option("--levels", default=101, show_default=True, help="Grid points, 0 to 1."),
+            click.option(
+                "--grid",
+                type=click.Choice(GRIDS),
+                default="adaptive",
+                show_default=True,
+                help="adaptive: measure only the levels the allocation needs (refined in "
+                "rounds, --levels is the finest); full: every level.",
+            ),
             click.option(
                 "--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True
             ),
@@ -249,6 +258,7 @@ def build_settings(kwargs: dict[str, Any], *, ratio: float) -> PruneSettings:
         mask_inputs=kwargs.pop("mask_inputs", "dense"),
         output_kind=kwargs.pop("output_kind", "auto"),
         prune_unused_layers=kwargs.pop("prune_unused_layers", False),
+        grid=kwargs.pop("grid", "adaptive"),
     )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from rdprune_onnx.cache import CurveFile
 from rdprune_onnx.inspect import ModelSummary
 from rdprune_onnx.pipeline import PruneResult
@@ -120,6 +122,12 @@ def show_prune(result: PruneResult) -> str:
                 f"accuracy on {ev.samples} samples: dense {ev.dense_accuracy:.2%}, "
                 f"pruned {ev.pruned_accuracy:.2%}"
             )
+    points = result.curve_points
+    if points:
+        lines.append(
+            f"curve points measured: {points['curve_points_measured']:,} of "
+            f"{points['curve_points_full_grid']:,} ({points['grid']} grid)"
+        )
     if result.skipped:
         lines.append(f"{len(result.skipped)} layers skipped (see `rdprune-onnx inspect`)")
     lines.append(f"time {result.timings['total']:.1f} s")
@@ -133,14 +141,24 @@ def show_curves(entry: CurveFile) -> str:
         (
             name,
             entry.layers[name],
-            _num(c.distortion[len(c.distortion) // 2]),
+            _num(float(np.interp(0.5, c.ratios, c.distortion))),
             _num(c.distortion[-1]),
+            c.ratios.size,
         )
         for name, c in entry.curves.items()
     ]
-    return table(["layer", "params", "d(0.5)", "d(1.0)"], rows, "lrrr") + (
-        f"\n{len(entry.curves)} curves, {len(next(iter(entry.curves.values())).ratios)} levels"
-        + (", each point pruned and refit" if "refit" in entry.settings else "")
+    grid = entry.grid or {}
+    measured = sum(c.ratios.size for c in entry.curves.values())
+    levels = entry.settings.get("levels")
+    summary = f"\n{len(entry.curves)} curves, {levels} levels"
+    if grid.get("grid") == "adaptive":
+        refined = ", ".join(f"{r:g}" for r in grid.get("refined_for") or [])
+        summary += (
+            f", {measured:,} of {len(entry.curves) * int(levels or 0):,} points measured "
+            f"(adaptive grid, refined for ratios {refined})"
+        )
+    return table(["layer", "params", "d(0.5)", "d(1.0)", "points"], rows, "lrrrr") + (
+        summary + (", each point pruned and refit" if "refit" in entry.settings else "")
         if entry.curves
         else ""
     )

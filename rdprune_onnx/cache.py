@@ -83,6 +83,10 @@ class CurveFile:
     settings: dict[str, Any]
     layers: dict[str, int]  # name -> number of weights
     curves: dict[str, Curve] = field(default_factory=dict)
+    # How the points were scheduled (rdprune_onnx.grid.GridResult.summary). The curves
+    # hold their measured points only; a level of the grid that a curve lacks was not
+    # measured and is read by linear interpolation. None: not recorded (older files).
+    grid: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
@@ -107,7 +111,7 @@ class CurveFile:
                 }
                 for name, c in self.curves.items()
             },
-        }
+        } | ({"grid": self.grid} if self.grid is not None else {})
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> CurveFile:
@@ -126,6 +130,7 @@ class CurveFile:
                 )
                 for name, c in raw["curves"].items()
             },
+            grid=dict(raw["grid"]) if isinstance(raw.get("grid"), dict) else None,
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:

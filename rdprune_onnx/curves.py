@@ -571,11 +571,13 @@ class _LayerMeasurer:
             if self.candidates is None:
                 self.scale = _fold_batchnorm(cut_model, layer.name)
             self.session = Session(cut_model, config)
+            self.nbytes = data_bytes(cut_model)
             del cut_model
             ref = context.reference
             self.positions = [ref.outputs.index(o) for o in self.cut.outputs]
         else:
             self.session = Session(expose_as_inputs(context.model, names), config)
+            self.nbytes = data_bytes(context.model)
 
     def close(self) -> None:
         self.session.close()
@@ -687,6 +689,91 @@ class _LayerMeasurer:
         return outs
 
 
+class LayerSessions:
+    """Layer measurers kept from one :func:`measure_curves` call to the next.
+
+    The adaptive grid (:mod:`rdprune_onnx.grid`) measures a few levels of each layer per
+    round; without this every round would cut the graph, build an ONNX Runtime session and
+    sort the weight again for each layer. Pass one instance to every call on the same model
+    and reference; it keeps measurers while their cut models' tensors total at most
+    ``max_bytes`` (a layer beyond that is built again when measured again), the dense
+    tensors crossing the cuts within the same budget (so a round needs no dense pass for
+    them), the typed model and the cut plans. :meth:`close` releases everything.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_MEMORY_BUDGET) -> None:
+        self.max_bytes = max_bytes
+        self.held = 0
+        self.measurers: dict[str, _LayerMeasurer] = {}
+        self.typed: onnx.ModelProto | None = None
+        self.plans: dict[str, Cut | None] = {}
+        self._key: tuple[int, int, str, str] | None = None
+        self._lock = threading.Lock()  # take runs on the builder thread
+        self.crossing: _Store = {}
+        self.crossing_bytes = 0
+
+    def bind(self, model: onnx.ModelProto, reference: Reference, engine: str, metric: str) -> None:
+        """Forget what was kept for another model, reference or setting."""
+        key = (id(model), id(reference), engine, metric)
+        if key != self._key:
+            self.close()
+            self._key = key
+
+    def take(self, name: str, context: _Context) -> _LayerMeasurer | None:
+        with self._lock:
+            measurer = self.measurers.pop(name, None)
+            if measurer is not None:
+                self.held -= measurer.nbytes
+                measurer.context = context
+        return measurer
+
+    def keep(self, name: str, measurer: _LayerMeasurer) -> bool:
+        with self._lock:
+            if self.held + measurer.nbytes > self.max_bytes:
+                return False
+            measurer.current = None
+            self.measurers[name] = measurer
+            self.held += measurer.nbytes
+        return True
+
+    def close(self) -> None:
+        for measurer in self.measurers.values():
+            measurer.close()
+        self.measurers.clear()
+        self.crossing = {}
+        self.crossing_bytes = 0
+        self.plans.clear()
+        self.typed = None
+        self.held = 0
+        self._key = None
+
+
+def _crossing(
+    context: _Context, sessions: LayerSessions | None, names: list[str], chunk: list[int]
+) -> _Store:
+    """The dense crossing tensors ``names`` on the batches of ``chunk``: from ``sessions``
+    where kept there, the others from a dense pass (and kept, within its budget)."""
+    if sessions is None or len(chunk) != len(context.reference.batches):
+        return context.crossing_values(names, chunk)
+    kept = sessions.crossing
+    missing = [n for n in names if any(n not in kept.get(b, {}) for b in chunk)]
+    if missing:
+        got = context.crossing_values(missing, chunk)
+        size = sum(
+            v.nbytes if isinstance(v, np.ndarray) else _value_bytes(v)
+            for b in chunk
+            for n, v in got[b].items()
+            if n not in context.inputs
+        )
+        if sessions.crossing_bytes + size > sessions.max_bytes:
+            have = {b: {n: kept[b][n] for n in names if n not in got[b]} for b in chunk}
+            return {b: {**have[b], **got[b]} for b in chunk}
+        sessions.crossing_bytes += size
+        for b in chunk:
+            kept.setdefault(b, {}).update(got[b])
+    return {b: {n: kept[b][n] for n in names} for b in chunk}
+
+
 def _groups(
     context: _Context, plans: list[tuple[Layer, Cut | None]]
 ) -> list[tuple[list[tuple[Layer, Cut | None]], list[list[int]]]]:
@@ -764,6 +851,9 @@ def measure_curves(
     candidates: CandidateFactory | None = None,
     workers: int | None = None,
     mask_order: MaskOrder | None = None,
+    layer_ratios: Mapping[str, np.ndarray] | None = None,
+    desc: str = "curves",
+    sessions: LayerSessions | None = None,
 ) -> dict[str, Curve]:
     """Measure each layer's curve at ``ratios``.
 
@@ -777,6 +867,9 @@ def measure_curves(
     :class:`LayerCandidates`). ``workers``: candidates run at once on the CPU (default from
     :func:`worker_layout`). ``mask_order`` gives each layer's mask order (default: magnitude),
     e.g. a Wanda order; it must put the weights already zero first.
+    :func:`worker_layout`). ``layer_ratios`` replaces ``ratios`` for the layers it names
+    (the adaptive grid measures a different subset per layer); ``desc`` labels the bar.
+    ``sessions`` keeps the layers' measurers for the next call (see :class:`LayerSessions`).
     """
     if engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}", f"choose one of {', '.join(ENGINES)}")
@@ -786,8 +879,18 @@ def measure_curves(
     curves: dict[str, Curve] = {}
     todo = [layer for layer in layers if layer.name not in done]
     ratios = np.asarray(ratios, dtype=np.float64)
-    total = len(todo) * len(ratios)
-    typed = infer_types(model) if engine != "full" and todo else model
+    own = {
+        name: np.asarray(values, dtype=np.float64) for name, values in (layer_ratios or {}).items()
+    }
+    total = sum(len(own.get(layer.name, ratios)) for layer in todo)
+    if sessions is not None:
+        sessions.bind(model, reference, engine, metric)
+    if sessions is not None and sessions.typed is not None:
+        typed = sessions.typed
+    else:
+        typed = infer_types(model) if engine != "full" and todo else model
+        if sessions is not None and todo:
+            sessions.typed = typed
     started = time.perf_counter()
     pool = ThreadPoolExecutor(count) if count > 1 else None
     # Builds the next layer's measurer (cut, session, sort) while this one runs; not for
@@ -797,14 +900,19 @@ def measure_curves(
     measured: dict[str, Curve] = {}
     try:
         with tqdm(
-            total=total, disable=not progress, unit="pt", desc="curves", leave=False, delay=0.5
+            total=total, disable=not progress, unit="pt", desc=desc, leave=False, delay=0.5
         ) as bar:
             context = _Context(
                 model, typed, reference, run_config, engine, metric, memory_budget, count, pool, bar
             )
             plans: list[tuple[Layer, Cut | None]] = []
             for layer in todo:
+                if sessions is not None and layer.name in sessions.plans:
+                    plans.append((layer, sessions.plans[layer.name]))
+                    continue
                 plan = downstream(typed, layer.name, build=False) if engine != "full" else None
+                if sessions is not None:
+                    sessions.plans[layer.name] = plan
                 if plan is None and engine == "downstream":
                     log.info(
                         "%s: cannot cut the graph below it; running the whole model", layer.name
@@ -815,6 +923,9 @@ def measure_curves(
 
             def build(index: int) -> _LayerMeasurer:
                 layer, plan = queue[index]
+                kept = sessions.take(layer.name, context) if sessions is not None else None
+                if kept is not None:
+                    return kept
                 weight = read_weight(model, layer.name)
                 return _LayerMeasurer(context, layer, weight, plan, candidates, mask_order)
 
@@ -822,17 +933,19 @@ def measure_curves(
             ahead: Future[_LayerMeasurer] | None = None
             for group, chunks in groups:
                 names = sorted({n for _, cut in group if cut is not None for n in cut.crossing})
-                store = context.crossing_values(names, chunks[0]) if names else None
+                store = _crossing(context, sessions, names, chunks[0]) if names else None
                 for layer, _plan in group:
                     measurer = ahead.result() if ahead is not None else build(index)
                     ahead = None
                     if prefetch and index + 1 < len(queue):
                         ahead = builder.submit(build, index + 1)
                     index += 1
-                    distortion = measurer.measure(ratios, store, chunks)
-                    measurer.close()
+                    levels = own.get(layer.name, ratios)
+                    distortion = measurer.measure(levels, store, chunks)
+                    if sessions is None or not sessions.keep(layer.name, measurer):
+                        measurer.close()
                     del measurer
-                    curve = Curve(layer.name, ratios.copy(), distortion)
+                    curve = Curve(layer.name, levels.copy(), distortion)
                     measured[layer.name] = curve
                     if on_curve is not None:
                         on_curve(layer.name, curve)

@@ -14,7 +14,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from rdprune_onnx.allocate import (
     LayerSpec,
     get_allocator,
 )
+from rdprune_onnx.allocate.refine import plan_refinement
 from rdprune_onnx.cache import (
     CurveCache,
     CurveFile,
@@ -42,7 +43,6 @@ from rdprune_onnx.curves import (
     MaskOrder,
     Reference,
     grid,
-    measure_curves,
     measure_distortion,
     run_reference,
 )
@@ -57,6 +57,7 @@ from rdprune_onnx.graph.external import write_external
 from rdprune_onnx.graph.layers import Layer, LayerScan, Skipped, find_layers, read_weight
 from rdprune_onnx.graph.load import has_lazy, read_model, save_model
 from rdprune_onnx.graph.surgery import replace_weights
+from rdprune_onnx.grid import GridResult, check_grid, measure_grid, on_grid
 from rdprune_onnx.masks import MASK_INPUTS, MASKS, apply_mask, get_mask, magnitude_order
 from rdprune_onnx.plot import check_plot_target
 from rdprune_onnx.reconstruct import INPUTS as REFIT_INPUTS
@@ -149,6 +150,9 @@ class PruneSettings:
     # Layers whose whole curve is zero (they never reached the output on the calibration
     # data) are kept at the median ratio of the others unless this is set.
     prune_unused_layers: bool = False
+    # Which curve points are measured: "adaptive" (those the allocation needs, refined in
+    # rounds; ``levels`` is the finest resolution) or "full" (every level).
+    grid: str = "adaptive"
 
     @property
     def data_aware_mask(self) -> bool:
@@ -214,6 +218,7 @@ class PruneSettings:
                 f"unknown budget {self.budget!r}", f"choose one of {', '.join(BUDGETS)}"
             )
         grid(self.levels)
+        check_grid(self.grid)
         if self.steps < 1:
             raise UserError(f"--steps must be at least 1, got {self.steps}", "e.g. --steps 3")
         if self.steps > 1 and self.method != "rd":
@@ -334,6 +339,8 @@ class PruneResult:
     output_kinds: dict[str, Any] | None = None
     # Every file this run wrote (the model, its data file, the report).
     files: list[str] = field(default_factory=list)
+    # How the curve points were scheduled (rd only): see GridResult.summary.
+    curve_points: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -368,6 +375,13 @@ class PruneResult:
             ),
             "evaluation": self.evaluation.to_dict() if self.evaluation else None,
             "search": self.search,
+            "curve_points_measured": (
+                self.curve_points["curve_points_measured"] if self.curve_points else None
+            ),
+            "curve_points_full_grid": (
+                self.curve_points["curve_points_full_grid"] if self.curve_points else None
+            ),
+            "curve_grid": self.curve_points,
             "timings_s": self.timings,
             "versions": versions() | {"python": platform.python_version()},
         }
@@ -463,6 +477,8 @@ class _Job:
     timings: dict[str, float] = field(default_factory=dict)
     metric: str = "mse"  # the settings' metric, resolved to a Metric once outputs are known
     files: RunFiles = field(default_factory=RunFiles)
+    # Curve points measured (summed over --steps) and the full grid's count.
+    curve_points: dict[str, Any] | None = None
 
 
 def _check_outputs(
@@ -632,8 +648,30 @@ def _layer_specs(
     return specs
 
 
-# (model to measure, its reference, the mask order of its layers or None for magnitude)
-CurveSource = Callable[[onnx.ModelProto, Reference | None, MaskOrder | None], dict[str, Curve]]
+@dataclass(frozen=True)
+class CurveNeeds:
+    """What the allocation will ask of the curves: the adaptive grid refines for it."""
+
+    specs: Sequence[LayerSpec]
+    targets: Sequence[float]
+    options: Mapping[str, object]
+    # The mask order of the measured layers (a data-aware mask); None: magnitude.
+    order: MaskOrder | None = None
+
+
+CurveSource = Callable[[onnx.ModelProto, Reference | None, CurveNeeds], dict[str, Curve]]
+
+
+def _count_points(job: _Job, result: GridResult) -> None:
+    """Add one measurement's point counts to the job's (several with --steps)."""
+    summary = result.summary()
+    if job.curve_points is None:
+        job.curve_points = summary
+        return
+    for key in ("curve_points_measured", "curve_points_full_grid"):
+        job.curve_points[key] += summary[key]
+    job.curve_points["rounds"] = [*job.curve_points["rounds"], *summary["rounds"]]
+    job.curve_points["converged"] = job.curve_points["converged"] and summary["converged"]
 
 
 def _mask_statistics(
@@ -765,10 +803,14 @@ def _allocate(
     steps: list[dict[str, Any]] = []
     allocation: Allocation | None = None
     specs: list[LayerSpec] = []
+    options = {"allow_layer_removal": settings.allow_layer_removal}
     for step in range(1, settings.steps + 1):
         step_ratio = settings.ratio * step / settings.steps
         # A data-aware mask's statistics, recomputed on the partly pruned model each step.
         stats = _mask_statistics(job, settings, pruned if step > 1 else None)
+        t = time.perf_counter()
+        specs = _layer_specs(job, settings, pruned)
+        job.timings["allocate"] = job.timings.get("allocate", 0.0) + time.perf_counter() - t
         if settings.method == "rd":
             assert curve_source is not None
             t = time.perf_counter()
@@ -777,10 +819,13 @@ def _allocate(
                 current = replace_weights(job.model, pruned)
                 if reference is not None:
                     reference = reference.rebased(current, job.config)
-            curves = curve_source(current, reference, _mask_order(settings, stats))
+            curves = curve_source(
+                current,
+                reference,
+                CurveNeeds(specs, [step_ratio], options, _mask_order(settings, stats)),
+            )
             job.timings["curves"] = job.timings.get("curves", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
-        specs = _layer_specs(job, settings, pruned)
         problem = AllocationProblem(
             layers=specs,
             target_ratio=step_ratio,
@@ -791,7 +836,7 @@ def _allocate(
                 if settings.method in ("global", "lamp")
                 else None
             ),
-            options={"allow_layer_removal": settings.allow_layer_removal},
+            options=options,
         )
         allocation = get_allocator(settings.method).allocate(problem)
         unused = unused_layers(curves, names) if curves is not None else []
@@ -1032,6 +1077,7 @@ def _finish(
         model=pruned_model if staging is None else _reload(written, storage),
         output_kinds=_kinds_record(job.metric),
         files=[str(path) for path in files],
+        curve_points=job.curve_points,
     )
     if report is not None:
         try:
@@ -1157,7 +1203,7 @@ def prune(
     )
 
     def measure(
-        model: onnx.ModelProto, reference: Reference | None, order: MaskOrder | None
+        model: onnx.ModelProto, reference: Reference | None, needs: CurveNeeds
     ) -> dict[str, Curve]:
         assert reference is not None and job.data is not None
         entry = curve_entry(
@@ -1169,7 +1215,7 @@ def prune(
             job.batch_size,
             metric=job.metric,
         )
-        return _measure_with_cache(
+        result = _measure_with_cache(
             model,
             job.layers,
             reference,
@@ -1178,11 +1224,13 @@ def prune(
             entry,
             cache_dir,
             progress,
+            needs,
             candidates=_refit_candidates(model, job.data, job.batch_size, settings, job.config),
             timings=job.timings,
-            mask_order=order,
             metric=job.metric,
         )
+        _count_points(job, result)
+        return result.curves
 
     return _allocate_and_finish(
         job,
@@ -1196,6 +1244,10 @@ def prune(
     )
 
 
+# The ratios `curves --grid adaptive` refines for unless told otherwise.
+DEFAULT_TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
 def measure(
     model_path: str | os.PathLike[str],
     settings: PruneSettings,
@@ -1205,12 +1257,19 @@ def measure(
     force: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    targets: Sequence[float] = DEFAULT_TARGETS,
 ) -> CurveFile:
     """Measure the rate-distortion curves of ``model_path`` and save them to ``output``.
 
     The file records fingerprints of the model and the data and the settings, so that
-    :func:`allocate` can check that curves belong to the model they are applied to.
+    :func:`allocate` can check that curves belong to the model they are applied to. With
+    ``settings.grid == "adaptive"`` the curves are refined for the ratios ``targets`` (with
+    ``settings``' bounds and budget); ``allocate`` at another ratio checks whether the
+    measured points cover it.
     """
+    for target in targets:
+        if not 0.0 < target < 1.0:
+            raise UserError(f"--ratio must be strictly between 0 and 1, got {target}", "e.g. 0.8")
     files = _check_outputs(
         model_path, [], None, force, inputs={"calibration data": calibration.data}
     )
@@ -1231,8 +1290,15 @@ def measure(
         job.batch_size,
         metric=job.metric,
     )
-    order = _mask_order(settings, _mask_statistics(job, settings, None))
-    entry.curves = _measure_with_cache(
+    names = [layer.name for layer in job.layers]
+    specs = _layer_specs(job, settings, ModelWeights(job.model, names))
+    needs = CurveNeeds(
+        specs,
+        list(targets),
+        {"allow_layer_removal": settings.allow_layer_removal},
+        _mask_order(settings, _mask_statistics(job, settings, None)),
+    )
+    result = _measure_with_cache(
         job.model,
         job.layers,
         job.reference,
@@ -1241,10 +1307,12 @@ def measure(
         entry,
         cache_dir,
         progress,
+        needs,
         candidates=_refit_candidates(job.model, job.data, job.batch_size, settings, job.config),
-        mask_order=order,
         metric=job.metric,
     )
+    entry.curves = result.curves
+    entry.grid = result.summary()
     if output is not None:
         write_json(
             entry.to_dict(), output, force=force, protect=files.protected(), label="curves file"
@@ -1335,9 +1403,10 @@ def allocate(
         )
 
     def fixed(
-        model: onnx.ModelProto, reference: Reference | None, order: MaskOrder | None
+        model: onnx.ModelProto, reference: Reference | None, needs: CurveNeeds
     ) -> dict[str, Curve]:
-        return {layer.name: saved.curves[layer.name] for layer in job.layers}
+        curves = {layer.name: saved.curves[layer.name] for layer in job.layers}
+        return _cover(job, saved, curves_path, curves, settings, needs)
 
     return _allocate_and_finish(
         job,
@@ -1349,6 +1418,87 @@ def allocate(
         started=started,
         storage=storage,
     )
+
+
+def _cover(
+    job: _Job,
+    saved: CurveFile,
+    path: str | os.PathLike[str],
+    curves: dict[str, Curve],
+    settings: PruneSettings,
+    needs: CurveNeeds,
+) -> dict[str, Curve]:
+    """The saved curves, with the points the allocation at ``needs`` lacks measured.
+
+    Curves from the full grid cover every ratio. Adaptive ones cover the ratios whose
+    allocation sits on measured points (with measured neighbours); for another ratio the
+    missing points are measured when the calibration data they were measured on is given,
+    else a UserError says which ratios the file was refined for.
+    """
+    levels = int(saved.settings.get("levels", 0))
+    if levels < 2 or not on_grid(curves, levels):
+        return curves  # curves from elsewhere (no grid): allocate on what is there
+    plan = plan_refinement(needs.specs, curves, levels, needs.targets, options=needs.options)
+    if not plan.points:
+        return curves
+    refined = (saved.grid or {}).get("refined_for") or []
+    covered = ", ".join(f"{r:g}" for r in refined) or "unknown ratios"
+    asked = ", ".join(f"{t:g}" for t in needs.targets)
+    hint = f"pass the data the curves were measured on (--data), or run `curves --ratio {asked}`"
+    if job.reference is None or job.data is None:
+        raise UserError(
+            f"ratio {asked} needs {plan.count} curve points "
+            f"that {str(path)!r} lacks (its curves were refined for {covered})",
+            hint,
+        )
+    # Measure as the file was measured: its grid, metric and refit settings.
+    refit = saved.settings.get("refit")
+    as_saved = replace(
+        settings,
+        levels=levels,
+        metric=str(saved.settings.get("metric", settings.metric)),
+        refit_curves=isinstance(refit, dict),
+        refit_solver=str(refit.get("solver", "auto")) if isinstance(refit, dict) else "auto",
+    )
+    # The resolved output kinds and the mask order are the run's own (a file measured with
+    # other ones has another key and is refused below).
+    metric = job.metric if as_saved.metric == settings.metric else as_saved.metric
+    entry = curve_entry(
+        job.model,
+        job.layers,
+        job.data,
+        as_saved,
+        job.config.provider,
+        job.batch_size,
+        metric=metric,
+    )
+    if (entry.data, entry.settings) != (saved.data, saved.settings):
+        raise UserError(
+            f"ratio {asked} needs {plan.count} curve points "
+            f"that {str(path)!r} lacks, and the calibration data or settings given differ "
+            "from the ones it was measured with",
+            hint,
+        )
+    log.info("measuring %d curve points the saved curves lack", plan.count)
+    t = time.perf_counter()
+    result = measure_grid(
+        job.model,
+        job.layers,
+        job.reference,
+        needs.specs,
+        levels=levels,
+        kind="adaptive",
+        targets=needs.targets,
+        options=needs.options,
+        done=curves,
+        metric=metric,
+        config=job.config,
+        candidates=_refit_candidates(job.model, job.data, job.batch_size, as_saved, job.config),
+        mask_order=needs.order,
+    )
+    job.timings["curves"] = job.timings.get("curves", 0.0) + time.perf_counter() - t
+    _count_points(job, result)
+    return result.curves
 
 
 def _check_storage(storage: str) -> None:
@@ -1425,12 +1575,12 @@ def _measure_with_cache(
     entry: CurveFile,
     cache_dir: str | os.PathLike[str] | None,
     progress: bool,
+    needs: CurveNeeds,
     *,
     candidates: RefitCandidates | None = None,
     timings: dict[str, float] | None = None,
-    mask_order: MaskOrder | None = None,
     metric: str | None = None,
-) -> dict[str, Curve]:
+) -> GridResult:
     cache = CurveCache(cache_dir) if cache_dir is not None else None
     with cache.locked(entry) if cache is not None else contextlib.nullcontext():
         return _measure_locked(
@@ -1442,9 +1592,9 @@ def _measure_with_cache(
             entry,
             cache,
             progress,
+            needs,
             candidates=candidates,
             timings=timings,
-            mask_order=mask_order,
             metric=metric,
         )
 
@@ -1458,12 +1608,12 @@ def _measure_locked(
     entry: CurveFile,
     cache: CurveCache | None,
     progress: bool,
+    needs: CurveNeeds,
     *,
     candidates: RefitCandidates | None = None,
     timings: dict[str, float] | None = None,
-    mask_order: MaskOrder | None = None,
     metric: str | None = None,
-) -> dict[str, Curve]:
+) -> GridResult:
     done = cache.load(entry) if cache is not None else {}
     entry.curves.update(done)
 
@@ -1472,18 +1622,22 @@ def _measure_locked(
         if cache is not None:
             cache.store(entry)
 
-    curves = measure_curves(
+    curves = measure_grid(
         model,
         layers,
         reference,
-        ratios=grid(settings.levels),
+        needs.specs,
+        levels=settings.levels,
+        kind=settings.grid,
+        targets=needs.targets,
+        options=needs.options,
+        done=_usable(done, settings.levels),
+        on_curve=save,
+        progress=progress,
         metric=metric or settings.metric,
         config=config,
-        progress=progress,
-        done=done,
-        on_curve=save,
         candidates=candidates,
-        mask_order=mask_order,
+        mask_order=needs.order,
     )
     if candidates is not None and candidates.costs:
         cost = candidates.summary()
@@ -1493,6 +1647,12 @@ def _measure_locked(
                 name = f"curves_refit_{key.removesuffix('_s')}"
                 timings[name] = timings.get(name, 0.0) + float(cost[key])
     return curves
+
+
+def _usable(curves: Mapping[str, Curve], levels: int) -> dict[str, Curve]:
+    """Cached curves whose points lie on the grid (all of them, for a key that includes
+    ``levels``; a curve that does not is measured again)."""
+    return {name: c for name, c in curves.items() if on_grid({name: c}, levels)}
 
 
 def _load_eval(

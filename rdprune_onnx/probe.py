@@ -21,16 +21,18 @@ import onnx
 
 from rdprune_onnx.allocate import Curve
 from rdprune_onnx.calibration import sample_count
-from rdprune_onnx.curves import MaskOrder, Reference
+from rdprune_onnx.curves import Reference
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import run_all
 from rdprune_onnx.graph.load import read_model
 from rdprune_onnx.pipeline import (
     CalibrationSpec,
+    CurveNeeds,
     PruneResult,
     PruneSettings,
     _allocate,
     _finish,
+    _layer_specs,
     _load_eval,
     _load_job,
     _mask_order,
@@ -42,6 +44,7 @@ from rdprune_onnx.pipeline import (
 )
 from rdprune_onnx.quality import Outputs, Quality, QualityMetric, choose_metric, score
 from rdprune_onnx.runtime import Session
+from rdprune_onnx.weights import ModelWeights
 
 log = logging.getLogger(__name__)
 
@@ -101,24 +104,31 @@ class Prober:
                 metric=job.metric,
             )
             self.curve_key = entry.key
-            # The curves of the mask that is applied (wanda: its order at every point).
-            order = _mask_order(settings, _mask_statistics(job, settings, None))
+            # Every level of the grid: probes ask for many ratios (a sweep, a bisection), and
+            # the curves of the mask that is applied (wanda: its order at every point).
+            names = [layer.name for layer in job.layers]
+            needs = CurveNeeds(
+                _layer_specs(job, settings, ModelWeights(job.model, names)),
+                [settings.ratio],
+                {"allow_layer_removal": settings.allow_layer_removal},
+                _mask_order(settings, _mask_statistics(job, settings, None)),
+            )
             self.curves = _measure_with_cache(
                 job.model,
                 job.layers,
                 job.reference,
-                settings,
+                dataclasses.replace(settings, grid="full"),
                 job.config,
                 entry,
                 cache_dir,
                 progress,
+                needs,
                 candidates=_refit_candidates(
                     job.model, job.data, job.batch_size, settings, job.config
                 ),
                 timings=self.timings,
-                mask_order=order,
                 metric=job.metric,
-            )
+            ).curves
             self.timings["curves"] = time.perf_counter() - t
         self.dense_out: Outputs | None = None
         self.metric: QualityMetric | None = None
@@ -141,7 +151,7 @@ class Prober:
         return score(self.metric, self.dense_out, self.dense_out, self.labels)[0]
 
     def _curves(
-        self, model: onnx.ModelProto, reference: Reference | None, order: MaskOrder | None
+        self, model: onnx.ModelProto, reference: Reference | None, needs: CurveNeeds
     ) -> dict[str, Curve]:
         if self.curves is None:
             raise UserError("the rd method needs rate-distortion curves", "pass --data")
