@@ -152,7 +152,7 @@ def minilm_task(folder: Path, levels: int) -> Task:
 
     def score(model: onnx.ModelProto) -> dict[str, float]:
         result: dict[str, float] = retrieval.evaluate(_session(model), queries, docs, dense=dense)
-        return {"recall@1": result["recall@1"], "cosine": result["cosine"]}
+        return {"recall@1": result["recall_at_1"], "cosine": result["cosine"]}
 
     return Task(
         "minilm",
