@@ -1280,37 +1280,7 @@ def measure(
             "no calibration data", "pass --data FILE.npz or --synthetic N (random inputs)"
         )
     job = _load_job(model_path, settings, calibration, files=files)
-    assert job.reference is not None and job.data is not None
-    entry = curve_entry(
-        job.model,
-        job.layers,
-        job.data,
-        settings,
-        job.config.provider,
-        job.batch_size,
-        metric=job.metric,
-    )
-    names = [layer.name for layer in job.layers]
-    specs = _layer_specs(job, settings, ModelWeights(job.model, names))
-    needs = CurveNeeds(
-        specs,
-        list(targets),
-        {"allow_layer_removal": settings.allow_layer_removal},
-        _mask_order(settings, _mask_statistics(job, settings, None)),
-    )
-    result = _measure_with_cache(
-        job.model,
-        job.layers,
-        job.reference,
-        settings,
-        job.config,
-        entry,
-        cache_dir,
-        progress,
-        needs,
-        candidates=_refit_candidates(job.model, job.data, job.batch_size, settings, job.config),
-        metric=job.metric,
-    )
+    entry, result = measure_dense(job, settings, targets, cache_dir, progress)
     entry.curves = result.curves
     entry.grid = result.summary()
     if output is not None:
@@ -1499,6 +1469,50 @@ def _cover(
     job.timings["curves"] = job.timings.get("curves", 0.0) + time.perf_counter() - t
     _count_points(job, result)
     return result.curves
+
+
+def measure_dense(
+    job: _Job,
+    settings: PruneSettings,
+    targets: Sequence[float],
+    cache_dir: str | os.PathLike[str] | None,
+    progress: bool,
+    timings: dict[str, float] | None = None,
+) -> tuple[CurveFile, GridResult]:
+    """The curves of the job's dense model (through the cache), refined for ``targets``:
+    with the mask that is applied and the job's resolved output kinds."""
+    assert job.reference is not None and job.data is not None
+    entry = curve_entry(
+        job.model,
+        job.layers,
+        job.data,
+        settings,
+        job.config.provider,
+        job.batch_size,
+        metric=job.metric,
+    )
+    names = [layer.name for layer in job.layers]
+    needs = CurveNeeds(
+        _layer_specs(job, settings, ModelWeights(job.model, names)),
+        list(targets),
+        {"allow_layer_removal": settings.allow_layer_removal},
+        _mask_order(settings, _mask_statistics(job, settings, None)),
+    )
+    result = _measure_with_cache(
+        job.model,
+        job.layers,
+        job.reference,
+        settings,
+        job.config,
+        entry,
+        cache_dir,
+        progress,
+        needs,
+        candidates=_refit_candidates(job.model, job.data, job.batch_size, settings, job.config),
+        timings=timings,
+        metric=job.metric,
+    )
+    return entry, result
 
 
 def _check_storage(storage: str) -> None:

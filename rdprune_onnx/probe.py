@@ -32,19 +32,13 @@ from rdprune_onnx.pipeline import (
     PruneSettings,
     _allocate,
     _finish,
-    _layer_specs,
     _load_eval,
     _load_job,
-    _mask_order,
-    _mask_statistics,
-    _measure_with_cache,
-    _refit_candidates,
     _staging,
-    curve_entry,
+    measure_dense,
 )
 from rdprune_onnx.quality import Outputs, Quality, QualityMetric, choose_metric, score
 from rdprune_onnx.runtime import Session
-from rdprune_onnx.weights import ModelWeights
 
 log = logging.getLogger(__name__)
 
@@ -94,41 +88,17 @@ class Prober:
         if need_curves:
             assert job.reference is not None and job.data is not None
             t = time.perf_counter()
-            entry = curve_entry(
-                job.model,
-                job.layers,
-                job.data,
-                settings,
-                job.config.provider,
-                job.batch_size,
-                metric=job.metric,
-            )
-            self.curve_key = entry.key
-            # Every level of the grid: probes ask for many ratios (a sweep, a bisection), and
-            # the curves of the mask that is applied (wanda: its order at every point).
-            names = [layer.name for layer in job.layers]
-            needs = CurveNeeds(
-                _layer_specs(job, settings, ModelWeights(job.model, names)),
-                [settings.ratio],
-                {"allow_layer_removal": settings.allow_layer_removal},
-                _mask_order(settings, _mask_statistics(job, settings, None)),
-            )
-            self.curves = _measure_with_cache(
-                job.model,
-                job.layers,
-                job.reference,
+            # Every level of the grid: probes ask for many ratios (a sweep, a bisection).
+            entry, result = measure_dense(
+                job,
                 dataclasses.replace(settings, grid="full"),
-                job.config,
-                entry,
+                [settings.ratio],
                 cache_dir,
                 progress,
-                needs,
-                candidates=_refit_candidates(
-                    job.model, job.data, job.batch_size, settings, job.config
-                ),
                 timings=self.timings,
-                metric=job.metric,
-            ).curves
+            )
+            self.curve_key = entry.key
+            self.curves = result.curves
             self.timings["curves"] = time.perf_counter() - t
         self.dense_out: Outputs | None = None
         self.metric: QualityMetric | None = None
