@@ -85,6 +85,7 @@ class Task:
     levels: int
     metric: str = "mse"
     batch_size: int = 32
+    refit_inputs: str = "sequential"  # --refit-inputs of every refit row
 
 
 def _session(model: onnx.ModelProto) -> Session:
@@ -220,6 +221,7 @@ def settings_for(row: Row, ratio: float, task: Task) -> PruneSettings:
         mask=row.mask,
         reconstruct=row.refit,
         refit_curves=row.refit_curves,
+        refit_inputs=task.refit_inputs,
     )
 
 
@@ -347,6 +349,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--levels", type=int, default=None, help="default: 101 digits, 51 others")
     p.add_argument("--metric", default=None, help="rd metric (default mse; kl on recognizer)")
     p.add_argument("--minilm", type=Path, default=ROOT / "models/minilm")
+    p.add_argument(
+        "--refit-inputs",
+        default="sequential",
+        choices=("sequential", "dense"),
+        help="where the refit rows take their Hessians (labels say 'dense Hessians')",
+    )
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "rdbench")
     p.add_argument("--out", type=Path, default=ROOT / "results/bench_pipelines.json")
     p.add_argument("--markdown", type=Path, default=ROOT / "results/bench_pipelines.md")
@@ -366,6 +374,7 @@ def make_task(name: str, args: argparse.Namespace) -> Task:
         raise SystemExit(f"unknown model {name}")
     if args.metric and name != "recognizer":
         task.metric = args.metric
+    task.refit_inputs = args.refit_inputs
     return task
 
 
@@ -409,12 +418,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"=== {name}: dense {saved['dense']}", flush=True)
         for ratio in ratios:
             for row in ours + sims:
-                if (row.label, ratio) in done:
+                label, pipeline = row.label, row.pipeline
+                if row.refit and row.onnxsim is None and task.refit_inputs != "sequential":
+                    label += f" ({task.refit_inputs} Hessians)"
+                    pipeline += f" ({task.refit_inputs} Hessians)"
+                if (label, ratio) in done:
                     continue
                 t = time.perf_counter()
                 entry: dict[str, Any] = {
-                    "label": row.label,
-                    "pipeline": row.pipeline,
+                    "label": label,
+                    "pipeline": pipeline,
                     "method": row.method,
                     "mask": row.mask,
                     "refit": row.refit,
@@ -429,10 +442,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     entry["error"] = f"{type(exc).__name__}: {exc}"
                 entry["wall_s"] = time.perf_counter() - t
                 saved["rows"] = [
-                    r for r in saved["rows"] if (r["label"], r["ratio"]) != (row.label, ratio)
+                    r for r in saved["rows"] if (r["label"], r["ratio"]) != (label, ratio)
                 ] + [entry]
                 print(
-                    f"{name} {ratio:g} {row.label}: "
+                    f"{name} {ratio:g} {label}: "
                     f"{entry.get('scores', entry.get('error'))} ({entry['wall_s']:.1f} s)",
                     flush=True,
                 )
