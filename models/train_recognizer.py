@@ -23,7 +23,7 @@ Outputs (in ``--out``, default: the folder holding this script):
   ``label_length`` (int32). Scored by ``scripts/recognizer_cer.py``.
 * ``recognizer.json``      - seed, sizes, dense CER (onnxruntime), versions, layers.
 
-Run it with the torch virtualenv: ``/work/venv-torch/bin/python models/train_recognizer.py``.
+Run it with the torch virtualenv: ``.venv-torch/bin/python models/train_recognizer.py``.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ case has labels. Wall and CPU seconds, with the load average: the machine is sha
 
 Run with the torch virtualenv and the repository on the path::
 
-    PYTHONPATH=. /work/venv-torch/bin/python scripts/bench_adaptive.py --out /tmp/adaptive.json
+    PYTHONPATH=. .venv-torch/bin/python scripts/bench_adaptive.py --out /tmp/adaptive.json
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@
 rd curves are cached per mask in ``--cache-dir`` (shared by the ratios). Prints a table and
 writes JSON (configuration, versions, load average, every row with its timings).
 
-    .venv/bin/python scripts/bench_masks.py --out /tmp/A/bench_masks.json
-    .venv/bin/python scripts/bench_masks.py --minilm /work/minilm --methods uniform,lamp \\
-        --ratios 0.5,0.7 --out /tmp/A/bench_masks_minilm.json
+    .venv/bin/python scripts/bench_masks.py --out results/bench_masks.json
+    .venv/bin/python scripts/bench_masks.py --minilm models/minilm --methods uniform,lamp \\
+        --ratios 0.5,0.7 --out results/bench_masks_minilm.json
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -83,8 +84,8 @@ def main() -> None:
     )
     parser.add_argument("--reconstruct", action="store_true", help="Refit after masking.")
     parser.add_argument("--minilm", type=Path, help="Folder of the exported MiniLM model.")
-    parser.add_argument("--cache-dir", default="/tmp/A/cache")
-    parser.add_argument("--out", default="/tmp/A/bench_masks.json")
+    parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "rdbench"))
+    parser.add_argument("--out", default=str(ROOT / "results" / "bench_masks.json"))
     args = parser.parse_args()
     model, calib, extra, score = _minilm(args.minilm) if args.minilm else _digits()
     rows = []
