@@ -6,7 +6,8 @@ those counts are then refit with :func:`rdprune_onnx.reconstruct.reconstruct` in
 ways: ``select`` off/on x ``inputs`` sequential/dense, and scored by test accuracy (one
 image = 1/450 = 0.22 points) and output MSE on the test set.
 
-    .venv/bin/python scripts/bench_select_inputs.py --ratios 0.8,0.9,0.95 --json results/select_inputs.json
+    .venv/bin/python scripts/bench_select_inputs.py --ratios 0.8,0.9,0.95 \\
+        --json results/select_inputs.json
 """
 
 from __future__ import annotations
