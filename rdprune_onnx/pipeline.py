@@ -183,39 +183,21 @@ class PruneSettings:
                 f"--ratio must be strictly between 0 and 1, got {self.ratio}",
                 "e.g. --ratio 0.8 zeroes 80% of the prunable weights",
             )
-        if self.method not in METHODS:
-            raise UserError(
-                f"unknown method {self.method!r}", f"choose one of {', '.join(METHODS)}"
-            )
-        if self.metric not in METRICS:
-            raise UserError(
-                f"unknown metric {self.metric!r}", f"choose one of {', '.join(METRICS)}"
-            )
-        if self.mask not in MASKS:
-            raise UserError(f"unknown mask {self.mask!r}", f"choose one of {', '.join(MASKS)}")
-        if self.mask_inputs not in MASK_INPUTS:
-            raise UserError(
-                f"unknown mask inputs {self.mask_inputs!r}",
-                f"choose one of {', '.join(MASK_INPUTS)}",
-            )
-        if self.refit_inputs not in REFIT_INPUTS:
-            raise UserError(
-                f"unknown refit inputs {self.refit_inputs!r}",
-                f"choose one of {', '.join(REFIT_INPUTS)}",
-            )
+        for what, chosen, choices in (
+            ("method", self.method, METHODS),
+            ("metric", self.metric, METRICS),
+            ("mask", self.mask, MASKS),
+            ("mask inputs", self.mask_inputs, MASK_INPUTS),
+            ("refit inputs", self.refit_inputs, REFIT_INPUTS),
+            ("output kind", self.output_kind, OUTPUT_KINDS),
+            ("budget", self.budget, BUDGETS),
+        ):
+            if chosen not in choices:
+                raise UserError(f"unknown {what} {chosen!r}", f"choose one of {', '.join(choices)}")
         if self.select_masks and not self.reconstruct:
             raise UserError(
                 "--mask sparsegpt rewrites the kept weights: it always refits",
                 "keep reconstruct on, or use --mask magnitude / wanda",
-            )
-        if self.output_kind not in OUTPUT_KINDS:
-            raise UserError(
-                f"unknown output kind {self.output_kind!r}",
-                f"choose one of {', '.join(OUTPUT_KINDS)}",
-            )
-        if self.budget not in BUDGETS:
-            raise UserError(
-                f"unknown budget {self.budget!r}", f"choose one of {', '.join(BUDGETS)}"
             )
         grid(self.levels)
         check_grid(self.grid)
