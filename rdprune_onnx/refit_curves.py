@@ -272,7 +272,7 @@ class RefitCandidates:
 # Curves re-measured on the pruned-and-refit model (what the sequential refit applies)
 
 
-class SequentialRefitCandidates:
+class SequentialRefitCandidates(RefitCandidates):
     """Refit-aware curves measured on a pruned-and-refit model ``base`` (a first
     allocation + :func:`rdprune_onnx.reconstruct.reconstruct`), the way the final,
     sequential refit will treat each layer.
@@ -306,22 +306,18 @@ class SequentialRefitCandidates:
         select: bool = False,
         select_refits: bool = True,
     ) -> None:
-        if solver not in SOLVERS:
-            raise UserError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
-        self.typed = infer_types(model)
-        self.graph = _Graph(self.typed)
+        super().__init__(
+            model,
+            data,
+            batch_size=batch_size,
+            config=config,
+            solver=solver,
+            damping=damping,
+            refit_bias=refit_bias,
+            select=select,
+            select_refits=select_refits,
+        )
         self.base = replace_weights(self.typed, base_weights)
-        self.data = data
-        self.batch_size = batch_size
-        self.config = config or SessionConfig()
-        self.solver = solver
-        self.damping = damping
-        self.refit_bias = refit_bias
-        self.select = select
-        self.select_refits = select_refits
-        self.token_mask = token_mask_name(data)
-        self.costs: dict[str, CurveRefitCost] = {}
-        self._lock = threading.Lock()
 
     def __call__(self, layer: Layer, weight: Array) -> LayerCandidates | None:
         plans = _plan_layer(self.graph, layer, self.refit_bias)
