@@ -410,7 +410,8 @@ def plot_result(
     return out
 
 
-def _formats() -> Mapping[str, str]:
+def matplotlib_canvas() -> tuple[Any, Any]:
+    """matplotlib's ``Figure`` and Agg canvas classes, or one line saying how to get them."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -419,7 +420,12 @@ def _formats() -> Mapping[str, str]:
             "plotting needs matplotlib, which is not installed",
             "pip install 'rdprune-onnx[plot]'",
         ) from None
-    formats: Mapping[str, str] = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    return Figure, FigureCanvasAgg
+
+
+def _formats() -> Mapping[str, str]:
+    figure, canvas = matplotlib_canvas()
+    formats: Mapping[str, str] = canvas(figure()).get_supported_filetypes()
     return formats
 
 

@@ -835,6 +835,25 @@ def solve_exact(damped: Array, cross: Array, mask: Array, factors: Factors | Non
     return out
 
 
+def _sweep_block(w: Array, block: Array, upper: Array, i1: int, i2: int, keep: Array) -> None:
+    """One SparseGPT block, in place: columns ``i1:i2`` of ``w`` (r, d) eliminated in order
+    with the upper Cholesky factor of the inverse Hessian, the entries where ``keep`` (r,
+    i2 - i1) is False set to zero and their error spread over the block's later columns,
+    then the block's errors applied to the columns after it at once (the lazy update)."""
+    errors = np.zeros((w.shape[0], i2 - i1))
+    hinv = upper[i1:i2, i1:i2]
+    for i in range(i2 - i1):
+        column = block[:, i]
+        quantised = np.where(keep[:, i], column, 0.0)
+        err = (column - quantised) / hinv[i, i]
+        block[:, i:] -= np.outer(err, hinv[i, i:])
+        block[:, i] = quantised
+        errors[:, i] = err
+    w[:, i1:i2] = block
+    if i2 < w.shape[1]:
+        w[:, i2:] -= errors @ upper[i1:i2, i2:]
+
+
 def solve_sparsegpt(
     damped: Array,
     cross: Array,
@@ -857,18 +876,7 @@ def solve_sparsegpt(
         for i1 in range(0, d, block_size):
             i2 = min(i1 + block_size, d)
             block = w[:, i1:i2].copy()
-            errors = np.zeros((r, i2 - i1))
-            hinv = upper[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                column = block[:, i]
-                quantised = np.where(keep[:, i1 + i], column, 0.0)
-                err = (column - quantised) / hinv[i, i]
-                block[:, i:] -= np.outer(err, hinv[i, i:])
-                block[:, i] = quantised
-                errors[:, i] = err
-            w[:, i1:i2] = block
-            if i2 < d:
-                w[:, i2:] -= errors @ upper[i1:i2, i2:]
+            _sweep_block(w, block, upper, i1, i2, keep[:, i1:i2])
         out[k] = w.T
     out[~mask] = 0.0
     return out
@@ -960,18 +968,7 @@ def solve_sparsegpt_select(
             prune = zero[k, i1:i2].copy()
             prune.reshape(-1)[candidates[order[:quota]]] = True
             keep[k, i1:i2] = ~prune
-            errors = np.zeros((r, i2 - i1))
-            hinv = upper[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                column = block[:, i]
-                quantised = np.where(prune[i], 0.0, column)
-                err = (column - quantised) / hinv[i, i]
-                block[:, i:] -= np.outer(err, hinv[i, i:])
-                block[:, i] = quantised
-                errors[:, i] = err
-            w[:, i1:i2] = block
-            if i2 < d:
-                w[:, i2:] -= errors @ upper[i1:i2, i2:]
+            _sweep_block(w, block, upper, i1, i2, ~prune.T)
         out[k] = w.T
     out[~keep] = 0.0
     return out, keep

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rdprune_onnx.errors import UserError
+from rdprune_onnx.plot import matplotlib_canvas
 
 FIGSIZE = (9.0, 8.0)
 DPI = 110
@@ -40,18 +41,6 @@ def check_plot_format(path: str | os.PathLike[str]) -> None:
         )
 
 
-def _matplotlib() -> tuple[Any, Any]:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError(
-            "plotting needs matplotlib, which is not installed",
-            "pip install 'rdprune-onnx[plot]'",
-        ) from None
-    return Figure, FigureCanvasAgg
-
-
 def plot_sweep(result: Any, path: str | os.PathLike[str], *, force: bool = False) -> Path:
     """Draw a :class:`~rdprune_onnx.sweep.SweepResult` (or its ``to_dict()``) to ``path``."""
     raw: dict[str, Any] = result if isinstance(result, dict) else result.to_dict()
@@ -61,7 +50,7 @@ def plot_sweep(result: Any, path: str | os.PathLike[str], *, force: bool = False
         raise UserError(f"plot folder {str(out.parent)!r} does not exist", "create it first")
     if out.exists() and not force:
         raise UserError(f"plot {str(out)!r} already exists", "pass --force to replace it")
-    figure_cls, canvas_cls = _matplotlib()
+    figure_cls, canvas_cls = matplotlib_canvas()
     fig = figure_cls(figsize=FIGSIZE, dpi=DPI)
     canvas = canvas_cls(fig)
     ax_q, ax_d = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
