@@ -1579,62 +1579,31 @@ def _measure_with_cache(
 ) -> GridResult:
     cache = CurveCache(cache_dir) if cache_dir is not None else None
     with cache.locked(entry) if cache is not None else contextlib.nullcontext():
-        return _measure_locked(
+        done = cache.load(entry) if cache is not None else {}
+        entry.curves.update(done)
+
+        def save(name: str, curve: Curve) -> None:
+            entry.curves[name] = curve
+            if cache is not None:
+                cache.store(entry)
+
+        curves = measure_grid(
             model,
             layers,
             reference,
-            settings,
-            config,
-            entry,
-            cache,
-            progress,
-            needs,
+            needs.specs,
+            levels=settings.levels,
+            kind=settings.grid,
+            targets=needs.targets,
+            options=needs.options,
+            done=_usable(done, settings.levels),
+            on_curve=save,
+            progress=progress,
+            metric=metric or settings.metric,
+            config=config,
             candidates=candidates,
-            timings=timings,
-            metric=metric,
+            mask_order=needs.order,
         )
-
-
-def _measure_locked(
-    model: onnx.ModelProto,
-    layers: Sequence[Layer],
-    reference: Reference,
-    settings: PruneSettings,
-    config: SessionConfig,
-    entry: CurveFile,
-    cache: CurveCache | None,
-    progress: bool,
-    needs: CurveNeeds,
-    *,
-    candidates: RefitCandidates | None = None,
-    timings: dict[str, float] | None = None,
-    metric: str | None = None,
-) -> GridResult:
-    done = cache.load(entry) if cache is not None else {}
-    entry.curves.update(done)
-
-    def save(name: str, curve: Curve) -> None:
-        entry.curves[name] = curve
-        if cache is not None:
-            cache.store(entry)
-
-    curves = measure_grid(
-        model,
-        layers,
-        reference,
-        needs.specs,
-        levels=settings.levels,
-        kind=settings.grid,
-        targets=needs.targets,
-        options=needs.options,
-        done=_usable(done, settings.levels),
-        on_curve=save,
-        progress=progress,
-        metric=metric or settings.metric,
-        config=config,
-        candidates=candidates,
-        mask_order=needs.order,
-    )
     if candidates is not None and candidates.costs:
         cost = candidates.summary()
         log.info("refit-aware curves: %s", cost)
