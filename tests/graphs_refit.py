@@ -1,14 +1,23 @@
-"""Small ONNX graphs for the weight-reconstruction tests (layer forms tests/graphs.py lacks)."""
+"""Small ONNX graphs for the weight-reconstruction tests (layer forms tests/graphs.py lacks),
+and the cases the reconstruct, refit-curve and SparseGPT-selection tests share: each graph
+with calibration data and the tensor each layer's error is measured on."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from rdprune_onnx.curves import infer_types
+from rdprune_onnx.graph.cut import with_outputs
+from rdprune_onnx.graph.layers import find_layers, read_weight
+from rdprune_onnx.graph.surgery import replace_weights
+from rdprune_onnx.masks import apply_mask, prune_count
+from rdprune_onnx.runtime import Session
+from tests import graphs
 from tests.graphs import _model, init
 
 
@@ -182,3 +191,75 @@ def token_mlp(
         [init("w1", w1), init("b1", b1), init("w2", w2)],
     )
     return _model(graph)
+
+
+# --------------------------------------------------------------------------------------
+# Cases shared by test_reconstruct, test_refit_curves and test_sparsegpt_select
+
+Data = dict[str, np.ndarray]
+
+
+def normal(*shape: int, seed: int = 1, dtype: type = np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def _cnn() -> tuple[onnx.ModelProto, Data]:
+    return graphs.cnn(), {"x": normal(128, 3, 8, 8)}
+
+
+def _residual() -> tuple[onnx.ModelProto, Data]:
+    return graphs.residual(), {"x": normal(96, 8)}
+
+
+def _attention() -> tuple[onnx.ModelProto, Data]:
+    return graphs.attention(), {"x": normal(24, 6, 8)}  # (batch, seq, hidden)
+
+
+def _conv_stack() -> tuple[onnx.ModelProto, Data]:
+    return conv_stack(), {"x": normal(48, 4, 9, 9)}
+
+
+def _gemm_bias() -> tuple[onnx.ModelProto, Data]:
+    return gemm_bias(), {"x": normal(96, 12)}
+
+
+def _mlp_forms() -> tuple[onnx.ModelProto, Data]:
+    return graphs.mlp_forms(), {"x": normal(64, 4), "cond": np.array(True)}
+
+
+# For each graph: the tensor each layer's error is measured on (its node's output, or the
+# Add after a MatMul whose bias is refit with it).
+CASES: dict[str, tuple[Callable[[], tuple[onnx.ModelProto, Data]], dict[str, str]]] = {
+    "cnn": (_cnn, {"w1": "c1", "w2": "c2", "w3": "g", "w4": "y"}),
+    "residual": (_residual, {"wa": "a", "wb": "b", "wc": "c", "wd": "y"}),
+    "attention": (_attention, {"wq": "q0", "wk": "k0", "wv": "v0", "wo": "attn"}),
+    "conv_stack": (_conv_stack, {"w1": "c1", "w2": "c2"}),
+    "gemm_bias": (_gemm_bias, {"w1": "g", "w2": "y"}),
+    "mlp_forms": (_mlp_forms, {"w_left": "h0T", "w_const": "h1", "w_gemm": "h4"}),
+}
+
+
+def masked_weight(weight: np.ndarray, ratio: float) -> np.ndarray:
+    """``weight`` with the fraction ``ratio`` of its smallest magnitudes zeroed."""
+    return apply_mask(weight, prune_count(ratio, weight.size))
+
+
+def masked_layers(model: onnx.ModelProto, ratio: float) -> dict[str, np.ndarray]:
+    """Every layer of ``model`` masked by magnitude at ``ratio``."""
+    return {
+        layer.name: apply_mask(read_weight(model, layer.name), prune_count(ratio, layer.size))
+        for layer in find_layers(model).layers
+    }
+
+
+def run(model: onnx.ModelProto, data: Data, names: list[str]) -> list[np.ndarray]:
+    """The named tensors of ``model`` (any intermediate) on ``data``."""
+    return Session(with_outputs(infer_types(model), names)).run(data, names)
+
+
+def output_mse(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], data: Data) -> float:
+    """MSE of the first output with ``weights`` swapped in, against the model as it is."""
+    names = [o.name for o in model.graph.output][:1]
+    dense = run(model, data, names)[0].astype(np.float64)
+    other = run(replace_weights(model, weights), data, names)[0].astype(np.float64)
+    return float(np.mean((dense - other) ** 2))

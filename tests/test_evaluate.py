@@ -12,44 +12,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import FileEvaluation, evaluate_files
 from rdprune_onnx.report import to_json
 from tests import graphs
-
-# The hand case: y = (x @ W1) @ W2 with W2 the identity, four samples, two classes.
-W1 = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
-W1_PRUNED = np.array([[1.0, 2.0], [3.0, 0.0]], np.float32)  # one weight of four zeroed
-W2 = np.eye(2, dtype=np.float32)  # already half zeros in both files
-X = np.array([[1, 0], [0, 1], [1, 1], [2, 1]], np.float32)
-LABELS = np.array([1, 0, 0, 1], np.int64)
-
-
-def two_matmuls(
-    w1: np.ndarray, w2: np.ndarray, *, batch: int | str = "N", w1_name: str = "w1"
-) -> onnx.ModelProto:
-    k = w1.shape[0]
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", w1_name], ["h"], name="mm1"),
-            helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2"),
-        ],
-        "two_matmuls",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, w2.shape[1]])],
-        [numpy_helper.from_array(w1, w1_name), numpy_helper.from_array(w2, "w2")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
-def save(model: onnx.ModelProto, path: Path) -> Path:
-    onnx.save_model(model, str(path))
-    return path
+from tests.graphs_eval import LABELS, W1, W1_PRUNED, W2, X, save, two_matmuls
 
 
 @pytest.fixture

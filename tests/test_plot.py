@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import struct
 import sys
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import onnx
 import pytest
 
@@ -17,39 +13,9 @@ from rdprune_onnx.errors import UserError
 from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings, prune
 from rdprune_onnx.plot import DPI, FIGSIZE, distinct_parts, plot_result, read_report, short_name
 from tests import graphs
+from tests.graphs_eval import needs_matplotlib, png_size, report
 
-needs_matplotlib = pytest.mark.skipif(
-    importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed"
-)
 pytestmark = needs_matplotlib
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    head = path.read_bytes()[:24]
-    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
-    width, height = struct.unpack(">II", head[16:24])
-    return width, height
-
-
-def report(n: int, *, curves: bool = True, seed: int = 0) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
-    ratios = np.linspace(0.0, 1.0, 11)
-    layers, curve_map = [], {}
-    for i in range(n):
-        name = f"/encoder/layer.{i}/attention/output/dense/MatMul_weight"
-        distortion = (10.0 ** rng.uniform(-6, -1)) * ratios**2
-        ratio = float(rng.uniform(0.2, 0.95))
-        layers.append(
-            {"name": name, "size": int(rng.integers(100, 10**6)), "ratio": ratio, "predicted": 0.1}
-        )
-        curve_map[name] = {"ratios": ratios.tolist(), "distortion": distortion.tolist()}
-    return {
-        "layers": layers,
-        "curves": curve_map if curves else None,
-        "target_ratio": 0.7,
-        "achieved_ratio": 0.7,
-        "settings": {"method": "rd" if curves else "uniform", "metric": "mse"},
-    }
 
 
 @pytest.mark.parametrize("n", [1, 5, 54])

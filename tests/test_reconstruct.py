@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -10,11 +10,9 @@ import onnx
 import pytest
 
 from rdprune_onnx import reconstruct as reconstruct_module
-from rdprune_onnx.curves import infer_types
-from rdprune_onnx.graph.cut import with_outputs
 from rdprune_onnx.graph.layers import find_layers, read_weight
 from rdprune_onnx.graph.surgery import replace_weights
-from rdprune_onnx.masks import apply_mask, prune_count
+from rdprune_onnx.masks import prune_count
 from rdprune_onnx.reconstruct import (
     Reconstruction,
     choose_solver,
@@ -26,66 +24,11 @@ from rdprune_onnx.reconstruct import (
 )
 from rdprune_onnx.runtime import Session
 from tests import graphs, graphs_refit
-
-Data = dict[str, np.ndarray]
-
-
-def _normal(*shape: int, seed: int = 1, dtype: type = np.float32) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
-
-
-def _cnn() -> tuple[onnx.ModelProto, Data]:
-    return graphs.cnn(), {"x": _normal(128, 3, 8, 8)}
-
-
-def _residual() -> tuple[onnx.ModelProto, Data]:
-    return graphs.residual(), {"x": _normal(96, 8)}
-
-
-def _attention() -> tuple[onnx.ModelProto, Data]:
-    return graphs.attention(), {"x": _normal(24, 6, 8)}  # (batch, seq, hidden)
-
-
-def _conv_stack() -> tuple[onnx.ModelProto, Data]:
-    return graphs_refit.conv_stack(), {"x": _normal(48, 4, 9, 9)}
-
-
-def _gemm_bias() -> tuple[onnx.ModelProto, Data]:
-    return graphs_refit.gemm_bias(), {"x": _normal(96, 12)}
-
-
-def _mlp_forms() -> tuple[onnx.ModelProto, Data]:
-    return graphs.mlp_forms(), {"x": _normal(64, 4), "cond": np.array(True)}
-
-
-# For each graph: the tensor each layer's error is measured on (its node's output, or the
-# Add after a MatMul whose bias is refit with it).
-CASES: dict[str, tuple[Callable[[], tuple[onnx.ModelProto, Data]], dict[str, str]]] = {
-    "cnn": (_cnn, {"w1": "c1", "w2": "c2", "w3": "g", "w4": "y"}),
-    "residual": (_residual, {"wa": "a", "wb": "b", "wc": "c", "wd": "y"}),
-    "attention": (_attention, {"wq": "q0", "wk": "k0", "wv": "v0", "wo": "attn"}),
-    "conv_stack": (_conv_stack, {"w1": "c1", "w2": "c2"}),
-    "gemm_bias": (_gemm_bias, {"w1": "g", "w2": "y"}),
-    "mlp_forms": (_mlp_forms, {"w_left": "h0T", "w_const": "h1", "w_gemm": "h4"}),
-}
-
-
-def _masked(model: onnx.ModelProto, ratio: float) -> dict[str, np.ndarray]:
-    return {
-        layer.name: apply_mask(read_weight(model, layer.name), prune_count(ratio, layer.size))
-        for layer in find_layers(model).layers
-    }
-
-
-def _run(model: onnx.ModelProto, data: Data, names: list[str]) -> list[np.ndarray]:
-    return Session(with_outputs(infer_types(model), names)).run(data, names)
-
-
-def _output_mse(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], data: Data) -> float:
-    names = [o.name for o in model.graph.output][:1]
-    dense = _run(model, data, names)[0].astype(np.float64)
-    other = _run(replace_weights(model, weights), data, names)[0].astype(np.float64)
-    return float(np.mean((dense - other) ** 2))
+from tests.graphs_refit import CASES, Data
+from tests.graphs_refit import masked_layers as _masked
+from tests.graphs_refit import normal as _normal
+from tests.graphs_refit import output_mse as _output_mse
+from tests.graphs_refit import run as _run
 
 
 def _refit(case: str, ratio: float, **kwargs: Any) -> tuple[Reconstruction, Data, Data]:
@@ -243,7 +186,7 @@ def test_pruned_positions_stay_zero(case: str) -> None:
 
 
 def test_unchanged_layer_is_returned_as_is() -> None:
-    model, data = _cnn()
+    model, data = CASES["cnn"][0]()
     pruned = _masked(model, 0.6)
     dense_w2 = read_weight(model, "w2")
     pruned["w2"] = dense_w2.copy()  # nothing pruned in w2
@@ -283,7 +226,7 @@ def test_attention_matmuls_on_3d_activations() -> None:
 
 
 def test_gemm_trans_b_alpha_beta_and_matmul_add_bias() -> None:
-    model, data = _gemm_bias()
+    model, data = CASES["gemm_bias"][0]()
     pruned = _masked(model, 0.6)
     rec = reconstruct(model, pruned, find_layers(model).layers, data)
     info = {r.name: r for r in rec.layers}
@@ -385,7 +328,7 @@ def test_solver_rule() -> None:
     assert choose_solver(rng.random((64, 10, 1)) < 0.5) == "exact"  # depthwise 3x3
     assert choose_solver(rng.random((1, 4609, 512)) < 0.5) == "sparsegpt"  # 3x3x512 conv
     with pytest.raises(Exception, match="unknown solver"):
-        model, data = _residual()
+        model, data = CASES["residual"][0]()
         reconstruct(model, _masked(model, 0.5), find_layers(model).layers, data, solver="x")
 
 

@@ -15,23 +15,22 @@ from click.testing import CliRunner
 from rdprune_onnx.curves import grid, measure_curves, run_reference
 from rdprune_onnx.graph.layers import find_layers, read_weight
 from rdprune_onnx.graph.surgery import replace_weights
-from rdprune_onnx.masks import apply_mask, prune_count
+from rdprune_onnx.masks import prune_count
 from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings, curve_entry, prune
 from rdprune_onnx.refit_curves import RefitCandidates
 from rdprune_onnx.runtime import SessionConfig
 from rdprune_onnx_cli.main import cli
 from tests import graphs
-from tests.test_reconstruct import CASES, _normal, _run
+from tests.graphs_refit import CASES
+from tests.graphs_refit import masked_weight as _masked
+from tests.graphs_refit import normal as _normal
+from tests.graphs_refit import run as _run
 
 Data = dict[str, np.ndarray]
 
 
 def _mse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-
-
-def _masked(weight: np.ndarray, ratio: float) -> np.ndarray:
-    return apply_mask(weight, prune_count(ratio, weight.size))
 
 
 # --------------------------------------------------------------------------------------

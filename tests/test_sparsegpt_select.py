@@ -29,8 +29,9 @@ from rdprune_onnx.refit_curves import (
 )
 from rdprune_onnx.runtime import Session, SessionConfig
 from tests import graphs_refit
-from tests.test_reconstruct import CASES, _masked, _output_mse
-from tests.test_refit_curves import _masked as masked_weight
+from tests.graphs_refit import CASES, masked_weight
+from tests.graphs_refit import masked_layers as _masked
+from tests.graphs_refit import output_mse as _output_mse
 
 
 def _quotas_reference(eligible: list[int], count: int) -> list[int]:

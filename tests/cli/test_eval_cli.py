@@ -11,8 +11,18 @@ from click.testing import CliRunner
 
 from rdprune_onnx_cli.eval_cmd import eval_command, plot_command
 from rdprune_onnx_cli.main import _Group
-from tests.test_evaluate import LABELS, W1, W1_PRUNED, W2, X, save, two_matmuls
-from tests.test_plot import needs_matplotlib, png_size, report
+from tests.graphs_eval import (
+    LABELS,
+    W1,
+    W1_PRUNED,
+    W2,
+    X,
+    needs_matplotlib,
+    png_size,
+    report,
+    save,
+    two_matmuls,
+)
 
 # The commands as the lead registers them: on a group that turns UserError into exit 1.
 group = _Group(name="rdprune-onnx", commands=[eval_command, plot_command])
