@@ -17,15 +17,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rdprune_onnx.allocate import AllocationProblem, LayerSpec, get_allocator
-from rdprune_onnx.cache import model_fingerprint
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph import load
 from rdprune_onnx.graph.external import is_lazy, tensor_array
 from rdprune_onnx.graph.layers import find_layers
 from rdprune_onnx.graph.load import iter_all_tensors, read_model
 from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings, prune
-from rdprune_onnx.runtime import Session
 from tests import graphs
+from tests.graphs_external import typed_model
 
 
 @pytest.fixture(autouse=True)
@@ -40,40 +39,6 @@ def _save(model: onnx.ModelProto, folder: Path, name: str = "m.onnx") -> Path:
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _typed_model() -> onnx.ModelProto:
-    """Initializers of several element types, each read back through an Identity."""
-    rng = np.random.default_rng(0)
-    arrays = {
-        "f32": rng.normal(size=(3, 5)).astype(np.float32),
-        "f16": rng.normal(size=(4, 2)).astype(np.float16),
-        "i64": rng.integers(-9, 9, size=(6,)).astype(np.int64),
-        "u8": rng.integers(0, 255, size=(2, 3)).astype(np.uint8),
-    }
-    inits = [numpy_helper.from_array(a, n) for n, a in arrays.items()]
-    halves = (np.float32([1.5, -2.0, 0.25]).view(np.uint32) >> 16).astype("<u2")
-    bf16 = helper.make_tensor("bf16", TensorProto.BFLOAT16, [3], halves.tobytes(), raw=True)
-    inits.append(bf16)
-    nodes = [helper.make_node("Identity", [n], [n + "_out"]) for n in [*arrays, "bf16"]]
-    outputs = [
-        helper.make_tensor_value_info(t.name + "_out", t.data_type, list(t.dims)) for t in inits
-    ]
-    graph = helper.make_graph(nodes, "typed", [], outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def test_lazy_tensors_read_back_exactly(tmp_path: Path) -> None:
-    model = _typed_model()
-    lazy, external = read_model(_save(model, tmp_path))
-    assert external
-    tensors = {t.name: t for t in iter_all_tensors(lazy)}
-    for original in model.graph.initializer:
-        assert is_lazy(tensors[original.name])
-        expected = numpy_helper.to_array(original)
-        got = tensor_array(tensors[original.name])
-        assert got.dtype == expected.dtype
-        np.testing.assert_array_equal(got, expected)
 
 
 def test_lazy_model_is_small_in_memory(tmp_path: Path) -> None:
@@ -91,16 +56,9 @@ def test_small_tensors_are_read_in_above_the_threshold(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(load, "LAZY_MIN_BYTES", 50)
-    lazy, _ = read_model(_save(_typed_model(), tmp_path))
+    lazy, _ = read_model(_save(typed_model(), tmp_path))
     lazy_names = {t.name for t in iter_all_tensors(lazy) if is_lazy(t)}
     assert lazy_names == {"f32"}  # only the 3x5 float32 (60 bytes) reaches 50 bytes
-
-
-def test_fingerprint_does_not_depend_on_storage(tmp_path: Path) -> None:
-    model = graphs.cnn()
-    lazy, _ = read_model(_save(model, tmp_path))
-    assert any(is_lazy(t) for t in iter_all_tensors(lazy))
-    assert model_fingerprint(lazy) == model_fingerprint(model)
 
 
 def test_truncated_data_is_refused(tmp_path: Path) -> None:
@@ -109,27 +67,6 @@ def test_truncated_data_is_refused(tmp_path: Path) -> None:
     data.write_bytes(data.read_bytes()[:-16])
     with pytest.raises(UserError, match="missing or truncated"):
         read_model(path, check=False)
-
-
-@pytest.mark.parametrize("make", [graphs.cnn, graphs.attention, graphs.loop_model])
-def test_session_on_lazy_model_matches_inline(tmp_path: Path, make: object) -> None:
-    assert callable(make)
-    model = make()
-    lazy, _ = read_model(_save(model, tmp_path), check=False)
-    feeds = {
-        i.name: np.random.default_rng(2)
-        .normal(size=[d.dim_value or 2 for d in i.type.tensor_type.shape.dim])
-        .astype(np.float32)
-        for i in model.graph.input
-        if i.name not in {t.name for t in model.graph.initializer}
-    }
-    expected = Session(model).run(feeds)
-    got = Session(lazy).run(feeds)
-    for a, b in zip(expected, got, strict=True):
-        np.testing.assert_array_equal(a, b)
-    via_file = Session(lazy, path=tmp_path / "m.onnx").run(feeds)
-    for a, b in zip(expected, via_file, strict=True):
-        np.testing.assert_array_equal(a, b)
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from pathlib import Path
 
 import onnx
 import pytest
 
 from rdprune_onnx import curves as curves_module
-from rdprune_onnx.cache import CurveCache, CurveFile
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings, allocate, measure, prune
 from tests import graphs
@@ -118,25 +116,3 @@ def test_concurrent_runs_measure_each_layer_once(
     assert sorted(counter.names) == ["w1", "w2", "w3", "w4"]
     assert len({(tmp_path / f"{i}.onnx").read_bytes() for i in range(3)}) == 1
     json.loads(_entry_file(cache).read_text())  # never corrupt
-
-
-def test_the_lock_is_per_entry(tmp_path: Path) -> None:
-    cache = CurveCache(tmp_path)
-    a = CurveFile("m1", "d", {}, {})
-    b = CurveFile("m2", "d", {}, {})
-    order: list[str] = []
-    with cache.locked(a):
-
-        def other(entry: CurveFile, label: str) -> None:
-            with cache.locked(entry):
-                order.append(label)
-
-        same = threading.Thread(target=other, args=(a, "same"))
-        different = threading.Thread(target=other, args=(b, "different"))
-        same.start()
-        different.start()
-        different.join(timeout=10)
-        time.sleep(0.2)
-        order.append("released")
-    same.join(timeout=10)
-    assert order == ["different", "released", "same"]

@@ -11,14 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
 
 import rdprune_onnx.pipeline
-from rdprune_onnx import runtime
-from rdprune_onnx.errors import InternalError, UserError
 from rdprune_onnx_cli.main import cli
 from tests import graphs
 from tests.graphs_safety import slow
@@ -84,32 +81,6 @@ def test_signal_stops_within_seconds_and_keeps_finished_layers(
     assert set(kept) <= set(json.loads(entry.read_text())["curves"])
     assert not (tmp_path / "c.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "m.onnx"]
-
-
-def test_terminate_stops_new_runs_then_allows_them_again() -> None:
-    session = runtime.Session(graphs.cnn())
-    x = {"x": np.zeros((1, 3, 8, 8), np.float32)}
-    runtime.terminate_runs()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            session.run(x)
-    finally:
-        runtime.reset_terminate()
-    assert session.run(x)[0].shape[0] == 1
-
-
-def _broken() -> onnx.ModelProto:
-    """A graph ONNX Runtime refuses to load (an operator that does not exist)."""
-    model = graphs.cnn()
-    model.graph.node[0].op_type = "NoSuchOperator"
-    return model
-
-
-def test_runtime_failures_are_internal_unless_on_the_users_model() -> None:
-    with pytest.raises(InternalError):
-        runtime.Session(_broken())
-    with pytest.raises(UserError, match="the user model"), runtime.user_model("the user model"):
-        runtime.Session(_broken())
 
 
 def test_internal_error_is_one_line_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
