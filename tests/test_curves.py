@@ -7,15 +7,13 @@ import pytest
 from rdprune_onnx.calibration import model_inputs, synthesize
 from rdprune_onnx.curves import (
     grid,
-    infer_types,
     measure_curves,
     measure_distortion,
     run_reference,
 )
 from rdprune_onnx.errors import UserError
-from rdprune_onnx.graph.cut import downstream
 from rdprune_onnx.graph.layers import find_layers, read_weight
-from rdprune_onnx.graph.surgery import expose_as_inputs, replace_weights
+from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.masks import apply_mask, prune_count
 from rdprune_onnx.runtime import Session, SessionConfig
 from tests import graphs
@@ -58,36 +56,6 @@ def test_curves_equal_full_model_runs(build, metric: str, engine: str) -> None: 
             assert got == pytest.approx(expected, rel=1e-4, abs=1e-9), (layer.name, ratio)
         assert curves[layer.name].distortion[0] == pytest.approx(0.0, abs=1e-9)
         assert curves[layer.name].distortion[-1] > 0
-
-
-@pytest.mark.parametrize(
-    ("build", "cut_layers"),
-    [
-        (graphs.cnn, {"w1", "w2", "w3", "w4"}),
-        (graphs.residual, {"wa", "wb", "wc", "wd"}),
-        (graphs.attention, {"wq", "wk", "wv", "wo"}),
-        (graphs.mlp_forms, {"w_left", "w_const", "w_shared", "w_gemm"}),  # not w_if
-    ],
-)
-def test_downstream_cut_is_used(build, cut_layers: set[str]) -> None:  # type: ignore[no-untyped-def]
-    model = build()
-    typed = infer_types(model)
-    got = set()
-    for layer in find_layers(model).layers:
-        cut = downstream(expose_as_inputs(typed, [layer.name]), layer.name)
-        if cut is not None:
-            got.add(layer.name)
-            assert layer.name not in cut.crossing
-    assert got == cut_layers
-
-
-def test_downstream_crossing_includes_skip_input() -> None:
-    typed = infer_types(graphs.residual())
-    cut = downstream(expose_as_inputs(typed, ["wb"]), "wb")
-    assert cut is not None
-    assert set(cut.crossing) == {"ar", "c", "x"} or set(cut.crossing) == {"ar", "ct", "x"}
-    assert cut.outputs == ["y"]  # "ar" is upstream of wb: not affected
-    assert {n.name for n in cut.model.graph.node if n.name} == {"mm_b", "mm_d"}
 
 
 def test_curves_resume_from_done() -> None:

@@ -21,9 +21,9 @@ from rdprune_onnx.curves import (
     run_reference,
     worker_layout,
 )
-from rdprune_onnx.graph.cut import build_cut, downstream
+from rdprune_onnx.graph.cut import downstream
 from rdprune_onnx.graph.layers import Layer, find_layers, read_weight
-from rdprune_onnx.graph.surgery import expose_as_inputs, replace_weights
+from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.masks import apply_mask, prune_count
 from rdprune_onnx.runtime import Session, SessionConfig
 from tests import graphs
@@ -235,34 +235,6 @@ def test_worker_layout() -> None:
     assert (count, config.intra_op_threads) == (1, 8)
     count, config = worker_layout(SessionConfig(provider="cuda", intra_op_threads=8))
     assert count == 1
-
-
-def test_cut_takes_initializer_and_constant_weights_directly() -> None:
-    """No expose_as_inputs copy needed: the cut of a constant equals the exposed one."""
-    for build, name in ((graphs.cnn, "w2"), (graphs.mlp_forms, "w_const")):
-        typed = infer_types(build())
-        direct = downstream(typed, name)
-        exposed = downstream(expose_as_inputs(typed, [name]), name)
-        assert direct is not None and exposed is not None
-        assert direct.model is not None and exposed.model is not None
-        assert direct.crossing == exposed.crossing and direct.outputs == exposed.outputs
-        assert [i.name for i in direct.model.graph.input][-1] == name
-        assert name not in {t.name for t in direct.model.graph.initializer}
-        assert not any(name in n.output for n in direct.model.graph.node)
-        planned = downstream(typed, name, build=False)
-        assert planned is not None and planned.model is None
-        rebuilt = build_cut(typed, planned)
-        assert rebuilt.SerializeToString() == direct.model.SerializeToString()
-
-
-def test_cut_of_several_weights_is_the_union() -> None:
-    typed = infer_types(graphs.residual())
-    both = downstream(typed, ["wb", "wc"])
-    assert both is not None and both.model is not None
-    assert both.weights == ["wb", "wc"]
-    kept = {n.name for n in both.model.graph.node if n.name}
-    assert {"mm_b", "mm_d"} <= kept and "mm_a" not in kept
-    assert "ar" in both.crossing
 
 
 def _bias_factory(scale: float, seen: list[str]):  # type: ignore[no-untyped-def]
