@@ -17,7 +17,9 @@ def _default(obj: Any) -> Any:
         return obj.tolist()
     if hasattr(obj, "item"):
         return obj.item()
-    if isinstance(obj, tuple | set):
+    if isinstance(obj, set | frozenset):  # sorted: equal sets give the same bytes
+        return sorted(obj, key=lambda v: (type(v).__name__, str(v)))
+    if isinstance(obj, tuple):
         return list(obj)
     return str(obj)
 
