@@ -12,11 +12,13 @@ from rdprune_onnx.cache import default_cache_dir
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.quality import QUALITY_METRICS
 from rdprune_onnx.search import QualityTarget
+from rdprune_onnx.settings import EvalSpec
 from rdprune_onnx.sweep import SweepResult, parse_methods, parse_ratio_grid, sweep
 
 from .options import (
     allocation_options,
     build_calibration,
+    build_evaluation,
     build_settings,
     calibration_options,
     mask_options,
@@ -78,7 +80,9 @@ def target_options(func: F) -> F:
     return func
 
 
-def build_target(kwargs: dict[str, Any], ratio: float | None) -> QualityTarget | None:
+def build_target(
+    kwargs: dict[str, Any], ratio: float | None, evaluation: EvalSpec
+) -> QualityTarget | None:
     """Pop the target options; refuse the combinations that make no sense, in one line."""
     max_drop = kwargs.pop("max_drop")
     max_distortion = kwargs.pop("max_distortion")
@@ -110,7 +114,7 @@ def build_target(kwargs: dict[str, Any], ratio: float | None) -> QualityTarget |
         raise UserError(
             "--max-drop and --max-distortion are alternatives", "give one quality target"
         )
-    if max_drop is not None and kwargs.get("eval_data") is None:
+    if max_drop is not None and evaluation.data is None:
         raise UserError(
             "--max-drop needs held-out data to measure the drop on",
             "pass --eval-data FILE.npz (and --labels KEY for accuracy)",
@@ -252,8 +256,7 @@ def sweep_command(model: str, **kwargs: Any) -> None:
         model,
         settings,
         calibration,
-        eval_data=kwargs.pop("eval_data"),
-        labels=kwargs.pop("labels"),
+        evaluation=build_evaluation(kwargs),
         metric=kwargs.pop("quality_metric"),
         ratios=ratios,
         methods=methods,

@@ -24,33 +24,32 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
 from rdprune_onnx.allocate.dual import allocate_within
 from rdprune_onnx.errors import InfeasibleError, UserError
-from rdprune_onnx.export import compact_weights
-from rdprune_onnx.graph.layers import read_weight
-from rdprune_onnx.graph.load import save_model
-from rdprune_onnx.pipeline import (
-    CalibrationSpec,
-    PruneResult,
-    PruneSettings,
-    _check_outputs,
-    _check_storage,
-    _layer_specs,
-    default_output,
-)
+from rdprune_onnx.job import check_outputs, layer_specs
 from rdprune_onnx.probe import Probed, Prober, with_ratio
 from rdprune_onnx.quality import QualityMetric, metric_name
-from rdprune_onnx.report import write_json
-from rdprune_onnx.weights import ModelWeights
+from rdprune_onnx.result import PruneResult
+from rdprune_onnx.settings import (
+    CalibrationSpec,
+    EvalSpec,
+    OutputSpec,
+    PruneSettings,
+    resolve_specs,
+)
+from rdprune_onnx.stages import write_pruned, write_report
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from rdprune_onnx.settings import SpecOptions
 
 log = logging.getLogger(__name__)
 
@@ -232,41 +231,38 @@ def prune_to_target(
     calibration: CalibrationSpec,
     target: QualityTarget,
     *,
-    output: str | os.PathLike[str] | None = None,
-    write: bool = True,
-    force: bool = False,
-    report: str | os.PathLike[str] | None = None,
-    eval_data: str | os.PathLike[str] | None = None,
-    labels: str | None = None,
+    output: OutputSpec | str | os.PathLike[str] | None = None,
+    evaluation: EvalSpec | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-    storage: str = "dense",
     progress: bool = False,
+    **options: Unpack[SpecOptions],
 ) -> PruneResult:
     """Prune ``model_path`` to the highest ratio that meets ``target``; write only that model.
 
     ``settings.ratio`` is ignored (the search chooses it). The result's ``search`` lists every
-    probe; its ``evaluation`` is the chosen model's on ``eval_data``.
+    probe; its ``evaluation`` is the chosen model's on ``evaluation`` (held-out data). The
+    outputs and the flat keywords are :func:`rdprune_onnx.pipeline.prune`'s.
     """
+    out, evaluation = resolve_specs(output, evaluation, options)
     target.check()
     settings = with_ratio(settings, target.low)
     settings.check()
-    _check_storage(storage)
-    if target.max_drop is not None and eval_data is None:
+    out.check()
+    if target.max_drop is not None and evaluation.data is None:
         raise UserError(
             "--max-drop needs held-out data to measure the drop on",
             "pass --eval-data FILE.npz (and --labels KEY for accuracy)",
         )
-    out_path = Path(output) if output is not None else default_output(model_path)
-    _check_outputs(model_path, [out_path] if write else [], report, force)
-    for given in (eval_data, calibration.data):
-        if given is not None and write and Path(given).resolve() == out_path.resolve():
-            raise UserError("refusing to overwrite an input file", "choose another -o")
+    check_outputs(
+        model_path,
+        out,
+        inputs={"calibration data": calibration.data, "evaluation data": evaluation.data},
+    )
     prober = Prober(
         model_path,
         settings,
         calibration,
-        eval_data=eval_data,
-        labels=labels,
+        evaluation=evaluation,
         metric=target.metric,
         need_curves=settings.method == "rd",
         cache_dir=cache_dir,
@@ -307,18 +303,9 @@ def prune_to_target(
     probed = kept.at(chosen.ratio)
     if probed is not None and probed.result.model is not None:
         # The chosen probe's model is in memory: write it (the bytes prune --ratio writes).
-        result = probed.result
-        if write:
-            t = time.perf_counter()
-            _write(prober, result, out_path, force=force, storage=storage)
-            result.timings["write"] = time.perf_counter() - t
+        result = write_pruned(prober.job, probed.result, probed.result.model, out)
     else:  # a lazy model (weights on disk): prune the chosen ratio again, writing it
-        result = prober.prune(
-            with_ratio(settings, chosen.ratio),
-            output=out_path if write else None,
-            force=force,
-            storage=storage,
-        ).result
+        result = prober.prune(with_ratio(settings, chosen.ratio), out).result
     result.search = {
         "criterion": criterion,
         "limit": limit,
@@ -337,15 +324,7 @@ def prune_to_target(
         "once_s": prober.timings,
         **extra,
     }
-    if report is not None:
-        try:
-            write_json(result.to_dict(), report, force=force)
-        except BaseException:
-            # All or nothing, as in prune: no model without its report.
-            if result.output is not None:
-                Path(result.output).unlink(missing_ok=True)
-            raise
-    return result
+    return write_report(prober.job, result, out)
 
 
 class _Kept:
@@ -367,19 +346,6 @@ class _Kept:
 
     def at(self, ratio: float) -> Probed | None:
         return self.probed if self.ratio == ratio else None
-
-
-def _write(prober: Prober, result: PruneResult, output: Path, *, force: bool, storage: str) -> None:
-    """Write a probe's in-memory model as ``prune`` writes it."""
-    job = prober.job
-    assert result.model is not None
-    to_write = result.model
-    if storage == "compact":
-        to_write = compact_weights(result.model, [layer.name for layer in job.layers])
-    save_model(
-        to_write, output, external_data=job.had_external or None, force=force, protect=(job.path,)
-    )
-    result.output = str(output)
 
 
 def _search_drop(
@@ -418,13 +384,7 @@ def _search_distortion(
     if settings.method != "rd":
         return bisect_ratio(check, target.low, target.high, target.resolution), {}
     assert prober.curves is not None
-    names = [layer.name for layer in job.layers]
-    weights = (
-        ModelWeights(job.model, names)
-        if job.lazy
-        else {name: read_weight(job.model, name) for name in names}
-    )
-    specs = _layer_specs(job, settings, weights)
+    specs = layer_specs(job, settings, job.dense_weights())
     dual = allocate_within(
         specs, prober.curves, limit, allow_layer_removal=settings.allow_layer_removal
     )

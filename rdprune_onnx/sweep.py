@@ -20,18 +20,25 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from rdprune_onnx.allocate import METHODS
 from rdprune_onnx.cache import data_fingerprint, model_fingerprint
 from rdprune_onnx.errors import InfeasibleError, UserError
-from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings
+from rdprune_onnx.files import RunFiles
+from rdprune_onnx.job import require_calibration
 from rdprune_onnx.probe import Prober, with_ratio
 from rdprune_onnx.quality import QualityMetric, metric_name
 from rdprune_onnx.report import write_json
 from rdprune_onnx.runtime import versions
+from rdprune_onnx.settings import CalibrationSpec, EvalSpec, PruneSettings, resolve_eval
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from rdprune_onnx.settings import EvalOptions
 
 log = logging.getLogger(__name__)
 
@@ -126,26 +133,6 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _protect(
-    paths: Sequence[str | os.PathLike[str] | None],
-    inputs: Sequence[str | os.PathLike[str] | None],
-    force: bool,
-) -> None:
-    sources = {Path(p).resolve() for p in inputs if p is not None}
-    for path in paths:
-        if path is None:
-            continue
-        out = Path(path)
-        if out.resolve() in sources:
-            raise UserError(f"refusing to overwrite the input file {str(out)!r}", "choose another")
-        if out.is_dir():
-            raise UserError(f"{str(out)!r} is a directory", "name a file")
-        if not out.parent.is_dir():
-            raise UserError(f"folder {str(out.parent)!r} does not exist", "create it first")
-        if out.exists() and not force:
-            raise UserError(f"{str(out)!r} already exists", "pass --force to replace it")
-
-
 class _PointCache:
     """The finished points of one sweep identity, saved after every point."""
 
@@ -192,10 +179,9 @@ def sweep(
     settings: PruneSettings,
     calibration: CalibrationSpec,
     *,
-    eval_data: str | os.PathLike[str],
+    evaluation: EvalSpec | None = None,
     ratios: Sequence[float],
     methods: Sequence[str] = ("rd",),
-    labels: str | None = None,
     metric: QualityMetric | None = None,
     output: str | os.PathLike[str] | None = None,
     plot: str | os.PathLike[str] | None = None,
@@ -203,8 +189,10 @@ def sweep(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
     on_point: Callable[[SweepPoint], None] | None = None,
+    **options: Unpack[EvalOptions],
 ) -> SweepResult:
-    """Prune ``model_path`` at every ratio with every method and score each on ``eval_data``.
+    """Prune ``model_path`` at every ratio with every method and score each on the held-out
+    data of ``evaluation`` (or the flat keywords ``eval_data`` and ``labels``).
 
     ``settings`` gives everything but the ratio and the method (bounds, exclusions,
     ``reconstruct``, the curves' metric and levels). ``metric`` is a quality metric name or a
@@ -214,27 +202,32 @@ def sweep(
     fingerprinted); ``on_point`` is called after each point, cached or evaluated.
     """
     started = time.perf_counter()
+    evaluation = resolve_eval(evaluation, options)
+    if evaluation.data is None:
+        raise UserError("a sweep scores held-out data", "pass --eval-data FILE.npz")
     methods = parse_methods(methods)
     grid = sorted({float(r) for r in ratios})
     if not grid:
         raise UserError("no ratio to sweep", "e.g. --ratios 0.3:0.95:0.05")
     for method in methods:
         with_ratio(settings, grid[0], method).check()
-    _protect([output, plot], [model_path, calibration.data, eval_data], force)
+    files = RunFiles(force=force)
+    files.add_input(model_path, "input model")
+    files.add_input(calibration.data, "calibration data")
+    files.add_input(evaluation.data, "evaluation data")
+    if output is not None:
+        files.claim(output, "sweep file")
     if plot is not None:
         from rdprune_onnx.sweep_plot import check_plot_format
 
         check_plot_format(plot)
-    if not calibration.given and ("rd" in methods or settings.budget == "flops"):
-        raise UserError(
-            "no calibration data", "pass --data FILE.npz or --synthetic N (random inputs)"
-        )
+        files.claim(plot, "plot")
+    require_calibration(calibration, "rd" in methods or settings.budget == "flops")
     prober = Prober(
         model_path,
         with_ratio(settings, grid[0], methods[0]),
         calibration,
-        eval_data=eval_data,
-        labels=labels,
+        evaluation=evaluation,
         metric=metric,
         need_curves="rd" in methods,
         cache_dir=cache_dir,
@@ -282,7 +275,12 @@ def sweep(
         eval_samples=prober.eval_samples,
         distortion_metric=settings.metric,
         settings=common
-        | {"methods": methods, "ratios": grid, "labels": labels, "cache": str(cache.path)},
+        | {
+            "methods": methods,
+            "ratios": grid,
+            "labels": evaluation.labels,
+            "cache": str(cache.path),
+        },
         points=points,
         timings={
             **prober.timings,
@@ -291,12 +289,12 @@ def sweep(
         },
     )
     if output is not None:
-        write_json(result.to_dict(), output, force=force)
+        write_json(result.to_dict(), output, force=force, protect=files.protected())
         result.output = str(output)
     if plot is not None:
         from rdprune_onnx.sweep_plot import plot_sweep
 
-        plot_sweep(result, plot, force=force)
+        plot_sweep(result, plot, force=force, protect=files.protected())
     return result
 
 

@@ -1,5 +1,6 @@
 """Ctrl-C and SIGTERM stop at once, keep finished layers, exit 130 / 143 (issue 12); every
-other failure is a UserError (exit 1) or an internal error (exit 2, traceback with --debug)."""
+other failure is a UserError (exit 1) or an internal error (exit 2; the traceback of an
+InternalError always, of any other exception with --debug)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-import rdprune_onnx.pipeline
+import rdprune_onnx
+import rdprune_onnx.job
 from rdprune_onnx import runtime
 from rdprune_onnx.errors import InternalError, UserError
 from rdprune_onnx_cli.main import cli
@@ -119,7 +121,7 @@ def test_internal_error_is_one_line_exit_2(tmp_path: Path, monkeypatch: pytest.M
     def bug(*args: object, **kwargs: object) -> None:
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(rdprune_onnx.pipeline, "select_layers", bug)
+    monkeypatch.setattr(rdprune_onnx.job, "select_layers", bug)
     args = ["prune", str(model), "--ratio", "0.5", "--synthetic", "4", "--no-cache"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2, result.output
@@ -128,3 +130,44 @@ def test_internal_error_is_one_line_exit_2(tmp_path: Path, monkeypatch: pytest.M
     assert "--debug" in lines[0] and "Traceback" not in result.output
     debug = CliRunner().invoke(cli, ["--debug", *args])
     assert isinstance(debug.exception, ZeroDivisionError)  # the traceback is shown
+
+
+def test_a_graph_we_built_that_ort_refuses_is_internal_with_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pruned copy is the library's graph: ONNX Runtime refusing it (here: an operator
+    that does not exist, slipped in by the weight replacement) is an InternalError, whose
+    traceback the command line prints (exit 2); the same run with a bad input is a one-line
+    UserError (exit 1)."""
+    import rdprune_onnx.stages
+
+    model = tmp_path / "m.onnx"
+    onnx.save_model(graphs.cnn(), str(model))
+    original = rdprune_onnx.stages.replace_weights
+
+    def broken(*args: object, **kwargs: object) -> onnx.ModelProto:
+        built = original(*args, **kwargs)  # type: ignore[arg-type]
+        built.graph.node[0].op_type = "NoSuchOperator"
+        return built
+
+    monkeypatch.setattr(rdprune_onnx.stages, "replace_weights", broken)
+    args = ["prune", str(model), "--synthetic", "4", "--no-cache", "--levels", "5"]
+    with pytest.raises(InternalError, match="a graph rdprune-onnx built"):
+        rdprune_onnx.prune(
+            model,
+            rdprune_onnx.PruneSettings(ratio=0.5, levels=5),
+            rdprune_onnx.CalibrationSpec(synthetic=4),
+            write=False,
+        )
+    result = CliRunner().invoke(cli, [*args, "--ratio", "0.5", "-o", str(tmp_path / "o.onnx")])
+    assert result.exit_code == 2, result.output
+    assert "Traceback (most recent call last)" in result.output
+    assert "InternalError: ONNX Runtime cannot load a graph rdprune-onnx built" in result.output
+    assert result.output.rstrip().splitlines()[-1].startswith("Internal error: InternalError")
+    assert not (tmp_path / "o.onnx").exists()
+    user = CliRunner().invoke(cli, [*args, "--ratio", "1.5"])
+    assert user.exit_code == 1 and "Traceback" not in user.output
+    assert [line for line in user.output.splitlines() if line.strip()] == [
+        "Error: --ratio must be strictly between 0 and 1, got 1.5 (e.g. --ratio 0.8 zeroes "
+        "80% of the prunable weights)"
+    ]
