@@ -26,6 +26,7 @@ from .options import (
     build_output,
     build_settings,
     calibration_options,
+    field_option,
     mask_options,
     measurement_options,
     output_kind_option,
@@ -181,7 +182,7 @@ def prune_command(model: str, **kwargs: Any) -> None:
 @calibration_options
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Curve cache folder.")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the curve cache.")
-@click.option("--force", is_flag=True, help="Replace an existing curves file.")
+@field_option(OutputSpec, "--force", is_flag=True, help="Replace an existing curves file.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def curves_command(model: str, **kwargs: Any) -> None:
     """Measure the rate-distortion curves of MODEL once, for `allocate` to reuse."""

@@ -213,7 +213,9 @@ def output_options(func: F) -> F:
             click.option("--eval-data", type=click.Path(), help="Labelled .npz: dense vs pruned."),
             click.option("--labels", metavar="KEY", help="Array of labels in --eval-data."),
             click.option("--report", type=click.Path(), help="Write a JSON report here."),
-            click.option("--force", is_flag=True, help="Replace existing output files."),
+            field_option(
+                OutputSpec, "--force", is_flag=True, help="Replace existing output files."
+            ),
             field_option(
                 OutputSpec,
                 "--storage",

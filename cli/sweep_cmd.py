@@ -12,7 +12,7 @@ from rdprune_onnx.cache import default_cache_dir
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.quality import QUALITY_METRICS
 from rdprune_onnx.search import QualityTarget
-from rdprune_onnx.settings import EvalSpec
+from rdprune_onnx.settings import EvalSpec, OutputSpec
 from rdprune_onnx.sweep import SweepResult, parse_methods, parse_ratio_grid, sweep
 
 from .options import (
@@ -21,6 +21,8 @@ from .options import (
     build_evaluation,
     build_settings,
     calibration_options,
+    default,
+    field_option,
     mask_options,
     measurement_options,
 )
@@ -69,10 +71,13 @@ def target_options(func: F) -> F:
             click.option(
                 "--search-range",
                 metavar="LOW:HIGH",
-                help="Ratios searched by --max-drop / --max-distortion [0.05:0.99].",
+                help="Ratios searched by --max-drop / --max-distortion "
+                f"[{default(QualityTarget, 'low'):g}:{default(QualityTarget, 'high'):g}].",
             ),
             click.option(
-                "--resolution", type=float, help="Step of the searched ratio grid [0.01]."
+                "--resolution",
+                type=float,
+                help=f"Step of the searched ratio grid [{default(QualityTarget, 'resolution'):g}].",
             ),
         ]
     ):
@@ -234,7 +239,7 @@ def show_sweep(result: SweepResult) -> str:
 @click.option("--quality-metric", type=click.Choice(QUALITY_METRICS), help=_QUALITY_HELP)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the sweep as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw the sweep (.png/.svg/.pdf).")
-@click.option("--force", is_flag=True, help="Replace existing output files.")
+@field_option(OutputSpec, "--force", is_flag=True, help="Replace existing output files.")
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False),

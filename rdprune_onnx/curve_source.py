@@ -108,7 +108,8 @@ def measure_model(
     timings: dict[str, float] | None = None,
 ) -> tuple[CurveFile, GridResult]:
     """``model``'s curves (the job's layers, data and resolved metric) for ``needs``,
-    through the cache in ``cache_dir``; with the identity they are cached under."""
+    starting from the curves the cache in ``cache_dir`` holds for their identity and
+    storing each finished curve there; with that identity (:func:`curve_entry`)."""
     assert job.data is not None
     entry = curve_entry(
         model,
@@ -119,18 +120,48 @@ def measure_model(
         job.batch_size,
         metric=job.metric,
     )
-    result = measure_with_cache(
-        model,
-        job,
-        reference,
-        settings,
-        entry,
-        needs,
-        cache_dir=cache_dir,
-        progress=progress,
-        timings=timings,
-    )
-    return entry, result
+    candidates = refit_candidates(model, job.data, job.batch_size, settings, job.config)
+    cache = CurveCache(cache_dir) if cache_dir is not None else None
+    with cache.locked(entry) if cache is not None else contextlib.nullcontext():
+        done = cache.load(entry) if cache is not None else {}
+        entry.curves.update(done)
+
+        def save(name: str, curve: Curve) -> None:
+            entry.curves[name] = curve
+            if cache is not None:
+                cache.store(entry)
+
+        curves = measure_grid(
+            model,
+            job.layers,
+            reference,
+            needs.specs,
+            levels=settings.levels,
+            kind=settings.grid,
+            targets=needs.targets,
+            options=needs.options,
+            done=usable(done, settings.levels),
+            on_curve=save,
+            progress=progress,
+            metric=job.metric,
+            config=job.config,
+            candidates=candidates,
+            mask_order=needs.order,
+        )
+    _add_refit_costs(candidates, timings)
+    return entry, curves
+
+
+def _add_refit_costs(candidates: RefitCandidates | None, timings: dict[str, float] | None) -> None:
+    """Log what refit-aware curves cost and add it to ``timings``."""
+    if candidates is None or not candidates.costs:
+        return
+    cost = candidates.summary()
+    log.info("refit-aware curves: %s", cost)
+    if timings is not None:
+        for key in ("hessian_s", "solve_s"):
+            name = f"curves_refit_{key.removesuffix('_s')}"
+            timings[name] = timings.get(name, 0.0) + float(cost[key])
 
 
 def curve_entry(
@@ -191,59 +222,6 @@ def refit_candidates(
         damping=REFIT_DAMPING,
         select=settings.select_masks,
     )
-
-
-def measure_with_cache(
-    model: onnx.ModelProto,
-    job: Job,
-    reference: Reference,
-    settings: PruneSettings,
-    entry: CurveFile,
-    needs: CurveNeeds,
-    *,
-    cache_dir: str | os.PathLike[str] | None,
-    progress: bool = False,
-    timings: dict[str, float] | None = None,
-) -> GridResult:
-    """Measure ``model``'s curves (the job's layers and data) for ``needs``, starting from
-    the curves the cache holds for ``entry`` and storing each finished curve there."""
-    assert job.data is not None
-    candidates = refit_candidates(model, job.data, job.batch_size, settings, job.config)
-    cache = CurveCache(cache_dir) if cache_dir is not None else None
-    with cache.locked(entry) if cache is not None else contextlib.nullcontext():
-        done = cache.load(entry) if cache is not None else {}
-        entry.curves.update(done)
-
-        def save(name: str, curve: Curve) -> None:
-            entry.curves[name] = curve
-            if cache is not None:
-                cache.store(entry)
-
-        curves = measure_grid(
-            model,
-            job.layers,
-            reference,
-            needs.specs,
-            levels=settings.levels,
-            kind=settings.grid,
-            targets=needs.targets,
-            options=needs.options,
-            done=usable(done, settings.levels),
-            on_curve=save,
-            progress=progress,
-            metric=job.metric,
-            config=job.config,
-            candidates=candidates,
-            mask_order=needs.order,
-        )
-    if candidates is not None and candidates.costs:
-        cost = candidates.summary()
-        log.info("refit-aware curves: %s", cost)
-        if timings is not None:
-            for key in ("hessian_s", "solve_s"):
-                name = f"curves_refit_{key.removesuffix('_s')}"
-                timings[name] = timings.get(name, 0.0) + float(cost[key])
-    return curves
 
 
 def usable(curves: Mapping[str, Curve], levels: int) -> dict[str, Curve]:
@@ -327,6 +305,21 @@ class SavedCurves:
         )
         if job.reference is None or job.data is None:
             raise UserError(f"{lacks} (its curves were refined for {covered})", hint)
+        return self._measure_missing(curves, needs, levels, plan.count, lacks, hint)
+
+    def _measure_missing(
+        self,
+        curves: dict[str, Curve],
+        needs: CurveNeeds,
+        levels: int,
+        count: int,
+        lacks: str,
+        hint: str,
+    ) -> dict[str, Curve]:
+        """Measure the points the saved curves lack, as the file was measured (refused when
+        the data or the settings given differ from the file's)."""
+        job = self.job
+        assert job.reference is not None and job.data is not None
         as_saved, metric = self._as_saved(levels)
         entry = curve_entry(
             job.model,
@@ -337,13 +330,13 @@ class SavedCurves:
             job.batch_size,
             metric=metric,
         )
-        if (entry.data, entry.settings) != (saved.data, saved.settings):
+        if (entry.data, entry.settings) != (self.saved.data, self.saved.settings):
             raise UserError(
                 f"{lacks}, and the calibration data or settings given differ "
                 "from the ones it was measured with",
                 hint,
             )
-        log.info("measuring %d curve points the saved curves lack", plan.count)
+        log.info("measuring %d curve points the saved curves lack", count)
         with job.timed("curves"):
             result = measure_grid(
                 job.model,

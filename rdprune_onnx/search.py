@@ -244,20 +244,7 @@ def prune_to_target(
     outputs and the flat keywords are :func:`rdprune_onnx.pipeline.prune`'s.
     """
     out, evaluation = resolve_specs(output, evaluation, options)
-    target.check()
-    settings = with_ratio(settings, target.low)
-    settings.check()
-    out.check()
-    if target.max_drop is not None and evaluation.data is None:
-        raise UserError(
-            "--max-drop needs held-out data to measure the drop on",
-            "pass --eval-data FILE.npz (and --labels KEY for accuracy)",
-        )
-    check_outputs(
-        model_path,
-        out,
-        inputs={"calibration data": calibration.data, "evaluation data": evaluation.data},
-    )
+    settings = _check_run(model_path, settings, calibration, target, out, evaluation)
     prober = Prober(
         model_path,
         settings,
@@ -277,36 +264,82 @@ def prune_to_target(
             search, extra = _search_distortion(
                 prober, settings, target, target.max_distortion, kept
             )
-    dense = prober.dense_quality()
-    criterion = "max_drop" if target.max_drop is not None else "max_distortion"
-    limit = target.max_drop if target.max_drop is not None else target.max_distortion
-    what = (
-        f"the {metric_name(prober.metric)} drop"
-        if target.max_drop is not None and prober.metric is not None
-        else "the measured distortion"
-    )
-    if search.best is None:
-        first = search.failed_above
-        detail = ""
-        if first is not None:
-            detail = (
-                f": ratio {first.ratio:g} could not be pruned ({first.error})"
-                if first.error
-                else f": ratio {first.ratio:g} already gives {first.value:.4g}"
-            )
-        raise UserError(
-            f"no ratio in {target.low:g}..{target.high:g} keeps {what} within {limit:g}{detail}",
-            f"raise the {criterion.replace('_', '-')} limit or lower the search range",
-        )
-    chosen = search.best
-    log.info("chosen ratio %.4g (%s %.4g)", chosen.ratio, criterion, chosen.value)
+    chosen = _chosen(prober, target, search)
     probed = kept.at(chosen.ratio)
     if probed is not None and probed.result.model is not None:
         # The chosen probe's model is in memory: write it (the bytes prune --ratio writes).
         result = write_pruned(prober.job, probed.result, probed.result.model, out)
     else:  # a lazy model (weights on disk): prune the chosen ratio again, writing it
         result = prober.prune(with_ratio(settings, chosen.ratio), out).result
-    result.search = {
+    result.search = _record(prober, target, search, chosen) | extra
+    return write_report(prober.job, result, out)
+
+
+def _check_run(
+    model_path: str | os.PathLike[str],
+    settings: PruneSettings,
+    calibration: CalibrationSpec,
+    target: QualityTarget,
+    out: OutputSpec,
+    evaluation: EvalSpec,
+) -> PruneSettings:
+    """Every check before the search's work; the settings at the range's first ratio."""
+    target.check()
+    settings = with_ratio(settings, target.low)
+    settings.check()
+    out.check()
+    if target.max_drop is not None and evaluation.data is None:
+        raise UserError(
+            "--max-drop needs held-out data to measure the drop on",
+            "pass --eval-data FILE.npz (and --labels KEY for accuracy)",
+        )
+    check_outputs(
+        model_path,
+        out,
+        inputs={"calibration data": calibration.data, "evaluation data": evaluation.data},
+    )
+    return settings
+
+
+def _criterion(target: QualityTarget) -> tuple[str, float]:
+    if target.max_drop is not None:
+        return "max_drop", target.max_drop
+    assert target.max_distortion is not None
+    return "max_distortion", target.max_distortion
+
+
+def _chosen(prober: Prober, target: QualityTarget, search: Search) -> Probe:
+    """The search's answer; a UserError naming the first failure when no probe passed."""
+    criterion, limit = _criterion(target)
+    if search.best is not None:
+        chosen = search.best
+        log.info("chosen ratio %.4g (%s %.4g)", chosen.ratio, criterion, chosen.value)
+        return chosen
+    what = (
+        f"the {metric_name(prober.metric)} drop"
+        if target.max_drop is not None and prober.metric is not None
+        else "the measured distortion"
+    )
+    first = search.failed_above
+    detail = ""
+    if first is not None:
+        detail = (
+            f": ratio {first.ratio:g} could not be pruned ({first.error})"
+            if first.error
+            else f": ratio {first.ratio:g} already gives {first.value:.4g}"
+        )
+    raise UserError(
+        f"no ratio in {target.low:g}..{target.high:g} keeps {what} within {limit:g}{detail}",
+        f"raise the {criterion.replace('_', '-')} limit or lower the search range",
+    )
+
+
+def _record(prober: Prober, target: QualityTarget, search: Search, chosen: Probe) -> dict[str, Any]:
+    """The result's ``search``: the target, every probe, the choice and its rule."""
+    criterion, limit = _criterion(target)
+    dense = prober.dense_quality()
+    failed = search.failed_above
+    return {
         "criterion": criterion,
         "limit": limit,
         "metric": metric_name(prober.metric) if prober.metric is not None else None,
@@ -315,16 +348,14 @@ def prune_to_target(
         "target": target.to_dict(),
         "chosen_ratio": chosen.ratio,
         "chosen_value": chosen.value,
-        "next_failing_ratio": None if search.failed_above is None else search.failed_above.ratio,
-        "next_failing_value": None if search.failed_above is None else search.failed_above.value,
+        "next_failing_ratio": None if failed is None else failed.ratio,
+        "next_failing_value": None if failed is None else failed.value,
         "rule": "the highest ratio whose probe passed, among the probes made (bisection on "
         f"a grid of step {target.resolution:g}); the next grid ratio above it failed",
         "probes": [p.to_dict() for p in search.probes],
         "probe_s_mean": float(np.mean([p.seconds for p in search.probes])),
         "once_s": prober.timings,
-        **extra,
     }
-    return write_report(prober.job, result, out)
 
 
 class _Kept:

@@ -201,28 +201,15 @@ def sweep(
     points are cached in ``cache_dir`` (none with a callable metric, which cannot be
     fingerprinted); ``on_point`` is called after each point, cached or evaluated.
     """
+    # About 80 lines with its 13 parameters and docstring; the body reads as the sweep:
+    # check, load once, run every point, write (the steps are the helpers below).
     started = time.perf_counter()
     evaluation = resolve_eval(evaluation, options)
-    if evaluation.data is None:
-        raise UserError("a sweep scores held-out data", "pass --eval-data FILE.npz")
     methods = parse_methods(methods)
     grid = sorted({float(r) for r in ratios})
-    if not grid:
-        raise UserError("no ratio to sweep", "e.g. --ratios 0.3:0.95:0.05")
-    for method in methods:
-        with_ratio(settings, grid[0], method).check()
-    files = RunFiles(force=force)
-    files.add_input(model_path, "input model")
-    files.add_input(calibration.data, "calibration data")
-    files.add_input(evaluation.data, "evaluation data")
-    if output is not None:
-        files.claim(output, "sweep file")
-    if plot is not None:
-        from rdprune_onnx.sweep_plot import check_plot_format
-
-        check_plot_format(plot)
-        files.claim(plot, "plot")
-    require_calibration(calibration, "rd" in methods or settings.budget == "flops")
+    files = _check_sweep(
+        model_path, settings, calibration, evaluation, methods, grid, output, plot, force
+    )
     prober = Prober(
         model_path,
         with_ratio(settings, grid[0], methods[0]),
@@ -233,41 +220,14 @@ def sweep(
         cache_dir=cache_dir,
         progress=progress,
     )
-    assert prober.metric is not None and prober.eval_arrays is not None
     dense = prober.dense_quality()
-    assert dense is not None
-    job = prober.job
+    assert prober.metric is not None and dense is not None
     common = {k: v for k, v in settings.to_dict().items() if k not in ("ratio", "method", "steps")}
-    identity = {
-        "model": model_fingerprint(job.model),
-        "calibration": None if job.data is None else data_fingerprint(job.data),
-        "batch_size": job.batch_size,
-        "eval": data_fingerprint(prober.eval_arrays),
-        "labels": None
-        if prober.labels is None
-        else hashlib.sha256(prober.labels.tobytes()).hexdigest(),
-        "metric": metric_name(prober.metric),
-        "settings": common,
-        "provider": job.config.provider,
-    }
     folder = None if cache_dir is None or callable(prober.metric) else Path(cache_dir)
-    cache = _PointCache(folder, identity)
-    points: list[SweepPoint] = []
-    evaluated = 0.0
-    jobs = [(m, r) for m in methods for r in grid]
-    with tqdm(
-        total=len(jobs), disable=not progress, unit="pt", desc="sweep", leave=False, delay=0.5
-    ) as bar:
-        for method, ratio in jobs:
-            point = cache.get(method, ratio)
-            if point is None:
-                point = _evaluate(prober, settings, method, ratio)
-                evaluated += point.seconds
-                cache.put(point)
-            points.append(point)
-            bar.update()
-            if on_point is not None:
-                on_point(point)
+    cache = _PointCache(folder, _identity(prober, common))
+    points, evaluated = _points(
+        prober, settings, cache, [(m, r) for m in methods for r in grid], progress, on_point
+    )
     result = SweepResult(
         model=str(model_path),
         metric=metric_name(prober.metric),
@@ -296,6 +256,86 @@ def sweep(
 
         plot_sweep(result, plot, force=force, protect=files.protected())
     return result
+
+
+def _check_sweep(
+    model_path: str | os.PathLike[str],
+    settings: PruneSettings,
+    calibration: CalibrationSpec,
+    evaluation: EvalSpec,
+    methods: Sequence[str],
+    grid: Sequence[float],
+    output: str | os.PathLike[str] | None,
+    plot: str | os.PathLike[str] | None,
+    force: bool,
+) -> RunFiles:
+    """Every check before the sweep's work: data, ratios, settings of each method, and the
+    output targets (never an input, never an existing file without ``force``)."""
+    if evaluation.data is None:
+        raise UserError("a sweep scores held-out data", "pass --eval-data FILE.npz")
+    if not grid:
+        raise UserError("no ratio to sweep", "e.g. --ratios 0.3:0.95:0.05")
+    for method in methods:
+        with_ratio(settings, grid[0], method).check()
+    files = RunFiles(force=force)
+    files.add_input(model_path, "input model")
+    files.add_input(calibration.data, "calibration data")
+    files.add_input(evaluation.data, "evaluation data")
+    if output is not None:
+        files.claim(output, "sweep file")
+    if plot is not None:
+        from rdprune_onnx.sweep_plot import check_plot_format
+
+        check_plot_format(plot)
+        files.claim(plot, "plot")
+    require_calibration(calibration, "rd" in methods or settings.budget == "flops")
+    return files
+
+
+def _identity(prober: Prober, common: dict[str, Any]) -> dict[str, Any]:
+    """What a sweep point depends on: model, data, labels, metric and settings."""
+    job = prober.job
+    assert prober.metric is not None and prober.eval_arrays is not None
+    return {
+        "model": model_fingerprint(job.model),
+        "calibration": None if job.data is None else data_fingerprint(job.data),
+        "batch_size": job.batch_size,
+        "eval": data_fingerprint(prober.eval_arrays),
+        "labels": None
+        if prober.labels is None
+        else hashlib.sha256(prober.labels.tobytes()).hexdigest(),
+        "metric": metric_name(prober.metric),
+        "settings": common,
+        "provider": job.config.provider,
+    }
+
+
+def _points(
+    prober: Prober,
+    settings: PruneSettings,
+    cache: _PointCache,
+    jobs: Sequence[tuple[str, float]],
+    progress: bool,
+    on_point: Callable[[SweepPoint], None] | None,
+) -> tuple[list[SweepPoint], float]:
+    """Every (method, ratio): from the point cache, or evaluated and cached; with the
+    seconds spent evaluating."""
+    points: list[SweepPoint] = []
+    evaluated = 0.0
+    with tqdm(
+        total=len(jobs), disable=not progress, unit="pt", desc="sweep", leave=False, delay=0.5
+    ) as bar:
+        for method, ratio in jobs:
+            point = cache.get(method, ratio)
+            if point is None:
+                point = _evaluate(prober, settings, method, ratio)
+                evaluated += point.seconds
+                cache.put(point)
+            points.append(point)
+            bar.update()
+            if on_point is not None:
+                on_point(point)
+    return points, evaluated
 
 
 def _evaluate(prober: Prober, settings: PruneSettings, method: str, ratio: float) -> SweepPoint:

@@ -50,6 +50,7 @@ def plot_sweep(
 ) -> Path:
     """Draw a :class:`~rdprune_onnx.sweep.SweepResult` (or its ``to_dict()``) to ``path``
     (written through :func:`rdprune_onnx.files.write_file`, never over ``protect``)."""
+    # About 70 lines: matplotlib calls for two panels, in drawing order; as plot.py's figure.
     raw: dict[str, Any] = result if isinstance(result, dict) else result.to_dict()
     out = Path(path)
     check_plot_format(out)
