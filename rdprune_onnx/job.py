@@ -303,14 +303,7 @@ def load_eval(
         if labels is not None:
             raise UserError("--labels needs --eval-data", "pass the labelled test set")
         return None, None
-    raw = calib.load_npz(path)
-    label_array = None
-    if labels is not None:
-        if labels not in raw:
-            raise UserError(
-                f"{str(path)!r} has no array {labels!r}", f"it has {', '.join(sorted(raw))}"
-            )
-        label_array = raw.pop(labels)
+    raw, label_array = calib.load_labelled(path, labels)
     arrays = calib.check_data(raw, calib.model_inputs(model), str(path))
     return arrays, label_array
 

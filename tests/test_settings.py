@@ -18,19 +18,11 @@ from rdprune_onnx import (
     PruneSettings,
     UserError,
     prune,
+    stages,
 )
 from rdprune_onnx.curve_source import MeasuredCurves
 from rdprune_onnx.job import calibrate, check_outputs, load_evaluation, open_model
 from rdprune_onnx.settings import resolve_specs
-from rdprune_onnx.stages import (
-    allocate_and_mask,
-    build_pruned,
-    evaluate_pruned,
-    refit_layers,
-    summarize,
-    verify,
-    write_pruned,
-)
 from rdprune_onnx_cli.main import cli
 from rdprune_onnx_cli.options import build_settings
 from tests import graphs
@@ -117,14 +109,20 @@ def test_the_stages_called_one_by_one_make_what_prune_makes(
     )
     calibrate(job, settings, CALIB)
     load_evaluation(job, evaluation)
-    masked = allocate_and_mask(job, settings, MeasuredCurves(job, settings, cache_dir=None))
-    refit = refit_layers(job, settings, masked)
+    masked = stages.allocate_and_mask(job, settings, MeasuredCurves(job, settings, cache_dir=None))
+    refit = stages.refit_layers(job, settings, masked)
     assert refit.records and set(refit.records) <= set(job.names)
-    pruned = build_pruned(job, refit, staging=None)
-    result = summarize(
-        job, settings, masked, refit, pruned, verify(job, pruned), evaluate_pruned(job, pruned)
+    pruned = stages.build_pruned(job, refit, staging=None)
+    result = stages.summarize(
+        job,
+        settings,
+        masked,
+        refit,
+        pruned,
+        stages.verify(job, pruned),
+        stages.evaluate_pruned(job, pruned),
     )
-    write_pruned(job, result, pruned.model, out)
+    stages.write_pruned(job, result, pruned.model, out)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert [layer.pruned for layer in result.layers] == [layer.pruned for layer in expected.layers]
     assert result.measured_distortion == expected.measured_distortion
