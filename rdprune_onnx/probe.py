@@ -34,6 +34,7 @@ from rdprune_onnx.stages import (
     allocate_and_mask,
     build_pruned,
     refit_layers,
+    run_dense,
     summarize,
     verify,
     write_pruned,
@@ -99,8 +100,7 @@ class Prober:
         self.metric: QualityMetric | None = None
         if self.eval_arrays is not None:
             t = time.perf_counter()
-            dense = Session(job.model, job.config, path=job.path if job.lazy else None)
-            self.dense_out = run_all(dense, self.eval_arrays, job.batch_size)
+            self.dense_out = run_dense(job, self.eval_arrays)
             self.timings["dense_eval"] = time.perf_counter() - t
             self.metric = choose_metric(metric, self.labels, self.dense_out)
         elif metric is not None:

@@ -28,7 +28,7 @@ from rdprune_onnx.curve_source import CurveNeeds, CurveSource
 from rdprune_onnx.curves import measure_distortion
 from rdprune_onnx.distortion import Metric
 from rdprune_onnx.errors import UserError
-from rdprune_onnx.evaluate import Evaluation, compare
+from rdprune_onnx.evaluate import Evaluation, compare_outputs, run_all
 from rdprune_onnx.export import compact_weights
 from rdprune_onnx.graph.external import write_external
 from rdprune_onnx.graph.load import read_model, save_model
@@ -287,15 +287,21 @@ def evaluate_pruned(job: Job, pruned: Pruned) -> Evaluation | None:
     """The dense and the pruned model compared on the held-out data (None without it)."""
     if job.eval_arrays is None:
         return None
-    with job.timed("evaluate"), user_model("the models on --eval-data"):
-        return compare(
-            job.model,
-            pruned.model,
-            job.eval_arrays,
-            labels=job.eval_labels,
-            batch_size=job.batch_size,
-            config=job.config,
-        )
+    with job.timed("evaluate"):
+        dense = run_dense(job, job.eval_arrays)
+        # The pruned copy is the library's graph: ONNX Runtime failing on it is a bug
+        # (InternalError), not the user's (the dense run on the same data passed).
+        session = Session(pruned.model, job.config, path=pruned.path)
+        outputs = run_all(session, job.eval_arrays, job.batch_size)
+        return compare_outputs(dense, outputs, calib.sample_count(job.eval_arrays), job.eval_labels)
+
+
+def run_dense(job: Job, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The dense model's outputs on ``arrays`` (the user's model and data: an ONNX Runtime
+    failure is a UserError)."""
+    with user_model("the model on --eval-data"):
+        session = Session(job.model, job.config, path=job.path if job.lazy else None)
+        return run_all(session, arrays, job.batch_size)
 
 
 # --- the result and the files -----------------------------------------------------------------
@@ -479,6 +485,7 @@ __all__ = [
     "evaluate_pruned",
     "layer_results",
     "refit_layers",
+    "run_dense",
     "summarize",
     "verify",
     "write_pruned",

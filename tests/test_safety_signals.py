@@ -171,3 +171,36 @@ def test_a_graph_we_built_that_ort_refuses_is_internal_with_traceback(
         "Error: --ratio must be strictly between 0 and 1, got 1.5 (e.g. --ratio 0.8 zeroes "
         "80% of the prunable weights)"
     ]
+
+
+def test_evaluating_a_pruned_copy_ort_refuses_is_internal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On held-out data the pruned run is the library's: ONNX Runtime refusing the copy is
+    an InternalError (it was a UserError while one user_model block held both runs); bad
+    held-out data stays a UserError."""
+    import rdprune_onnx.stages
+
+    model = tmp_path / "m.onnx"
+    onnx.save_model(graphs.cnn(), str(model))
+    test = tmp_path / "test.npz"
+    np.savez(test, x=np.random.default_rng(0).standard_normal((6, 3, 8, 8)).astype(np.float32))
+    curves = tmp_path / "c.json"
+    settings = rdprune_onnx.PruneSettings(ratio=0.5, levels=5)
+    rdprune_onnx.measure(model, settings, rdprune_onnx.CalibrationSpec(synthetic=4), output=curves)
+    original = rdprune_onnx.stages.replace_weights
+
+    def broken(*args: object, **kwargs: object) -> onnx.ModelProto:
+        built = original(*args, **kwargs)  # type: ignore[arg-type]
+        built.graph.node[0].op_type = "NoSuchOperator"
+        return built
+
+    monkeypatch.setattr(rdprune_onnx.stages, "replace_weights", broken)
+    # No calibration data: nothing is verified, the evaluation is the first run of the copy.
+    with pytest.raises(InternalError, match="a graph rdprune-onnx built"):
+        rdprune_onnx.prune_from_curves(curves, model, settings, eval_data=test, write=False)
+    monkeypatch.setattr(rdprune_onnx.stages, "replace_weights", original)
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=np.zeros((6, 3, 8, 8), np.float32) + np.nan)
+    with pytest.raises(UserError):
+        rdprune_onnx.prune_from_curves(curves, model, settings, eval_data=wrong, write=False)
