@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 import rdprune_onnx
 import rdprune_onnx.job
+import rdprune_onnx.stages
 from rdprune_onnx import runtime
 from rdprune_onnx.errors import InternalError, UserError
 from rdprune_onnx_cli.main import cli
@@ -132,17 +133,8 @@ def test_internal_error_is_one_line_exit_2(tmp_path: Path, monkeypatch: pytest.M
     assert isinstance(debug.exception, ZeroDivisionError)  # the traceback is shown
 
 
-def test_a_graph_we_built_that_ort_refuses_is_internal_with_traceback(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The pruned copy is the library's graph: ONNX Runtime refusing it (here: an operator
-    that does not exist, slipped in by the weight replacement) is an InternalError, whose
-    traceback the command line prints (exit 2); the same run with a bad input is a one-line
-    UserError (exit 1)."""
-    import rdprune_onnx.stages
-
-    model = tmp_path / "m.onnx"
-    onnx.save_model(graphs.cnn(), str(model))
+def _break_pruned_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pruned copy the library builds gets an operator that does not exist."""
     original = rdprune_onnx.stages.replace_weights
 
     def broken(*args: object, **kwargs: object) -> onnx.ModelProto:
@@ -151,6 +143,18 @@ def test_a_graph_we_built_that_ort_refuses_is_internal_with_traceback(
         return built
 
     monkeypatch.setattr(rdprune_onnx.stages, "replace_weights", broken)
+
+
+def test_a_graph_we_built_that_ort_refuses_is_internal_with_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pruned copy is the library's graph: ONNX Runtime refusing it (here: an operator
+    that does not exist, slipped in by the weight replacement) is an InternalError, whose
+    traceback the command line prints (exit 2); the same run with a bad input is a one-line
+    UserError (exit 1)."""
+    model = tmp_path / "m.onnx"
+    onnx.save_model(graphs.cnn(), str(model))
+    _break_pruned_copies(monkeypatch)
     args = ["prune", str(model), "--synthetic", "4", "--no-cache", "--levels", "5"]
     with pytest.raises(InternalError, match="a graph rdprune-onnx built"):
         rdprune_onnx.prune(
@@ -179,8 +183,6 @@ def test_evaluating_a_pruned_copy_ort_refuses_is_internal(
     """On held-out data the pruned run is the library's: ONNX Runtime refusing the copy is
     an InternalError (it was a UserError while one user_model block held both runs); bad
     held-out data stays a UserError."""
-    import rdprune_onnx.stages
-
     model = tmp_path / "m.onnx"
     onnx.save_model(graphs.cnn(), str(model))
     test = tmp_path / "test.npz"
@@ -188,18 +190,11 @@ def test_evaluating_a_pruned_copy_ort_refuses_is_internal(
     curves = tmp_path / "c.json"
     settings = rdprune_onnx.PruneSettings(ratio=0.5, levels=5)
     rdprune_onnx.measure(model, settings, rdprune_onnx.CalibrationSpec(synthetic=4), output=curves)
-    original = rdprune_onnx.stages.replace_weights
-
-    def broken(*args: object, **kwargs: object) -> onnx.ModelProto:
-        built = original(*args, **kwargs)  # type: ignore[arg-type]
-        built.graph.node[0].op_type = "NoSuchOperator"
-        return built
-
-    monkeypatch.setattr(rdprune_onnx.stages, "replace_weights", broken)
+    _break_pruned_copies(monkeypatch)
     # No calibration data: nothing is verified, the evaluation is the first run of the copy.
     with pytest.raises(InternalError, match="a graph rdprune-onnx built"):
         rdprune_onnx.prune_from_curves(curves, model, settings, eval_data=test, write=False)
-    monkeypatch.setattr(rdprune_onnx.stages, "replace_weights", original)
+    monkeypatch.undo()
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, x=np.zeros((6, 3, 8, 8), np.float32) + np.nan)
     with pytest.raises(UserError):
