@@ -33,6 +33,8 @@ def _files(count: int) -> str:
 
 
 def show_eval(result: FileEvaluation) -> None:
+    # 61 lines: one echo per block of the report, in the order printed (outputs, accuracy,
+    # layers, sparsity, latency); splitting it would only scatter the layout.
     ev = result.evaluation
     click.echo(
         f"dense:  {result.dense.path}  ({_bytes(result.dense.bytes)}"

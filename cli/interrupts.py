@@ -4,8 +4,10 @@
   ``signal.set_wakeup_fd`` calls :func:`rdprune_onnx.runtime.terminate_runs`, even while the
   main thread waits inside ONNX Runtime), queued work is dropped, and the command exits 130
   (SIGINT) or 143 (SIGTERM) with one line saying what is kept and how to resume.
-- Any exception that is not a ``UserError`` is a bug: one line asking to report it, exit 2;
-  the traceback only with ``--debug``.
+- An ``InternalError`` (a graph the library built that ONNX Runtime refuses, a check of the
+  library's own output that fails) is a bug: its traceback, then one line asking to report
+  it, exit 2. Any other exception that is not a ``UserError`` is a bug too: one line asking
+  to report it, exit 2; the traceback only with ``--debug``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any, NoReturn
@@ -118,3 +121,10 @@ def exit_internal(exc: BaseException) -> NoReturn:
         err=True,
     )
     sys.exit(2)
+
+
+def exit_internal_error(exc: BaseException) -> NoReturn:
+    """An :class:`~rdprune_onnx.errors.InternalError`: the traceback, kept for the report,
+    then the one line of :func:`exit_internal` (exit 2)."""
+    click.echo("".join(traceback.format_exception(exc)).rstrip(), err=True)
+    exit_internal(exc)

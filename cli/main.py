@@ -2,38 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 import click
 
-from rdprune_onnx import UserError, inspect_model
+from rdprune_onnx import InternalError, UserError, inspect_model
 from rdprune_onnx.cache import default_cache_dir
-from rdprune_onnx.pipeline import (
-    DEFAULT_TARGETS,
-    allocate,
-    check_targets,
-    measure,
-    output_for_ratio,
-    prune,
-)
+from rdprune_onnx.job import check_targets
+from rdprune_onnx.pipeline import DEFAULT_TARGETS, measure, prune, prune_from_curves
 from rdprune_onnx.plot import plot_result
-from rdprune_onnx.reconstruct import SOLVERS
 from rdprune_onnx.report import to_json
+from rdprune_onnx.settings import OutputSpec, output_for_ratio
 
 from . import interrupts
 from .eval_cmd import eval_command, plot_command
 from .options import (
     allocation_options,
     build_calibration,
+    build_evaluation,
+    build_output,
     build_settings,
     calibration_options,
+    field_option,
     mask_options,
     measurement_options,
     output_kind_option,
     output_options,
     parse_ratios,
+    refit_solver_option,
+    setting,
+    steps_option,
 )
 from .render import show_curves, show_prune, show_summary
 from .sweep_cmd import build_target, show_search, sweep_command, target_options
@@ -78,6 +79,10 @@ class _Group(click.Group):
                 raise
             except KeyboardInterrupt:
                 interrupts.exit_interrupted()
+            except InternalError as exc:  # a bug in a graph we built: its traceback is kept
+                if interrupts.DEBUG:
+                    raise
+                interrupts.exit_internal_error(exc)
             except Exception as exc:  # a bug: ours to fix, not the user's
                 if interrupts.DEBUG:
                     raise
@@ -122,7 +127,7 @@ def inspect_command(model: str, as_json: bool) -> None:
 @allocation_options
 @mask_options
 @measurement_options
-@click.option("--steps", default=1, show_default=True, help="Iterative rd: re-measure K times.")
+@steps_option
 @calibration_options
 @output_options
 @click.option("--plot", type=click.Path(dir_okay=False), help="Curves and ratios as a PNG.")
@@ -130,24 +135,24 @@ def prune_command(model: str, **kwargs: Any) -> None:
     """Prune MODEL to --ratio (or to a quality target) and write the sparsified ONNX file."""
     calibration = build_calibration(kwargs)
     ratio = kwargs.pop("ratio")
-    target = build_target(kwargs, ratio)
+    evaluation = build_evaluation(kwargs)
+    target = build_target(kwargs, ratio, evaluation)
     settings = build_settings(kwargs, ratio=0.5 if ratio is None else ratio)
+    output = build_output(kwargs)
     progress = not kwargs.pop("no_progress")
-    cache_dir = _cache_dir(kwargs)
-    plot = kwargs.pop("plot")
     result = prune(
         model,
         settings,
         calibration,
+        output=output,
+        evaluation=evaluation,
+        cache_dir=_cache_dir(kwargs),
         progress=progress,
-        cache_dir=cache_dir,
         target=target,
-        plot=plot,
-        **kwargs,
     )
-    if plot is not None:
+    if output.plot is not None:
         try:
-            plot_result(result, plot, force=kwargs["force"])
+            plot_result(result, output.plot, force=output.force)
         except BaseException:
             # All or nothing, as for the report: no model and report without their plot.
             for path in result.files:
@@ -156,8 +161,8 @@ def prune_command(model: str, **kwargs: Any) -> None:
     click.echo(show_prune(result))
     if result.search is not None:
         click.echo(show_search(result.search))
-    if plot is not None:
-        click.echo(f"plotted {plot}")
+    if output.plot is not None:
+        click.echo(f"plotted {output.plot}")
 
 
 @cli.command("curves")
@@ -173,17 +178,11 @@ def prune_command(model: str, **kwargs: Any) -> None:
 )
 @measurement_options
 @mask_options
-@click.option(
-    "--refit-solver",
-    type=click.Choice(SOLVERS),
-    default="auto",
-    show_default=True,
-    help="With --refit-curves: the solver of each point's refit.",
-)
+@refit_solver_option("With --refit-curves: the solver of each point's refit.")
 @calibration_options
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Curve cache folder.")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the curve cache.")
-@click.option("--force", is_flag=True, help="Replace an existing curves file.")
+@field_option(OutputSpec, "--force", is_flag=True, help="Replace an existing curves file.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def curves_command(model: str, **kwargs: Any) -> None:
     """Measure the rate-distortion curves of MODEL once, for `allocate` to reuse."""
@@ -209,47 +208,45 @@ def curves_command(model: str, **kwargs: Any) -> None:
 @click.option("-o", "--output", type=click.Path(), help="Output file [MODEL.pruned.onnx].")
 @allocation_options
 @mask_options
-@click.option("--metric", default="mse", hidden=True)
+@setting("--metric", hidden=True)
 @output_kind_option
-@click.option("--provider", default="auto", show_default=True, help="For verification runs.")
+@setting("--provider", help="For verification runs.")
 @calibration_options
 @output_options
 def allocate_command(curves: str, model: str, ratios: str, **kwargs: Any) -> None:
     """Prune MODEL with saved CURVES, measuring nothing (one file per --ratio)."""
     calibration = build_calibration(kwargs)
+    evaluation = build_evaluation(kwargs)
     values = parse_ratios(ratios)
-    output = kwargs.pop("output")
-    kwargs.pop("no_progress")
-    kwargs.pop("cache_dir")
-    kwargs.pop("no_cache")
-    base = dict(kwargs)
+    for unused in ("no_progress", "cache_dir", "no_cache"):
+        kwargs.pop(unused)
+    output = build_output(kwargs)
     plans = []
     for ratio in values:
-        args = dict(base)
-        settings = build_settings(args, ratio=ratio)
-        target = output
-        if len(values) > 1:
-            target = output_for_ratio(output or f"{model.removesuffix('.onnx')}.pruned.onnx", ratio)
-            if args.get("report") is not None:
-                args["report"] = output_for_ratio(args["report"], ratio)
+        settings = build_settings(dict(kwargs), ratio=ratio)
         settings.check()
-        plans.append((settings, target, args))
+        plans.append((settings, _output_for(output, model, ratio, several=len(values) > 1)))
     # Every target checked before the first ratio runs; nothing left behind on a failure.
     check_targets(
         model,
-        [(t, a.get("report")) for _, t, a in plans],
-        force=base["force"],
+        [target for _, target in plans],
+        force=output.force,
         inputs={
             "curves file": curves,
-            "calibration data": calibration.data if calibration is not None else None,
-            "evaluation data": base.get("eval_data"),
+            "calibration data": calibration.data,
+            "evaluation data": evaluation.data,
         },
     )
     written: list[Path] = []
     try:
-        for settings, target, args in plans:
-            result = allocate(
-                curves, model, settings, calibration=calibration, output=target, **args
+        for settings, target in plans:
+            result = prune_from_curves(
+                curves,
+                model,
+                settings,
+                calibration=calibration,
+                output=target,
+                evaluation=evaluation,
             )
             written += [Path(path) for path in result.files]
             click.echo(show_prune(result))
@@ -257,6 +254,18 @@ def allocate_command(curves: str, model: str, ratios: str, **kwargs: Any) -> Non
         for path in written:
             path.unlink(missing_ok=True)
         raise
+
+
+def _output_for(output: OutputSpec, model: str, ratio: float, *, several: bool) -> OutputSpec:
+    """One ratio's outputs: with several ratios, ``out.onnx`` -> ``out.r0.7.onnx`` (and the
+    same for the report)."""
+    if not several:
+        return output
+    return dataclasses.replace(
+        output,
+        path=output_for_ratio(output.path or f"{model.removesuffix('.onnx')}.pruned.onnx", ratio),
+        report=None if output.report is None else output_for_ratio(output.report, ratio),
+    )
 
 
 cli.add_command(eval_command)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import MISSING, fields
 from typing import Any, TypeVar
 
 import click
@@ -14,10 +15,17 @@ from rdprune_onnx.errors import UserError
 from rdprune_onnx.export import STORAGES
 from rdprune_onnx.grid import GRIDS
 from rdprune_onnx.masks import MASK_INPUTS, MASKS
-from rdprune_onnx.pipeline import BUDGETS, CalibrationSpec, PruneSettings, read_overrides
 from rdprune_onnx.reconstruct import INPUTS as REFIT_INPUTS
 from rdprune_onnx.reconstruct import SOLVERS
 from rdprune_onnx.runtime import PROVIDERS
+from rdprune_onnx.settings import (
+    BUDGETS,
+    CalibrationSpec,
+    EvalSpec,
+    OutputSpec,
+    PruneSettings,
+    read_overrides,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,6 +34,29 @@ def _apply(func: F, options: list[Callable[[F], F]]) -> F:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def default(cls: Any, name: str) -> Any:
+    """The default of the dataclass field ``cls.name``: the one place a default is written."""
+    value = cls.__dataclass_fields__[name].default
+    if value is MISSING:
+        raise AssertionError(f"{cls.__name__}.{name} has no default")  # a bug in cli/
+    return value
+
+
+def field_option(cls: Any, *decls: str, **attrs: Any) -> Callable[[F], F]:
+    """A click option whose default is the field's own (``--refit-solver`` ->
+    ``cls.refit_solver``; ``is_flag`` options default to the field's False)."""
+    name = attrs.get("name") or decls[-1].lstrip("-").replace("-", "_")
+    attrs.pop("name", None)
+    if not attrs.get("is_flag"):
+        attrs.setdefault("show_default", True)
+    return click.option(*decls, default=default(cls, name), **attrs)
+
+
+def setting(*decls: str, **attrs: Any) -> Callable[[F], F]:
+    """An option for a :class:`PruneSettings` field, defaulting to the field's default."""
+    return field_option(PruneSettings, *decls, **attrs)
 
 
 def calibration_options(func: F) -> F:
@@ -64,19 +95,17 @@ def calibration_options(func: F) -> F:
                 metavar="NAME=VALUE",
                 help="Fix a synthetic input to one value, e.g. sr=16000 (repeatable).",
             ),
-            click.option("--batch-size", default=32, show_default=True, help="Samples per run."),
-            click.option("--seed", default=0, show_default=True, help="Seed for synthetic data."),
+            field_option(CalibrationSpec, "--batch-size", help="Samples per run."),
+            field_option(CalibrationSpec, "--seed", help="Seed for synthetic data."),
         ],
     )
 
 
 def output_kind_option(func: F) -> F:
     """What the outputs hold, for --metric kl / prob-mse (auto: from the graph or data)."""
-    return click.option(
+    return setting(
         "--output-kind",
         type=click.Choice(OUTPUT_KINDS),
-        default="auto",
-        show_default=True,
         help="What the outputs hold, for kl / prob-mse: auto detects a final Softmax / "
         "LogSoftmax / Sigmoid or judges by the data.",
     )(func)
@@ -86,21 +115,17 @@ def measurement_options(func: F) -> F:
     return _apply(
         func,
         [
-            click.option("--metric", type=click.Choice(METRICS), default="mse", show_default=True),
+            setting("--metric", type=click.Choice(METRICS)),
             output_kind_option,
-            click.option("--levels", default=101, show_default=True, help="Grid points, 0 to 1."),
-            click.option(
+            setting("--levels", help="Grid points, 0 to 1."),
+            setting(
                 "--grid",
                 type=click.Choice(GRIDS),
-                default="adaptive",
-                show_default=True,
                 help="adaptive: measure only the levels the allocation needs (refined in "
                 "rounds, --levels is the finest); full: every level.",
             ),
-            click.option(
-                "--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True
-            ),
-            click.option(
+            setting("--provider", type=click.Choice(PROVIDERS)),
+            setting(
                 "--refit-curves",
                 is_flag=True,
                 help="Measure each rd point with the layer pruned and refit (as --reconstruct "
@@ -114,12 +139,10 @@ def allocation_options(func: F) -> F:
     return _apply(
         func,
         [
-            click.option("--method", type=click.Choice(METHODS), default="rd", show_default=True),
-            click.option(
+            setting("--method", type=click.Choice(METHODS)),
+            setting(
                 "--budget",
                 type=click.Choice(BUDGETS),
-                default="params",
-                show_default=True,
                 help="What --ratio counts: weights, or multiply-accumulates.",
             ),
             click.option(
@@ -132,31 +155,23 @@ def allocation_options(func: F) -> F:
                 type=click.Path(dir_okay=False),
                 help='JSON/YAML: {"PATTERN": {"min_ratio": a, "max_ratio": b}}.',
             ),
-            click.option(
-                "--allow-layer-removal", is_flag=True, help="Let rd prune a layer entirely."
-            ),
-            click.option(
+            setting("--allow-layer-removal", is_flag=True, help="Let rd prune a layer entirely."),
+            setting(
                 "--prune-unused-layers",
                 is_flag=True,
                 help="Prune layers with a zero curve freely (default: the others' median).",
             ),
-            click.option(
+            setting(
                 "--reconstruct",
                 is_flag=True,
                 help="Refit each layer's kept weights to its dense outputs after masking.",
             ),
-            click.option(
-                "--refit-solver",
-                type=click.Choice(SOLVERS),
-                default="auto",
-                show_default=True,
-                help="exact per-row least squares, or blockwise sparsegpt for wide layers.",
+            refit_solver_option(
+                "exact per-row least squares, or blockwise sparsegpt for wide layers.",
             ),
-            click.option(
+            setting(
                 "--refit-inputs",
                 type=click.Choice(REFIT_INPUTS),
-                default="sequential",
-                show_default=True,
                 help="Hessians of the refit (and of --mask sparsegpt): each layer's inputs in "
                 "the model pruned and refit so far, or the dense model's. sequential by "
                 "measurement (digits: best or tied at 0.8-0.95, uniform and rd).",
@@ -169,11 +184,9 @@ def mask_options(func: F) -> F:
     return _apply(
         func,
         [
-            click.option(
+            setting(
                 "--mask",
                 type=click.Choice(MASKS),
-                default="magnitude",
-                show_default=True,
                 help="Which weights go inside a layer: smallest |w|; wanda (|w| x input "
                 "feature norm on the calibration data, per output row; also the rd curves' "
                 "mask and what global/lamp rank); or sparsegpt (OBS selection from each "
@@ -181,11 +194,9 @@ def mask_options(func: F) -> F:
                 "rd curves are magnitude ones unless --refit-curves). wanda and sparsegpt "
                 "need calibration data.",
             ),
-            click.option(
+            setting(
                 "--mask-inputs",
                 type=click.Choice(MASK_INPUTS),
-                default="dense",
-                show_default=True,
                 help="wanda statistics of the final masking: from the dense model (one pass) "
                 "or sequential (each layer's inputs in the model pruned so far, one pass per "
                 "layer depth). dense by measurement: sequential lost on the digits CNN at "
@@ -202,12 +213,13 @@ def output_options(func: F) -> F:
             click.option("--eval-data", type=click.Path(), help="Labelled .npz: dense vs pruned."),
             click.option("--labels", metavar="KEY", help="Array of labels in --eval-data."),
             click.option("--report", type=click.Path(), help="Write a JSON report here."),
-            click.option("--force", is_flag=True, help="Replace existing output files."),
-            click.option(
+            field_option(
+                OutputSpec, "--force", is_flag=True, help="Replace existing output files."
+            ),
+            field_option(
+                OutputSpec,
                 "--storage",
                 type=click.Choice(STORAGES),
-                default="dense",
-                show_default=True,
                 help="compact: a file that shrinks with sparsity (rebuilt by ORT at load).",
             ),
             click.option(
@@ -234,32 +246,40 @@ def build_calibration(kwargs: dict[str, Any]) -> CalibrationSpec:
     )
 
 
+def refit_solver_option(help: str) -> Callable[[F], F]:
+    return setting("--refit-solver", type=click.Choice(SOLVERS), help=help)
+
+
+def steps_option(func: F) -> F:
+    return setting("--steps", help="Iterative rd: re-measure K times.")(func)
+
+
+_SETTINGS = [f.name for f in fields(PruneSettings) if f.name != "ratio"]
+
+
 def build_settings(kwargs: dict[str, Any], *, ratio: float) -> PruneSettings:
-    """Pop the allocation and measurement options that a command has into settings."""
-    overrides = kwargs.pop("overrides", None)
+    """Pop the allocation and measurement options that a command has into settings (the
+    others keep the fields' defaults)."""
+    values = {name: kwargs.pop(name) for name in _SETTINGS if name in kwargs}
+    overrides = values.pop("overrides", None)
     return PruneSettings(
-        ratio=ratio,
-        method=kwargs.pop("method", "rd"),
-        metric=kwargs.pop("metric", "mse"),
-        levels=kwargs.pop("levels", 101),
-        provider=kwargs.pop("provider", "auto"),
-        exclude=kwargs.pop("exclude", ()),
-        allow_layer_removal=kwargs.pop("allow_layer_removal", False),
-        steps=kwargs.pop("steps", 1),
-        budget=kwargs.pop("budget", "params"),
-        min_layer_ratio=kwargs.pop("min_layer_ratio", None),
-        max_layer_ratio=kwargs.pop("max_layer_ratio", None),
-        overrides=read_overrides(overrides) if overrides else {},
-        reconstruct=kwargs.pop("reconstruct", False),
-        refit_solver=kwargs.pop("refit_solver", "auto"),
-        refit_inputs=kwargs.pop("refit_inputs", "sequential"),
-        refit_curves=kwargs.pop("refit_curves", False),
-        mask=kwargs.pop("mask", "magnitude"),
-        mask_inputs=kwargs.pop("mask_inputs", "dense"),
-        output_kind=kwargs.pop("output_kind", "auto"),
-        prune_unused_layers=kwargs.pop("prune_unused_layers", False),
-        grid=kwargs.pop("grid", "adaptive"),
+        ratio=ratio, overrides=read_overrides(overrides) if overrides else {}, **values
     )
+
+
+def build_output(kwargs: dict[str, Any]) -> OutputSpec:
+    """Pop the options of what a prune writes."""
+    return OutputSpec(
+        path=kwargs.pop("output"),
+        report=kwargs.pop("report"),
+        plot=kwargs.pop("plot", None),
+        storage=kwargs.pop("storage"),
+        force=kwargs.pop("force"),
+    )
+
+
+def build_evaluation(kwargs: dict[str, Any]) -> EvalSpec:
+    return EvalSpec(data=kwargs.pop("eval_data"), labels=kwargs.pop("labels"))
 
 
 def parse_ratios(text: str) -> list[float]:

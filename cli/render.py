@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 
 from rdprune_onnx.cache import CurveFile
+from rdprune_onnx.evaluate import Evaluation
 from rdprune_onnx.inspect import ModelSummary
-from rdprune_onnx.pipeline import PruneResult
+from rdprune_onnx.result import PruneResult
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
@@ -111,17 +112,7 @@ def show_prune(result: PruneResult) -> str:
             f"{_num(before)} -> {_num(after)}"
         )
     if result.evaluation is not None:
-        ev = result.evaluation
-        for out in ev.outputs:
-            agree = (
-                "" if out.top1_agreement is None else f", top-1 agreement {out.top1_agreement:.2%}"
-            )
-            lines.append(f"eval {out.name}: mse {out.mse:.4g}, cosine {out.cosine:.5f}{agree}")
-        if ev.pruned_accuracy is not None and ev.dense_accuracy is not None:
-            lines.append(
-                f"accuracy on {ev.samples} samples: dense {ev.dense_accuracy:.2%}, "
-                f"pruned {ev.pruned_accuracy:.2%}"
-            )
+        lines += _show_evaluation(result.evaluation)
     points = result.curve_points
     if points:
         lines.append(
@@ -134,6 +125,19 @@ def show_prune(result: PruneResult) -> str:
     if result.output:
         lines.append(f"wrote {result.output}")
     return "\n".join(lines)
+
+
+def _show_evaluation(ev: Evaluation) -> list[str]:
+    lines = []
+    for out in ev.outputs:
+        agree = "" if out.top1_agreement is None else f", top-1 agreement {out.top1_agreement:.2%}"
+        lines.append(f"eval {out.name}: mse {out.mse:.4g}, cosine {out.cosine:.5f}{agree}")
+    if ev.pruned_accuracy is not None and ev.dense_accuracy is not None:
+        lines.append(
+            f"accuracy on {ev.samples} samples: dense {ev.dense_accuracy:.2%}, "
+            f"pruned {ev.pruned_accuracy:.2%}"
+        )
+    return lines
 
 
 def show_curves(entry: CurveFile) -> str:

@@ -12,13 +12,17 @@ from rdprune_onnx.cache import default_cache_dir
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.quality import QUALITY_METRICS
 from rdprune_onnx.search import QualityTarget
+from rdprune_onnx.settings import EvalSpec, OutputSpec
 from rdprune_onnx.sweep import SweepResult, parse_methods, parse_ratio_grid, sweep
 
 from .options import (
     allocation_options,
     build_calibration,
+    build_evaluation,
     build_settings,
     calibration_options,
+    default,
+    field_option,
     mask_options,
     measurement_options,
 )
@@ -67,10 +71,13 @@ def target_options(func: F) -> F:
             click.option(
                 "--search-range",
                 metavar="LOW:HIGH",
-                help="Ratios searched by --max-drop / --max-distortion [0.05:0.99].",
+                help="Ratios searched by --max-drop / --max-distortion "
+                f"[{default(QualityTarget, 'low'):g}:{default(QualityTarget, 'high'):g}].",
             ),
             click.option(
-                "--resolution", type=float, help="Step of the searched ratio grid [0.01]."
+                "--resolution",
+                type=float,
+                help=f"Step of the searched ratio grid [{default(QualityTarget, 'resolution'):g}].",
             ),
         ]
     ):
@@ -78,7 +85,9 @@ def target_options(func: F) -> F:
     return func
 
 
-def build_target(kwargs: dict[str, Any], ratio: float | None) -> QualityTarget | None:
+def build_target(
+    kwargs: dict[str, Any], ratio: float | None, evaluation: EvalSpec
+) -> QualityTarget | None:
     """Pop the target options; refuse the combinations that make no sense, in one line."""
     max_drop = kwargs.pop("max_drop")
     max_distortion = kwargs.pop("max_distortion")
@@ -110,7 +119,7 @@ def build_target(kwargs: dict[str, Any], ratio: float | None) -> QualityTarget |
         raise UserError(
             "--max-drop and --max-distortion are alternatives", "give one quality target"
         )
-    if max_drop is not None and kwargs.get("eval_data") is None:
+    if max_drop is not None and evaluation.data is None:
         raise UserError(
             "--max-drop needs held-out data to measure the drop on",
             "pass --eval-data FILE.npz (and --labels KEY for accuracy)",
@@ -230,7 +239,7 @@ def show_sweep(result: SweepResult) -> str:
 @click.option("--quality-metric", type=click.Choice(QUALITY_METRICS), help=_QUALITY_HELP)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the sweep as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw the sweep (.png/.svg/.pdf).")
-@click.option("--force", is_flag=True, help="Replace existing output files.")
+@field_option(OutputSpec, "--force", is_flag=True, help="Replace existing output files.")
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False),
@@ -252,8 +261,7 @@ def sweep_command(model: str, **kwargs: Any) -> None:
         model,
         settings,
         calibration,
-        eval_data=kwargs.pop("eval_data"),
-        labels=kwargs.pop("labels"),
+        evaluation=build_evaluation(kwargs),
         metric=kwargs.pop("quality_metric"),
         ratios=ratios,
         methods=methods,

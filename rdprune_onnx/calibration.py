@@ -240,6 +240,22 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         ) from None
 
 
+def load_labelled(
+    path: str | os.PathLike[str], labels: str | None
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The arrays of a held-out .npz, with the array named ``labels`` (``--labels``) taken
+    out of them (None when not asked for)."""
+    raw = load_npz(path)
+    if labels is None:
+        return raw, None
+    if labels not in raw:
+        raise UserError(
+            f"{str(path)!r} has no array {labels!r}",
+            f"it has {', '.join(map(repr, sorted(raw))) or 'nothing'}; pass one as --labels",
+        )
+    return raw, raw.pop(labels)
+
+
 def check_data(
     data: Mapping[str, np.ndarray], specs: Sequence[InputSpec], source: str
 ) -> dict[str, np.ndarray]:

@@ -3,8 +3,9 @@
 ``UserError`` is for mistakes the user can fix (bad path, bad ratio, mismatched data,
 unsupported model). The command line prints it as one line without a traceback, exit 1.
 ``InternalError`` is a failure in something the library built (a cut graph, a pruned
-copy): a bug. The command line asks to report it (exit 2; traceback with ``--debug``), as
-it does for any other exception.
+copy that ONNX Runtime refuses, a check of the library's own output): a bug. The command
+line prints its traceback and asks to report it (exit 2). Any other exception is a bug too:
+one line asking to report it (exit 2; the traceback with ``--debug``).
 """
 
 from __future__ import annotations

@@ -381,15 +381,7 @@ def _load_data(
     pruned: onnx.ModelProto,
     labels: str | None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    raw = calib.load_npz(path)
-    label_array = None
-    if labels is not None:
-        if labels not in raw:
-            raise UserError(
-                f"{str(path)!r} has no array {labels!r}",
-                f"it has {', '.join(map(repr, sorted(raw))) or 'nothing'}; pass one as --labels",
-            )
-        label_array = raw.pop(labels)
+    raw, label_array = calib.load_labelled(path, labels)
     specs = calib.model_inputs(dense)
     pruned_specs = calib.model_inputs(pruned)
     if [(s.name, s.dtype) for s in specs] != [(s.name, s.dtype) for s in pruned_specs]:

@@ -15,30 +15,30 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import onnx
 
 from rdprune_onnx.allocate import Curve
 from rdprune_onnx.calibration import sample_count
+from rdprune_onnx.curve_source import CurveNeeds, measure_dense
 from rdprune_onnx.curves import Reference
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import run_all
-from rdprune_onnx.graph.load import read_model
-from rdprune_onnx.pipeline import (
-    CalibrationSpec,
-    CurveNeeds,
-    PruneResult,
-    PruneSettings,
-    _allocate,
-    _finish,
-    _load_eval,
-    _load_job,
-    _staging,
-    measure_dense,
-)
+from rdprune_onnx.job import load_eval, load_job, require_calibration, staging_folder
 from rdprune_onnx.quality import Outputs, Quality, QualityMetric, choose_metric, score
+from rdprune_onnx.result import PruneResult
 from rdprune_onnx.runtime import Session
+from rdprune_onnx.settings import CalibrationSpec, EvalSpec, OutputSpec, PruneSettings
+from rdprune_onnx.stages import (
+    Pruned,
+    allocate_and_mask,
+    build_pruned,
+    refit_layers,
+    run_dense,
+    summarize,
+    verify,
+    write_pruned,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,7 @@ class Prober:
         settings: PruneSettings,
         calibration: CalibrationSpec | None,
         *,
-        eval_data: str | os.PathLike[str] | None = None,
-        labels: str | None = None,
+        evaluation: EvalSpec | None = None,
         metric: QualityMetric | None = None,
         need_curves: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
@@ -74,16 +73,13 @@ class Prober:
                 "or a quality target",
                 "drop --steps",
             )
-        if need_curves and (calibration is None or not calibration.given):
-            raise UserError(
-                "no calibration data", "pass --data FILE.npz or --synthetic N (random inputs)"
-            )
+        require_calibration(calibration, need_curves)
         self.settings = settings
-        self.job = _load_job(model_path, settings, calibration)
+        self.job = load_job(model_path, settings, calibration)
         job = self.job
         # Costs paid once (load, reference run, curves, dense held-out run), not per probe.
         self.timings: dict[str, float] = dict(job.timings)
-        self.eval_arrays, self.labels = _load_eval(job.model, eval_data, labels)
+        self.eval_arrays, self.labels = load_eval(job.model, evaluation or EvalSpec())
         self.curves: dict[str, Curve] | None = None
         if need_curves:
             assert job.reference is not None and job.data is not None
@@ -104,8 +100,7 @@ class Prober:
         self.metric: QualityMetric | None = None
         if self.eval_arrays is not None:
             t = time.perf_counter()
-            dense = Session(job.model, job.config, path=job.path if job.lazy else None)
-            self.dense_out = run_all(dense, self.eval_arrays, job.batch_size)
+            self.dense_out = run_dense(job, self.eval_arrays)
             self.timings["dense_eval"] = time.perf_counter() - t
             self.metric = choose_metric(metric, self.labels, self.dense_out)
         elif metric is not None:
@@ -127,66 +122,43 @@ class Prober:
             raise UserError("the rd method needs rate-distortion curves", "pass --data")
         return self.curves
 
-    def prune(
-        self,
-        settings: PruneSettings,
-        *,
-        output: str | os.PathLike[str] | None = None,
-        force: bool = False,
-        storage: str = "dense",
-    ) -> Probed:
-        """Allocate, mask (and refit), verify and score ``settings`` (its ratio and method)."""
+    def prune(self, settings: PruneSettings, output: OutputSpec | None = None) -> Probed:
+        """Allocate, mask (and refit), verify and score ``settings`` (its ratio and method);
+        write the model only when ``output`` says so (no report)."""
         started = time.perf_counter()
         settings.check()
+        out = output if output is not None else OutputSpec(write=False)
         job = self.job
         job.timings = {}
-        pruned, allocation, specs, steps, _ = _allocate(job, settings, self._curves)
-        out = None if output is None else Path(output)
-        with _staging(job, out) as staging:
-            result = _finish(
-                job,
-                settings,
-                pruned,
-                allocation,
-                specs,
-                steps,
-                # Every method's ratios are read off the curves: a predicted distortion for
-                # LAMP and global too, beside rd's.
-                self.curves,
-                output=out,
-                force=force,
-                report=None,
-                started=started,
-                storage=storage,
-                staging=staging,
-            )
-            quality = None
-            if self.eval_arrays is not None and self.dense_out is not None:
-                t = time.perf_counter()
-                model = result.model
-                path: Path | None = None
-                if model is None:  # a lazy job: read the pruned model back from its file
-                    path = out if out is not None else _staged(staging)
-                    model = read_model(path, check=False)[0]
-                session = Session(model, job.config, path=path)
-                pruned_out = run_all(session, self.eval_arrays, job.batch_size)
-                assert self.metric is not None
-                quality, result.evaluation = score(
-                    self.metric, self.dense_out, pruned_out, self.labels
-                )
-                result.timings["evaluate"] = time.perf_counter() - t
+        masked = allocate_and_mask(job, settings, self._curves)
+        # Every method's ratios are read off the curves: a predicted distortion for LAMP and
+        # global too, beside rd's.
+        masked = dataclasses.replace(masked, curves=self.curves)
+        with staging_folder(job, out) as staging:
+            refit = refit_layers(job, settings, masked)
+            pruned = build_pruned(job, refit, staging)
+            result = summarize(job, settings, masked, refit, pruned, verify(job, pruned), None)
+            write_pruned(job, result, pruned.model, out, started)
+            quality = self._score(result, pruned)
         seconds = time.perf_counter() - started
         result.timings["probe"] = seconds
         return Probed(result, quality, seconds)
+
+    def _score(self, result: PruneResult, pruned: Pruned) -> Quality | None:
+        """The quality of the pruned model on the held-out data (its evaluation goes into
+        ``result``); None without held-out data."""
+        if self.eval_arrays is None or self.dense_out is None:
+            return None
+        assert self.metric is not None
+        t = time.perf_counter()
+        session = Session(pruned.model, self.job.config, path=pruned.path)
+        pruned_out = run_all(session, self.eval_arrays, self.job.batch_size)
+        quality, result.evaluation = score(self.metric, self.dense_out, pruned_out, self.labels)
+        result.timings["evaluate"] = time.perf_counter() - t
+        return quality
 
 
 def with_ratio(settings: PruneSettings, ratio: float, method: str | None = None) -> PruneSettings:
     return dataclasses.replace(
         settings, ratio=float(ratio), method=settings.method if method is None else method
     )
-
-
-def _staged(staging: Path | None) -> Path:
-    if staging is None:
-        raise AssertionError("a lazy job's pruned model has no staging folder")
-    return staging / "pruned.onnx"

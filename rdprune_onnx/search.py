@@ -24,33 +24,32 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
 from rdprune_onnx.allocate.dual import allocate_within
 from rdprune_onnx.errors import InfeasibleError, UserError
-from rdprune_onnx.export import compact_weights
-from rdprune_onnx.graph.layers import read_weight
-from rdprune_onnx.graph.load import save_model
-from rdprune_onnx.pipeline import (
-    CalibrationSpec,
-    PruneResult,
-    PruneSettings,
-    _check_outputs,
-    _check_storage,
-    _layer_specs,
-    default_output,
-)
+from rdprune_onnx.job import check_outputs, layer_specs
 from rdprune_onnx.probe import Probed, Prober, with_ratio
 from rdprune_onnx.quality import QualityMetric, metric_name
-from rdprune_onnx.report import write_json
-from rdprune_onnx.weights import ModelWeights
+from rdprune_onnx.result import PruneResult
+from rdprune_onnx.settings import (
+    CalibrationSpec,
+    EvalSpec,
+    OutputSpec,
+    PruneSettings,
+    resolve_specs,
+)
+from rdprune_onnx.stages import write_pruned, write_report
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from rdprune_onnx.settings import SpecOptions
 
 log = logging.getLogger(__name__)
 
@@ -232,41 +231,25 @@ def prune_to_target(
     calibration: CalibrationSpec,
     target: QualityTarget,
     *,
-    output: str | os.PathLike[str] | None = None,
-    write: bool = True,
-    force: bool = False,
-    report: str | os.PathLike[str] | None = None,
-    eval_data: str | os.PathLike[str] | None = None,
-    labels: str | None = None,
+    output: OutputSpec | str | os.PathLike[str] | None = None,
+    evaluation: EvalSpec | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-    storage: str = "dense",
     progress: bool = False,
+    **options: Unpack[SpecOptions],
 ) -> PruneResult:
     """Prune ``model_path`` to the highest ratio that meets ``target``; write only that model.
 
     ``settings.ratio`` is ignored (the search chooses it). The result's ``search`` lists every
-    probe; its ``evaluation`` is the chosen model's on ``eval_data``.
+    probe; its ``evaluation`` is the chosen model's on ``evaluation`` (held-out data). The
+    outputs and the flat keywords are :func:`rdprune_onnx.pipeline.prune`'s.
     """
-    target.check()
-    settings = with_ratio(settings, target.low)
-    settings.check()
-    _check_storage(storage)
-    if target.max_drop is not None and eval_data is None:
-        raise UserError(
-            "--max-drop needs held-out data to measure the drop on",
-            "pass --eval-data FILE.npz (and --labels KEY for accuracy)",
-        )
-    out_path = Path(output) if output is not None else default_output(model_path)
-    _check_outputs(model_path, [out_path] if write else [], report, force)
-    for given in (eval_data, calibration.data):
-        if given is not None and write and Path(given).resolve() == out_path.resolve():
-            raise UserError("refusing to overwrite an input file", "choose another -o")
+    out, evaluation = resolve_specs(output, evaluation, options)
+    settings = _check_run(model_path, settings, calibration, target, out, evaluation)
     prober = Prober(
         model_path,
         settings,
         calibration,
-        eval_data=eval_data,
-        labels=labels,
+        evaluation=evaluation,
         metric=target.metric,
         need_curves=settings.method == "rd",
         cache_dir=cache_dir,
@@ -281,45 +264,82 @@ def prune_to_target(
             search, extra = _search_distortion(
                 prober, settings, target, target.max_distortion, kept
             )
-    dense = prober.dense_quality()
-    criterion = "max_drop" if target.max_drop is not None else "max_distortion"
-    limit = target.max_drop if target.max_drop is not None else target.max_distortion
+    chosen = _chosen(prober, target, search)
+    probed = kept.at(chosen.ratio)
+    if probed is not None and probed.result.model is not None:
+        # The chosen probe's model is in memory: write it (the bytes prune --ratio writes).
+        result = write_pruned(prober.job, probed.result, probed.result.model, out)
+    else:  # a lazy model (weights on disk): prune the chosen ratio again, writing it
+        result = prober.prune(with_ratio(settings, chosen.ratio), out).result
+    result.search = _record(prober, target, search, chosen) | extra
+    return write_report(prober.job, result, out)
+
+
+def _check_run(
+    model_path: str | os.PathLike[str],
+    settings: PruneSettings,
+    calibration: CalibrationSpec,
+    target: QualityTarget,
+    out: OutputSpec,
+    evaluation: EvalSpec,
+) -> PruneSettings:
+    """Every check before the search's work; the settings at the range's first ratio."""
+    target.check()
+    settings = with_ratio(settings, target.low)
+    settings.check()
+    out.check()
+    if target.max_drop is not None and evaluation.data is None:
+        raise UserError(
+            "--max-drop needs held-out data to measure the drop on",
+            "pass --eval-data FILE.npz (and --labels KEY for accuracy)",
+        )
+    check_outputs(
+        model_path,
+        out,
+        inputs={"calibration data": calibration.data, "evaluation data": evaluation.data},
+    )
+    return settings
+
+
+def _criterion(target: QualityTarget) -> tuple[str, float]:
+    if target.max_drop is not None:
+        return "max_drop", target.max_drop
+    assert target.max_distortion is not None
+    return "max_distortion", target.max_distortion
+
+
+def _chosen(prober: Prober, target: QualityTarget, search: Search) -> Probe:
+    """The search's answer; a UserError naming the first failure when no probe passed."""
+    criterion, limit = _criterion(target)
+    if search.best is not None:
+        chosen = search.best
+        log.info("chosen ratio %.4g (%s %.4g)", chosen.ratio, criterion, chosen.value)
+        return chosen
     what = (
         f"the {metric_name(prober.metric)} drop"
         if target.max_drop is not None and prober.metric is not None
         else "the measured distortion"
     )
-    if search.best is None:
-        first = search.failed_above
-        detail = ""
-        if first is not None:
-            detail = (
-                f": ratio {first.ratio:g} could not be pruned ({first.error})"
-                if first.error
-                else f": ratio {first.ratio:g} already gives {first.value:.4g}"
-            )
-        raise UserError(
-            f"no ratio in {target.low:g}..{target.high:g} keeps {what} within {limit:g}{detail}",
-            f"raise the {criterion.replace('_', '-')} limit or lower the search range",
+    first = search.failed_above
+    detail = ""
+    if first is not None:
+        detail = (
+            f": ratio {first.ratio:g} could not be pruned ({first.error})"
+            if first.error
+            else f": ratio {first.ratio:g} already gives {first.value:.4g}"
         )
-    chosen = search.best
-    log.info("chosen ratio %.4g (%s %.4g)", chosen.ratio, criterion, chosen.value)
-    probed = kept.at(chosen.ratio)
-    if probed is not None and probed.result.model is not None:
-        # The chosen probe's model is in memory: write it (the bytes prune --ratio writes).
-        result = probed.result
-        if write:
-            t = time.perf_counter()
-            _write(prober, result, out_path, force=force, storage=storage)
-            result.timings["write"] = time.perf_counter() - t
-    else:  # a lazy model (weights on disk): prune the chosen ratio again, writing it
-        result = prober.prune(
-            with_ratio(settings, chosen.ratio),
-            output=out_path if write else None,
-            force=force,
-            storage=storage,
-        ).result
-    result.search = {
+    raise UserError(
+        f"no ratio in {target.low:g}..{target.high:g} keeps {what} within {limit:g}{detail}",
+        f"raise the {criterion.replace('_', '-')} limit or lower the search range",
+    )
+
+
+def _record(prober: Prober, target: QualityTarget, search: Search, chosen: Probe) -> dict[str, Any]:
+    """The result's ``search``: the target, every probe, the choice and its rule."""
+    criterion, limit = _criterion(target)
+    dense = prober.dense_quality()
+    failed = search.failed_above
+    return {
         "criterion": criterion,
         "limit": limit,
         "metric": metric_name(prober.metric) if prober.metric is not None else None,
@@ -328,24 +348,14 @@ def prune_to_target(
         "target": target.to_dict(),
         "chosen_ratio": chosen.ratio,
         "chosen_value": chosen.value,
-        "next_failing_ratio": None if search.failed_above is None else search.failed_above.ratio,
-        "next_failing_value": None if search.failed_above is None else search.failed_above.value,
+        "next_failing_ratio": None if failed is None else failed.ratio,
+        "next_failing_value": None if failed is None else failed.value,
         "rule": "the highest ratio whose probe passed, among the probes made (bisection on "
         f"a grid of step {target.resolution:g}); the next grid ratio above it failed",
         "probes": [p.to_dict() for p in search.probes],
         "probe_s_mean": float(np.mean([p.seconds for p in search.probes])),
         "once_s": prober.timings,
-        **extra,
     }
-    if report is not None:
-        try:
-            write_json(result.to_dict(), report, force=force)
-        except BaseException:
-            # All or nothing, as in prune: no model without its report.
-            if result.output is not None:
-                Path(result.output).unlink(missing_ok=True)
-            raise
-    return result
 
 
 class _Kept:
@@ -367,19 +377,6 @@ class _Kept:
 
     def at(self, ratio: float) -> Probed | None:
         return self.probed if self.ratio == ratio else None
-
-
-def _write(prober: Prober, result: PruneResult, output: Path, *, force: bool, storage: str) -> None:
-    """Write a probe's in-memory model as ``prune`` writes it."""
-    job = prober.job
-    assert result.model is not None
-    to_write = result.model
-    if storage == "compact":
-        to_write = compact_weights(result.model, [layer.name for layer in job.layers])
-    save_model(
-        to_write, output, external_data=job.had_external or None, force=force, protect=(job.path,)
-    )
-    result.output = str(output)
 
 
 def _search_drop(
@@ -418,13 +415,7 @@ def _search_distortion(
     if settings.method != "rd":
         return bisect_ratio(check, target.low, target.high, target.resolution), {}
     assert prober.curves is not None
-    names = [layer.name for layer in job.layers]
-    weights = (
-        ModelWeights(job.model, names)
-        if job.lazy
-        else {name: read_weight(job.model, name) for name in names}
-    )
-    specs = _layer_specs(job, settings, weights)
+    specs = layer_specs(job, settings, job.dense_weights())
     dual = allocate_within(
         specs, prober.curves, limit, allow_layer_removal=settings.allow_layer_removal
     )

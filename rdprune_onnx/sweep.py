@@ -20,18 +20,25 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from rdprune_onnx.allocate import METHODS
 from rdprune_onnx.cache import data_fingerprint, model_fingerprint
 from rdprune_onnx.errors import InfeasibleError, UserError
-from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings
+from rdprune_onnx.files import RunFiles
+from rdprune_onnx.job import require_calibration
 from rdprune_onnx.probe import Prober, with_ratio
 from rdprune_onnx.quality import QualityMetric, metric_name
 from rdprune_onnx.report import write_json
 from rdprune_onnx.runtime import versions
+from rdprune_onnx.settings import CalibrationSpec, EvalSpec, PruneSettings, resolve_eval
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from rdprune_onnx.settings import EvalOptions
 
 log = logging.getLogger(__name__)
 
@@ -126,26 +133,6 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _protect(
-    paths: Sequence[str | os.PathLike[str] | None],
-    inputs: Sequence[str | os.PathLike[str] | None],
-    force: bool,
-) -> None:
-    sources = {Path(p).resolve() for p in inputs if p is not None}
-    for path in paths:
-        if path is None:
-            continue
-        out = Path(path)
-        if out.resolve() in sources:
-            raise UserError(f"refusing to overwrite the input file {str(out)!r}", "choose another")
-        if out.is_dir():
-            raise UserError(f"{str(out)!r} is a directory", "name a file")
-        if not out.parent.is_dir():
-            raise UserError(f"folder {str(out.parent)!r} does not exist", "create it first")
-        if out.exists() and not force:
-            raise UserError(f"{str(out)!r} already exists", "pass --force to replace it")
-
-
 class _PointCache:
     """The finished points of one sweep identity, saved after every point."""
 
@@ -192,10 +179,9 @@ def sweep(
     settings: PruneSettings,
     calibration: CalibrationSpec,
     *,
-    eval_data: str | os.PathLike[str],
+    evaluation: EvalSpec | None = None,
     ratios: Sequence[float],
     methods: Sequence[str] = ("rd",),
-    labels: str | None = None,
     metric: QualityMetric | None = None,
     output: str | os.PathLike[str] | None = None,
     plot: str | os.PathLike[str] | None = None,
@@ -203,8 +189,10 @@ def sweep(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
     on_point: Callable[[SweepPoint], None] | None = None,
+    **options: Unpack[EvalOptions],
 ) -> SweepResult:
-    """Prune ``model_path`` at every ratio with every method and score each on ``eval_data``.
+    """Prune ``model_path`` at every ratio with every method and score each on the held-out
+    data of ``evaluation`` (or the flat keywords ``eval_data`` and ``labels``).
 
     ``settings`` gives everything but the ratio and the method (bounds, exclusions,
     ``reconstruct``, the curves' metric and levels). ``metric`` is a quality metric name or a
@@ -213,39 +201,102 @@ def sweep(
     points are cached in ``cache_dir`` (none with a callable metric, which cannot be
     fingerprinted); ``on_point`` is called after each point, cached or evaluated.
     """
+    # About 80 lines with its 13 parameters and docstring; the body reads as the sweep:
+    # check, load once, run every point, write (the steps are the helpers below).
     started = time.perf_counter()
+    evaluation = resolve_eval(evaluation, options)
     methods = parse_methods(methods)
     grid = sorted({float(r) for r in ratios})
-    if not grid:
-        raise UserError("no ratio to sweep", "e.g. --ratios 0.3:0.95:0.05")
-    for method in methods:
-        with_ratio(settings, grid[0], method).check()
-    _protect([output, plot], [model_path, calibration.data, eval_data], force)
-    if plot is not None:
-        from rdprune_onnx.sweep_plot import check_plot_format
-
-        check_plot_format(plot)
-    if not calibration.given and ("rd" in methods or settings.budget == "flops"):
-        raise UserError(
-            "no calibration data", "pass --data FILE.npz or --synthetic N (random inputs)"
-        )
+    files = _check_sweep(
+        model_path, settings, calibration, evaluation, methods, grid, output, plot, force
+    )
     prober = Prober(
         model_path,
         with_ratio(settings, grid[0], methods[0]),
         calibration,
-        eval_data=eval_data,
-        labels=labels,
+        evaluation=evaluation,
         metric=metric,
         need_curves="rd" in methods,
         cache_dir=cache_dir,
         progress=progress,
     )
-    assert prober.metric is not None and prober.eval_arrays is not None
     dense = prober.dense_quality()
-    assert dense is not None
-    job = prober.job
+    assert prober.metric is not None and dense is not None
     common = {k: v for k, v in settings.to_dict().items() if k not in ("ratio", "method", "steps")}
-    identity = {
+    folder = None if cache_dir is None or callable(prober.metric) else Path(cache_dir)
+    cache = _PointCache(folder, _identity(prober, common))
+    points, evaluated = _points(
+        prober, settings, cache, [(m, r) for m in methods for r in grid], progress, on_point
+    )
+    result = SweepResult(
+        model=str(model_path),
+        metric=metric_name(prober.metric),
+        dense_metric=dense.dense,
+        eval_samples=prober.eval_samples,
+        distortion_metric=settings.metric,
+        settings=common
+        | {
+            "methods": methods,
+            "ratios": grid,
+            "labels": evaluation.labels,
+            "cache": str(cache.path),
+        },
+        points=points,
+        timings={
+            **prober.timings,
+            "points": evaluated,
+            "total": time.perf_counter() - started,
+        },
+    )
+    if output is not None:
+        write_json(result.to_dict(), output, force=force, protect=files.protected())
+        result.output = str(output)
+    if plot is not None:
+        from rdprune_onnx.sweep_plot import plot_sweep
+
+        plot_sweep(result, plot, force=force, protect=files.protected())
+    return result
+
+
+def _check_sweep(
+    model_path: str | os.PathLike[str],
+    settings: PruneSettings,
+    calibration: CalibrationSpec,
+    evaluation: EvalSpec,
+    methods: Sequence[str],
+    grid: Sequence[float],
+    output: str | os.PathLike[str] | None,
+    plot: str | os.PathLike[str] | None,
+    force: bool,
+) -> RunFiles:
+    """Every check before the sweep's work: data, ratios, settings of each method, and the
+    output targets (never an input, never an existing file without ``force``)."""
+    if evaluation.data is None:
+        raise UserError("a sweep scores held-out data", "pass --eval-data FILE.npz")
+    if not grid:
+        raise UserError("no ratio to sweep", "e.g. --ratios 0.3:0.95:0.05")
+    for method in methods:
+        with_ratio(settings, grid[0], method).check()
+    files = RunFiles(force=force)
+    files.add_input(model_path, "input model")
+    files.add_input(calibration.data, "calibration data")
+    files.add_input(evaluation.data, "evaluation data")
+    if output is not None:
+        files.claim(output, "sweep file")
+    if plot is not None:
+        from rdprune_onnx.sweep_plot import check_plot_format
+
+        check_plot_format(plot)
+        files.claim(plot, "plot")
+    require_calibration(calibration, "rd" in methods or settings.budget == "flops")
+    return files
+
+
+def _identity(prober: Prober, common: dict[str, Any]) -> dict[str, Any]:
+    """What a sweep point depends on: model, data, labels, metric and settings."""
+    job = prober.job
+    assert prober.metric is not None and prober.eval_arrays is not None
+    return {
         "model": model_fingerprint(job.model),
         "calibration": None if job.data is None else data_fingerprint(job.data),
         "batch_size": job.batch_size,
@@ -257,11 +308,20 @@ def sweep(
         "settings": common,
         "provider": job.config.provider,
     }
-    folder = None if cache_dir is None or callable(prober.metric) else Path(cache_dir)
-    cache = _PointCache(folder, identity)
+
+
+def _points(
+    prober: Prober,
+    settings: PruneSettings,
+    cache: _PointCache,
+    jobs: Sequence[tuple[str, float]],
+    progress: bool,
+    on_point: Callable[[SweepPoint], None] | None,
+) -> tuple[list[SweepPoint], float]:
+    """Every (method, ratio): from the point cache, or evaluated and cached; with the
+    seconds spent evaluating."""
     points: list[SweepPoint] = []
     evaluated = 0.0
-    jobs = [(m, r) for m in methods for r in grid]
     with tqdm(
         total=len(jobs), disable=not progress, unit="pt", desc="sweep", leave=False, delay=0.5
     ) as bar:
@@ -275,29 +335,7 @@ def sweep(
             bar.update()
             if on_point is not None:
                 on_point(point)
-    result = SweepResult(
-        model=str(model_path),
-        metric=metric_name(prober.metric),
-        dense_metric=dense.dense,
-        eval_samples=prober.eval_samples,
-        distortion_metric=settings.metric,
-        settings=common
-        | {"methods": methods, "ratios": grid, "labels": labels, "cache": str(cache.path)},
-        points=points,
-        timings={
-            **prober.timings,
-            "points": evaluated,
-            "total": time.perf_counter() - started,
-        },
-    )
-    if output is not None:
-        write_json(result.to_dict(), output, force=force)
-        result.output = str(output)
-    if plot is not None:
-        from rdprune_onnx.sweep_plot import plot_sweep
-
-        plot_sweep(result, plot, force=force)
-    return result
+    return points, evaluated
 
 
 def _evaluate(prober: Prober, settings: PruneSettings, method: str, ratio: float) -> SweepPoint:

@@ -9,12 +9,12 @@ off the curves (dashed), in the same colour per method. matplotlib is optional
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rdprune_onnx import files
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.plot import matplotlib_canvas
 
@@ -41,15 +41,22 @@ def check_plot_format(path: str | os.PathLike[str]) -> None:
         )
 
 
-def plot_sweep(result: Any, path: str | os.PathLike[str], *, force: bool = False) -> Path:
-    """Draw a :class:`~rdprune_onnx.sweep.SweepResult` (or its ``to_dict()``) to ``path``."""
+def plot_sweep(
+    result: Any,
+    path: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    protect: Sequence[files.Identity] = (),
+) -> Path:
+    """Draw a :class:`~rdprune_onnx.sweep.SweepResult` (or its ``to_dict()``) to ``path``
+    (written through :func:`rdprune_onnx.files.write_file`, never over ``protect``)."""
+    # About 70 lines: matplotlib calls for two panels, in drawing order; as plot.py's figure.
     raw: dict[str, Any] = result if isinstance(result, dict) else result.to_dict()
     out = Path(path)
     check_plot_format(out)
     if not out.parent.is_dir():
         raise UserError(f"plot folder {str(out.parent)!r} does not exist", "create it first")
-    if out.exists() and not force:
-        raise UserError(f"plot {str(out)!r} already exists", "pass --force to replace it")
+    files.check_existing(out, "plot", force=force, force_hint=files.FORCE_HINT)
     figure_cls, canvas_cls = matplotlib_canvas()
     fig = figure_cls(figsize=FIGSIZE, dpi=DPI)
     canvas = canvas_cls(fig)
@@ -95,19 +102,14 @@ def plot_sweep(result: Any, path: str | os.PathLike[str], *, force: bool = False
         fontsize=9,
     )
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".rdprune-", suffix=out.suffix, dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            canvas.print_figure(fh, format=out.suffix.lower().lstrip("."), dpi=DPI)
-        Path(tmp).replace(out)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink()
-        raise UserError(f"could not write {str(out)!r}: {exc.strerror or exc}", "") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink()
-        raise
+    fmt = out.suffix.lower().lstrip(".")
+    files.write_file(
+        out,
+        lambda fh: canvas.print_figure(fh, format=fmt, dpi=DPI),
+        force=force,
+        label="plot",
+        protect=protect,
+    )
     return out
 
 

@@ -403,7 +403,7 @@ def child_session(kind: str, path: Path, hidden: int) -> None:
 
 def child_phases(method: str, path: Path, output: Path, levels: int) -> None:
     """Run the prune pipeline in-process with its steps wrapped, recording memory."""
-    from rdprune_onnx import curves, pipeline
+    from rdprune_onnx import curves, job, pipeline, stages
     from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings
 
     events: list[dict[str, Any]] = []
@@ -452,8 +452,9 @@ def child_phases(method: str, path: Path, output: Path, levels: int) -> None:
         "write_external",
         "save_model",
     ):
-        if hasattr(pipeline, name):
-            wrap(pipeline, name)
+        for module in (pipeline, job, stages):  # the flow's stages live in job and stages
+            if hasattr(module, name):
+                wrap(module, name)
     for name in ("expose_as_inputs", "Session", "downstream", "with_outputs", "infer_types"):
         if hasattr(curves, name):
             wrap(curves, name)

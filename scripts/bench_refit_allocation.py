@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-import rdprune_onnx.pipeline as pipeline
+import rdprune_onnx.curve_source as curve_source
 from rdprune_onnx import CalibrationSpec, PruneSettings, prune
 from rdprune_onnx.allocate import get_allocator
 from rdprune_onnx.allocate.base import AllocationProblem, LayerSpec
@@ -69,7 +69,7 @@ class Digits:
 
 
 def why(d: Digits, ratios: list[float]) -> list[dict[str, Any]]:
-    original = pipeline._refit_candidates
+    original = curve_source.refit_candidates
 
     def select_candidates(
         model: onnx.ModelProto, data: Any, batch: int, settings: PruneSettings, config: Any
@@ -83,7 +83,7 @@ def why(d: Digits, ratios: list[float]) -> list[dict[str, Any]]:
     try:
         for ratio in ratios:
             for kind, cache in caches.items():
-                pipeline._refit_candidates = select_candidates if kind == "select" else original
+                curve_source.refit_candidates = select_candidates if kind == "select" else original
                 result = prune(
                     MODEL,
                     PruneSettings(ratio=ratio, refit_curves=kind != "plain"),
@@ -106,7 +106,7 @@ def why(d: Digits, ratios: list[float]) -> list[dict[str, Any]]:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:
-        pipeline._refit_candidates = original
+        curve_source.refit_candidates = original
     return rows
 
 

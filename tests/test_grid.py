@@ -23,7 +23,7 @@ from rdprune_onnx.cache import read_curve_file
 from rdprune_onnx.curves import grid, measure_curves, run_reference
 from rdprune_onnx.graph.layers import find_layers
 from rdprune_onnx.grid import measure_grid
-from rdprune_onnx.pipeline import allocate, measure
+from rdprune_onnx.pipeline import measure, prune_from_curves
 from rdprune_onnx.runtime import SessionConfig
 from rdprune_onnx_cli.main import cli
 from tests import graphs
@@ -96,7 +96,7 @@ def test_sparse_curve_file_round_trips_and_allocates_identically(
         np.testing.assert_array_equal(saved.curves[name].distortion, curve.distortion)
     assert any(c.ratios.size < LEVELS for c in saved.curves.values())
     pruned = prune(cnn_file, settings, DATA, output=tmp_path / "p.onnx", cache_dir=None)
-    allocated = allocate(out, cnn_file, settings, output=tmp_path / "a.onnx")
+    allocated = prune_from_curves(out, cnn_file, settings, output=tmp_path / "a.onnx")
     assert (tmp_path / "p.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
     report = pruned.to_dict()
     assert report["curve_points_measured"] == saved.grid["curve_points_measured"]
@@ -109,10 +109,10 @@ def test_allocate_outside_the_refined_ratios(cnn_file: Path, tmp_path: Path) -> 
     measure(cnn_file, PruneSettings(ratio=0.5, levels=LEVELS), DATA, output=out, targets=[0.5])
     low = PruneSettings(ratio=0.15)  # as the allocate command builds it: --levels unset
     with pytest.raises(UserError, match=r"refined for 0\.5") as info:
-        allocate(out, cnn_file, low, write=False)
+        prune_from_curves(out, cnn_file, low, write=False)
     assert "--data" in (info.value.hint or "")
     # With the data the curves were measured on, the missing points are measured.
-    result = allocate(out, cnn_file, low, calibration=DATA, write=False)
+    result = prune_from_curves(out, cnn_file, low, calibration=DATA, write=False)
     assert result.curve_points is not None and sum(result.curve_points["rounds"]) > 0
     assert result.achieved_ratio == pytest.approx(0.15, abs=1e-3)
     fresh = prune(cnn_file, replace(low, levels=LEVELS), DATA, write=False, cache_dir=None)
@@ -120,7 +120,7 @@ def test_allocate_outside_the_refined_ratios(cnn_file: Path, tmp_path: Path) -> 
     # Other data: refused, not silently mixed.
     other = CalibrationSpec(synthetic=16, batch_size=8, seed=5)
     with pytest.raises(UserError, match="differ"):
-        allocate(out, cnn_file, low, calibration=other, write=False)
+        prune_from_curves(out, cnn_file, low, calibration=other, write=False)
 
 
 class _Recorder:
@@ -212,7 +212,7 @@ def test_digits_adaptive_matches_the_full_grid(digits_full: Path, ratio: float) 
     """Same allocation, or a measured distortion within 1% of the full grid's."""
     model = MODELS / "digits_cnn.onnx"
     settings = PruneSettings(ratio=ratio)
-    full = allocate(digits_full, model, settings, calibration=DIGITS, write=False)
+    full = prune_from_curves(digits_full, model, settings, calibration=DIGITS, write=False)
     assert full.curve_points is None  # the full grid covers every ratio
     adaptive = prune(model, settings, DIGITS, write=False, cache_dir=None)
     assert adaptive.curve_points is not None

@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import rdprune_onnx.curves as curves_module
+import rdprune_onnx.job as job_module
 import rdprune_onnx.pipeline as pipeline_module
 from rdprune_onnx import CalibrationSpec, PruneSettings, UserError, prune
 from rdprune_onnx.activations import input_statistics, passes, sequential_masks
@@ -406,14 +407,14 @@ def test_steps_recompute_statistics_on_the_partly_pruned_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[int] = []
-    original = pipeline_module.input_statistics
+    original = job_module.input_statistics
 
     def spy(*args: object, **kwargs: object) -> object:
         weights = kwargs.get("weights")
         seen.append(sum(int(np.count_nonzero(w == 0)) for w in weights.values()) if weights else 0)  # type: ignore[attr-defined]
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pipeline_module, "input_statistics", spy)
+    monkeypatch.setattr(job_module, "input_statistics", spy)
     path = _save(graphs.cnn(), tmp_path)
     settings = PruneSettings(ratio=0.8, steps=2, levels=11, mask="wanda")
     result = prune(path, settings, CALIB, write=False)
@@ -469,7 +470,7 @@ def test_allocate_warns_when_the_curves_mask_differs(
     curves = tmp_path / "c.json"
     measure(path, PruneSettings(ratio=0.5, levels=11), CALIB, output=curves)
     with caplog.at_level(logging.WARNING):
-        result = pipeline_module.allocate(
+        result = pipeline_module.prune_from_curves(
             curves,
             path,
             PruneSettings(ratio=0.6, levels=11, mask="wanda"),
@@ -479,7 +480,7 @@ def test_allocate_warns_when_the_curves_mask_differs(
     assert "measured with --mask magnitude" in caplog.text
     assert result.allocation_info["mask"] == "wanda"
     with pytest.raises(UserError, match="needs calibration data"):
-        pipeline_module.allocate(
+        pipeline_module.prune_from_curves(
             curves, path, PruneSettings(ratio=0.6, levels=11, mask="wanda"), write=False
         )
 

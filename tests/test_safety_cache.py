@@ -13,7 +13,7 @@ import pytest
 
 from rdprune_onnx import curves as curves_module
 from rdprune_onnx.errors import UserError
-from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings, allocate, measure, prune
+from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings, measure, prune, prune_from_curves
 from tests import graphs
 
 _REAL = curves_module._LayerMeasurer
@@ -90,7 +90,7 @@ def test_a_bad_curves_file_is_refused_by_allocate(tmp_path: Path) -> None:
     raw["curves"]["w3"]["distortion"][2] = -1.0
     out.write_text(json.dumps(raw))
     with pytest.raises(UserError, match="negative distortion"):
-        allocate(out, model, SETTINGS, write=False)
+        prune_from_curves(out, model, SETTINGS, write=False)
 
 
 def test_concurrent_runs_measure_each_layer_once(

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.masks import apply_mask
-from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings, allocate, measure, prune
+from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings, measure, prune, prune_from_curves
 from rdprune_onnx_cli.main import cli
 from tests import graphs
 
@@ -76,7 +76,9 @@ def test_flops_budget_without_data_uses_batch_one(tmp_path: Path) -> None:
     path = _save(graphs.cnn(), tmp_path)
     curves = tmp_path / "c.json"
     measure(path, PruneSettings(0.5, levels=5), SPEC, output=curves)
-    result = allocate(curves, path, PruneSettings(0.5, levels=5, budget="flops"), write=False)
+    result = prune_from_curves(
+        curves, path, PruneSettings(0.5, levels=5, budget="flops"), write=False
+    )
     assert result.allocation_info["budget"] == "flops"
     out = CliRunner().invoke(
         cli, ["allocate", str(curves), "--model", str(path), "--ratio", "0.5", "-o",

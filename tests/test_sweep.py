@@ -143,7 +143,7 @@ def test_sweep_writes_json_and_png_and_protects_files(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(UserError, match="already exists"):
         _run(files, None, output=out)
-    with pytest.raises(UserError, match="input file"):
+    with pytest.raises(UserError, match="refusing to overwrite the evaluation data"):
         _run(files, None, output=files["test"], force=True)
     with pytest.raises(UserError, match="image format"):
         _run(files, None, plot=tmp_path / "sweep.bmp")
