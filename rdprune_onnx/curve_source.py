@@ -191,6 +191,8 @@ def curve_entry(
     }
     if settings.refit_curves:
         measured["refit"] = {"solver": settings.refit_solver, "damping": REFIT_DAMPING}
+        if settings.select_masks:  # each point is SparseGPT's own selection and weights
+            measured["refit"]["points"] = "sparsegpt-select"
     if settings.curve_mask != "magnitude":  # magnitude curves keep the key they always had
         measured["mask"] = settings.curve_mask
     if isinstance(metric, Metric) and metric.measures_kinds():
@@ -221,6 +223,11 @@ def refit_candidates(
         solver=settings.refit_solver,
         damping=REFIT_DAMPING,
         select=settings.select_masks,
+        # A curve point is SparseGPT's own selection and weights, without the two
+        # fixed-mask exact solves the final refit compares it with: on MiniLM those solves
+        # made the curves ~10 min per ratio, and on digits the cheaper points allocated as
+        # well (docs/findings.md, "Refit-aware curves for sparsegpt").
+        select_refits=False,
     )
 
 

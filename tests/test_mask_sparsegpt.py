@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from rdprune_onnx import CalibrationSpec, PruneSettings, UserError, prune
+from rdprune_onnx.curve_source import refit_candidates
 from rdprune_onnx.graph.layers import find_layers, read_weight
 from rdprune_onnx.masks import apply_mask
 from rdprune_onnx.pipeline import curve_entry
@@ -114,6 +115,25 @@ def test_curve_keys_follow_the_curve_mask(tmp_path: Path) -> None:
     assert key(mask="sparsegpt") == key()  # the same magnitude curves: one cache entry
     assert key(mask="sparsegpt", refit_curves=True) != key(refit_curves=True)
     assert key(mask="sparsegpt", refit_curves=True) != key(mask="sparsegpt")
+
+
+def test_refit_curve_points_of_sparsegpt_are_its_own_weights(tmp_path: Path) -> None:
+    """A sparsegpt refit-aware curve point is SparseGPT's selection and weights, without the
+    two fixed-mask exact solves of the final refit (their cost made MiniLM's curves ~10x
+    slower); the cache key says so, so curves of the other kind are never reused."""
+    model, _, _, data = _setup(tmp_path)
+    layers = find_layers(model).layers
+    settings = PruneSettings(ratio=0.5, mask="sparsegpt", refit_curves=True)
+    made = refit_candidates(model, data, 8, settings, SessionConfig(provider="cpu"))
+    assert made is not None and made.select and not made.select_refits
+    plain = refit_candidates(model, data, 8, PruneSettings(ratio=0.5), SessionConfig())
+    assert plain is None
+    entry = curve_entry(model, layers, data, settings, "cpu", 8)
+    assert entry.settings["refit"]["points"] == "sparsegpt-select"
+    magnitude = curve_entry(
+        model, layers, data, PruneSettings(ratio=0.5, refit_curves=True), "cpu", 8
+    )
+    assert "points" not in magnitude.settings["refit"]
 
 
 def test_cli_mask_sparsegpt_and_refit_inputs(tmp_path: Path) -> None:
