@@ -7,7 +7,6 @@ latency, in one call (``rdprune-onnx eval``).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import statistics
@@ -23,6 +22,7 @@ from onnx import external_data_helper
 
 from rdprune_onnx import calibration as calib
 from rdprune_onnx.calibration import batches, sample_count
+from rdprune_onnx.compact import compacted_weights, densify
 from rdprune_onnx.distortion import class_score_problem
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.layers import Layer, find_layers
@@ -290,21 +290,11 @@ def model_files(path: str | os.PathLike[str]) -> ModelFile:
 
 
 def _densify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-    """Expand compact weights with ``rdprune_onnx.export.densify`` where that exists."""
-    try:
-        export = importlib.import_module("rdprune_onnx.export")
-    except ModuleNotFoundError as exc:
-        if exc.name != "rdprune_onnx.export":
-            raise
-        return model, False
-    densify = getattr(export, "densify", None)
-    if densify is None:
-        return model, False
-    compacted = getattr(export, "compacted_weights", None)
-    if callable(compacted) and not compacted(model):
+    """Expand compact weights (:func:`rdprune_onnx.compact.densify`); the model as it is
+    (and False) when it holds none."""
+    if not compacted_weights(model):
         return model, False  # nothing to expand: skip the copy densify would make
-    dense = densify(model)
-    return (dense if isinstance(dense, onnx.ModelProto) else model), True
+    return densify(model), True
 
 
 def match_layers(dense: Sequence[Layer], pruned: Sequence[Layer]) -> list[LayerSparsity]:

@@ -39,6 +39,7 @@ from rdprune_onnx.cache import (
     model_fingerprint,
     read_curve_file,
 )
+from rdprune_onnx.compact import STORAGES, compact_weights
 from rdprune_onnx.curves import (
     MaskOrder,
     Reference,
@@ -49,15 +50,14 @@ from rdprune_onnx.curves import (
 from rdprune_onnx.distortion import METRICS, OUTPUT_KINDS, Metric, resolve_metric
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import Evaluation, compare
-from rdprune_onnx.export import STORAGES, compact_weights
 from rdprune_onnx.files import RunFiles, staging
-from rdprune_onnx.flops import macs_per_weight
 from rdprune_onnx.graph.activation import output_activations
 from rdprune_onnx.graph.external import write_external
 from rdprune_onnx.graph.layers import Layer, LayerScan, Skipped, find_layers, read_weight
 from rdprune_onnx.graph.load import has_lazy, read_model, save_model
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.grid import GridResult, check_grid, measure_grid, on_grid
+from rdprune_onnx.macs import macs_per_weight
 from rdprune_onnx.masks import MASK_INPUTS, MASKS, apply_mask, get_mask, magnitude_order
 from rdprune_onnx.plot import check_plot_target
 from rdprune_onnx.reconstruct import INPUTS as REFIT_INPUTS

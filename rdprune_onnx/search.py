@@ -34,8 +34,8 @@ import numpy as np
 from tqdm import tqdm
 
 from rdprune_onnx.allocate.dual import allocate_within
+from rdprune_onnx.compact import compact_weights
 from rdprune_onnx.errors import InfeasibleError, UserError
-from rdprune_onnx.export import compact_weights
 from rdprune_onnx.graph.layers import read_weight
 from rdprune_onnx.graph.load import save_model
 from rdprune_onnx.pipeline import (

@@ -44,7 +44,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from rdprune_onnx.export import compact_weights, compacted_weights, weight_storage_bytes
+from rdprune_onnx.compact import compact_weights, compacted_weights, weight_storage_bytes
 from rdprune_onnx.graph.layers import find_layers, read_weight
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.masks import apply_mask, magnitude_order, prune_count

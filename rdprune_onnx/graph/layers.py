@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from rdprune_onnx.graph.external import tensor_array
-from rdprune_onnx.graph.walk import constant_value, iter_graphs, subgraphs
+from rdprune_onnx.graph.walk import constant_value, iter_graphs, node_label, subgraphs
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _RECURRENT_OPS = ("LSTM", "GRU", "RNN")
@@ -100,7 +100,7 @@ def _walk(
 ) -> Iterator[tuple[onnx.GraphProto, str, int, onnx.NodeProto]]:
     for index, node in enumerate(graph.node):
         yield graph, path, index, node
-        label = node.name or f"{node.op_type}#{index}"
+        label = node_label(node, index)
         for k, sub in enumerate(subgraphs(node)):
             yield from _walk(sub, f"{path}/{label}.{sub.name or k}")
 
@@ -162,10 +162,6 @@ def _tensor_dims(tensor: onnx.TensorProto) -> tuple[int, ...]:
     return tuple(int(d) for d in tensor.dims)
 
 
-def _describe_node(node: onnx.NodeProto, index: int) -> str:
-    return node.name or f"{node.op_type}#{index}"
-
-
 def find_layers(model: onnx.ModelProto) -> LayerScan:
     """Scan the model (subgraphs included) for prunable weights."""
     index = ConstantIndex(model)
@@ -174,7 +170,7 @@ def find_layers(model: onnx.ModelProto) -> LayerScan:
     for _graph, path, node_index, node in _walk(model.graph):
         if node.domain not in ("", "ai.onnx"):
             continue
-        label = _describe_node(node, node_index)
+        label = node_label(node, node_index)
         if node.op_type in _RECURRENT_OPS:
             roles = {1: "W (input weights)", 2: "R (recurrence weights)", 3: "B (biases)"}
             for position, role in roles.items():

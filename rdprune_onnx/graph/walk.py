@@ -35,3 +35,9 @@ def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     for node in graph.node:
         for sub in subgraphs(node):
             yield from iter_graphs(sub)
+
+
+def node_label(node: onnx.NodeProto, index: int) -> str:
+    """How a node is named in layers and reports: its name, or ``<op_type>#<index>`` (its
+    position in its graph) when it has none."""
+    return node.name or f"{node.op_type}#{index}"

@@ -65,7 +65,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from rdprune_onnx.graph.external import is_external, is_lazy, tensor_array
+from rdprune_onnx.graph.external import is_external, is_lazy, nbytes, tensor_array
 from rdprune_onnx.graph.walk import iter_graphs
 
 log = logging.getLogger(__name__)
@@ -607,17 +607,12 @@ def weight_storage_bytes(model: onnx.ModelProto, names: Sequence[str]) -> dict[s
     sizes: dict[str, int] = {}
     for name in names:
         if name in inits:
-            sizes[name] = _data_bytes(inits[name])
+            sizes[name] = nbytes(inits[name])
             continue
         if name not in producers:
             raise ValueError(f"no initializer or rebuild named {name!r}")
         parts = {
             inp for node in _cone(graph, name, producers) for inp in node.input if inp in inits
         }
-        sizes[name] = sum(_data_bytes(inits[p]) for p in parts if p.startswith(name + _SEP))
+        sizes[name] = sum(nbytes(inits[p]) for p in parts if p.startswith(name + _SEP))
     return sizes
-
-
-def _data_bytes(tensor: onnx.TensorProto) -> int:
-    size = int(np.prod(tensor.dims, dtype=np.int64))
-    return size * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
