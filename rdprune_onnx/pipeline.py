@@ -61,8 +61,7 @@ from rdprune_onnx.macs import macs_per_weight
 from rdprune_onnx.masks import MASK_INPUTS, MASKS, apply_mask, get_mask, magnitude_order
 from rdprune_onnx.plot import check_plot_target
 from rdprune_onnx.reconstruct import INPUTS as REFIT_INPUTS
-from rdprune_onnx.reconstruct import SOLVERS, reconstruct
-from rdprune_onnx.refit_curves import REFIT_DAMPING, RefitCandidates
+from rdprune_onnx.reconstruct import REFIT_DAMPING, SOLVERS, RefitCandidates, reconstruct
 from rdprune_onnx.report import write_json
 from rdprune_onnx.runtime import (
     Session,

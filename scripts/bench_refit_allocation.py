@@ -32,8 +32,7 @@ from rdprune_onnx.curves import grid, measure_distortion, run_reference
 from rdprune_onnx.graph.layers import find_layers, read_weight
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.masks import apply_mask
-from rdprune_onnx.reconstruct import reconstruct
-from rdprune_onnx.refit_curves import RefitCandidates, remeasure_curves
+from rdprune_onnx.reconstruct import RefitCandidates, reconstruct, remeasure_curves
 from rdprune_onnx.runtime import Session, SessionConfig
 
 ROOT = Path(__file__).resolve().parent.parent

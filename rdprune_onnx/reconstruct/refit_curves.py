@@ -49,32 +49,30 @@ import numpy as np
 import onnx
 
 from rdprune_onnx.calibration import batches
-from rdprune_onnx.curves import Curve, LayerCandidates, Reference, infer_types, measure_curves
-from rdprune_onnx.errors import UserError
+from rdprune_onnx.curves import Curve, LayerCandidates, Reference, measure_curves
 from rdprune_onnx.graph.layers import Layer
 from rdprune_onnx.graph.surgery import replace_weights
+from rdprune_onnx.graph.types import infer_types
 from rdprune_onnx.masks import apply_mask, prune_count
-from rdprune_onnx.reconstruct import (
-    DAMPING,
-    SOLVERS,
-    Factors,
-    _damped,
-    _Fetcher,
-    _Graph,
-    _input_rows,
-    _Plan,
-    _plan_layer,
-    _real_rows,
-    _refit_masked,
-    _rows_key,
-    _Stats,
-    _Sums,
-    _target_rows,
-    _warn_few_rows,
+from rdprune_onnx.reconstruct.layout import (
+    Plan,
+    RefitGraph,
+    input_rows,
+    plan_layer,
+    rows_key,
+    target_rows,
+)
+from rdprune_onnx.reconstruct.refit import refit_masked, select_refit
+from rdprune_onnx.reconstruct.solvers import DAMPING, Factors, check_solver, damped_hessian
+from rdprune_onnx.reconstruct.statistics import (
+    Fetcher,
+    Stats,
+    Sums,
     dense_stats,
     dense_sums,
-    select_refit,
+    real_rows,
     token_mask_name,
+    warn_few_rows,
 )
 from rdprune_onnx.runtime import SessionConfig
 
@@ -123,12 +121,9 @@ class RefitCandidates:
         select: bool = False,
         select_refits: bool = True,
     ) -> None:
-        if solver not in SOLVERS:
-            raise UserError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
-        if damping < 0:
-            raise UserError(f"damping must be >= 0, got {damping}", "e.g. 0.01")
+        check_solver(solver, damping)
         self.typed = infer_types(model)
-        self.graph = _Graph(self.typed)
+        self.graph = RefitGraph(self.typed)
         self.data = data
         self.batch_size = batch_size
         self.config = config or SessionConfig()
@@ -139,11 +134,11 @@ class RefitCandidates:
         self.select_refits = select_refits
         self.token_mask = token_mask_name(data)
         self.costs: dict[str, CurveRefitCost] = {}
-        self._last: tuple[tuple[object, ...], _Sums | None] | None = None
+        self._last: tuple[tuple[object, ...], Sums | None] | None = None
         self._lock = threading.Lock()
 
     def __call__(self, layer: Layer, weight: Array) -> LayerCandidates | None:
-        plans = _plan_layer(self.graph, layer, self.refit_bias)
+        plans = plan_layer(self.graph, layer, self.refit_bias)
         if isinstance(plans, str):
             self._plain(layer.name, plans)
             return None
@@ -154,7 +149,7 @@ class RefitCandidates:
             assert found is not None
             bias = found[1]
         started = time.perf_counter()
-        key = tuple(_rows_key(p) for p in plans)
+        key = tuple(rows_key(p) for p in plans)
         shared = self._last is not None and self._last[0] == key
         sums = self._last[1] if shared and self._last is not None else self._hessian(plans)
         self._last = (key, sums)
@@ -164,8 +159,8 @@ class RefitCandidates:
         stats = dense_stats(sums, weight, bias, plan)
         width = stats.hessian.shape[1]
         d = width - (1 if bias is not None else 0)
-        _warn_few_rows(layer.name, stats.rows, width)
-        factors = Factors(_damped(stats.hessian, self.damping, d), stats.cross)
+        warn_few_rows(layer.name, stats.rows, width)
+        factors = Factors(damped_hessian(stats.hessian, self.damping, d), stats.cross)
         cost = CurveRefitCost(layer.name, True, width=width, rows=stats.rows)
         cost.hessian_s = 0.0 if shared else time.perf_counter() - started
         self.costs[layer.name] = cost
@@ -205,7 +200,7 @@ class RefitCandidates:
                         refits=self.select_refits,
                     )
                 else:
-                    refit = _refit_masked(
+                    refit = refit_masked(
                         layer.name, plan, masked, bias, stats, self.solver, factors
                     )
                 cost.solve_s += time.perf_counter() - t
@@ -244,7 +239,7 @@ class RefitCandidates:
         log.info("%s: plain-mask curve (%s)", name, reason)
         self.costs[name] = CurveRefitCost(name, False, reason)
 
-    def _hessian(self, plans: list[_Plan]) -> _Sums | None:
+    def _hessian(self, plans: list[Plan]) -> Sums | None:
         """``[X, 1]ᵀ[X, 1]`` over the dense activations of every use, in one data pass."""
         return dense_sums(
             self.typed,
@@ -320,7 +315,7 @@ class SequentialRefitCandidates(RefitCandidates):
         self.base = replace_weights(self.typed, base_weights)
 
     def __call__(self, layer: Layer, weight: Array) -> LayerCandidates | None:
-        plans = _plan_layer(self.graph, layer, self.refit_bias)
+        plans = plan_layer(self.graph, layer, self.refit_bias)
         found = self.graph.constant(layer.name)
         if isinstance(plans, str) or found is None:
             reason = plans if isinstance(plans, str) else "weight is not a constant"
@@ -341,8 +336,8 @@ class SequentialRefitCandidates(RefitCandidates):
             return None
         width = stats.hessian.shape[1]
         d = width - (1 if bias is not None else 0)
-        _warn_few_rows(layer.name, stats.rows, width)
-        factors = Factors(_damped(stats.hessian, self.damping, d), stats.cross)
+        warn_few_rows(layer.name, stats.rows, width)
+        factors = Factors(damped_hessian(stats.hessian, self.damping, d), stats.cross)
         cost = CurveRefitCost(layer.name, True, width=width, rows=stats.rows)
         cost.hessian_s = time.perf_counter() - started
         self.costs[layer.name] = cost
@@ -375,9 +370,7 @@ class SequentialRefitCandidates(RefitCandidates):
                         refits=self.select_refits,
                     )
                 else:
-                    refit = _refit_masked(
-                        layer.name, plan, given, bias, stats, self.solver, factors
-                    )
+                    refit = refit_masked(layer.name, plan, given, bias, stats, self.solver, factors)
                 cost.solve_s += time.perf_counter() - t
                 cost.levels += 1
                 cost.methods[refit.info.method] = cost.methods.get(refit.info.method, 0) + 1
@@ -394,25 +387,25 @@ class SequentialRefitCandidates(RefitCandidates):
 
         return LayerCandidates(names, make)
 
-    def _stats(self, plans: list[_Plan], bias: Array | None) -> _Stats | None:
+    def _stats(self, plans: list[Plan], bias: Array | None) -> Stats | None:
         """H = X̂ᵀX̂ (base model inputs), G = X̂ᵀY and ΣY² (dense outputs), one pass."""
         feeds_names = set(self.data)
-        inputs = _Fetcher(self.base, [p.activation for p in plans], feeds_names, self.config)
-        targets = _Fetcher(self.typed, [p.output for p in plans], feeds_names, self.config)
-        sums: _Sums | None = None
+        inputs = Fetcher(self.base, [p.activation for p in plans], feeds_names, self.config)
+        targets = Fetcher(self.typed, [p.output for p in plans], feeds_names, self.config)
+        sums: Sums | None = None
         for feeds in batches(self.data, self.batch_size):
             acts, outs = inputs.run(feeds), targets.run(feeds)
             token = feeds.get(self.token_mask) if self.token_mask is not None else None
             for plan in plans:
                 act = acts[plan.activation]
-                y = _target_rows(plan, outs[plan.output], bias)
-                real = _real_rows(plan, act, token)
-                for rows, x in _input_rows(plan, act):
+                y = target_rows(plan, outs[plan.output], bias)
+                real = real_rows(plan, act, token)
+                for rows, x in input_rows(plan, act):
                     chunk = y[:, rows]
                     if real is not None:
                         x, chunk = x[:, real[rows]], chunk[:, real[rows]]
                     if sums is None:
-                        sums = _Sums(x.shape[0], x.shape[2], [chunk.shape[2]])
+                        sums = Sums(x.shape[0], x.shape[2], [chunk.shape[2]])
                     sums.add(x, [chunk])
         return None if sums is None else sums.stats(0, bias is not None)
 
