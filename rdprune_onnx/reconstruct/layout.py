@@ -176,70 +176,91 @@ def _plan_use(
     g: RefitGraph, node: onnx.NodeProto, input_index: int, shape: tuple[int, ...], bias_ok: bool
 ) -> Plan | str:
     """How ``node`` uses its weight input ``input_index``, or why it cannot be refit."""
-    attrs = node_attributes(node)
     op = node.op_type
     if op == "ConvTranspose":
         return "ConvTranspose refit is not implemented"
     other = 0 if input_index == 1 else 1
     if other >= len(node.input) or not node.input[other]:
         return "node has no activation operand"
-    activation = node.input[other]
-    if g.constant(activation) is not None:
+    if g.constant(node.input[other]) is not None:
         return "both operands are constants"
-    output = node.output[0]
     if op == "Conv":
-        group = int(attrs.get("group", 1))  # type: ignore[call-overload]
-        if shape[0] % group:
-            return f"output channels {shape[0]} not divisible by group {group}"
-        k = len(shape) - 2
-        conv = ConvAttributes(
-            kernel=tuple(int(s) for s in shape[2:]),
-            strides=_ints(attrs.get("strides"), (1,) * k),
-            dilations=_ints(attrs.get("dilations"), (1,) * k),
-            auto_pad=_as_str(attrs.get("auto_pad"), "NOTSET"),
-            pads=_ints(attrs.get("pads"), ()) or None,
-        )
-        plan = Plan("conv", activation, output, ("conv", group), group=group, conv=conv)
-        if len(node.input) > 2 and node.input[2]:
-            found = g.constant(node.input[2])
-            if found is None:
-                return "Conv bias is computed, not a constant"
-            name, bias = found
-            if bias_ok and _float_constant(bias) and g.sole_user(name, node):
-                plan.bias, plan.bias_shape = name, tuple(bias.shape)
-            else:
-                plan.offset = bias.astype(np.float64).reshape(1, -1, *([1] * k))
-        return plan
+        return _plan_conv(g, node, shape, bias_ok)
     if len(shape) != 2:
         return f"{op} weight of rank {len(shape)} (batched weights are not refit)"
     if op == "MatMul":
-        if input_index == 0:
-            return Plan("matmul_left", activation, output, ("mat", True, 1.0), transpose=True)
-        plan = Plan("matmul_right", activation, output, ("mat", False, 1.0))
-        users = g.consumers.get(output, [])
-        if bias_ok and output not in g.graph_outputs and len(users) == 1:
-            add = users[0]
-            if add.op_type == "Add" and len(add.input) == 2:
-                other_name = add.input[0] if add.input[1] == output else add.input[1]
-                found = g.constant(other_name) if other_name != output else None
-                if found is not None:
-                    name, bias = found
-                    vector = bias.ndim >= 1 and all(d == 1 for d in bias.shape[:-1])
-                    if (
-                        vector
-                        and bias.shape[-1] == shape[1]
-                        and _float_constant(bias)
-                        and g.sole_user(name, add)
-                    ):
-                        plan.bias, plan.bias_shape, plan.bias_add = name, tuple(bias.shape), True
+        return _plan_matmul(g, node, input_index, shape, bias_ok)
+    return _plan_gemm(g, node, input_index, shape, bias_ok)
+
+
+def _plan_conv(
+    g: RefitGraph, node: onnx.NodeProto, shape: tuple[int, ...], bias_ok: bool
+) -> Plan | str:
+    attrs = node_attributes(node)
+    group = int(attrs.get("group", 1))  # type: ignore[call-overload]
+    if shape[0] % group:
+        return f"output channels {shape[0]} not divisible by group {group}"
+    k = len(shape) - 2
+    conv = ConvAttributes(
+        kernel=tuple(int(s) for s in shape[2:]),
+        strides=_ints(attrs.get("strides"), (1,) * k),
+        dilations=_ints(attrs.get("dilations"), (1,) * k),
+        auto_pad=_as_str(attrs.get("auto_pad"), "NOTSET"),
+        pads=_ints(attrs.get("pads"), ()) or None,
+    )
+    plan = Plan("conv", node.input[0], node.output[0], ("conv", group), group=group, conv=conv)
+    if len(node.input) > 2 and node.input[2]:
+        found = g.constant(node.input[2])
+        if found is None:
+            return "Conv bias is computed, not a constant"
+        name, bias = found
+        if bias_ok and _float_constant(bias) and g.sole_user(name, node):
+            plan.bias, plan.bias_shape = name, tuple(bias.shape)
+        else:
+            plan.offset = bias.astype(np.float64).reshape(1, -1, *([1] * k))
+    return plan
+
+
+def _plan_matmul(
+    g: RefitGraph, node: onnx.NodeProto, input_index: int, shape: tuple[int, ...], bias_ok: bool
+) -> Plan:
+    activation, output = node.input[1 - input_index], node.output[0]
+    if input_index == 0:
+        return Plan("matmul_left", activation, output, ("mat", True, 1.0), transpose=True)
+    plan = Plan("matmul_right", activation, output, ("mat", False, 1.0))
+    users = g.consumers.get(output, [])
+    if not bias_ok or output in g.graph_outputs or len(users) != 1:
         return plan
-    # Gemm: Y = alpha * op(A) @ op(B) + beta * C
+    add = users[0]
+    if add.op_type != "Add" or len(add.input) != 2:
+        return plan
+    other_name = add.input[0] if add.input[1] == output else add.input[1]
+    found = g.constant(other_name) if other_name != output else None
+    if found is not None:
+        name, bias = found
+        vector = bias.ndim >= 1 and all(d == 1 for d in bias.shape[:-1])
+        if (
+            vector
+            and bias.shape[-1] == shape[1]
+            and _float_constant(bias)
+            and g.sole_user(name, add)
+        ):
+            plan.bias, plan.bias_shape, plan.bias_add = name, tuple(bias.shape), True
+    return plan
+
+
+def _plan_gemm(
+    g: RefitGraph, node: onnx.NodeProto, input_index: int, shape: tuple[int, ...], bias_ok: bool
+) -> Plan | str:
+    """Gemm: ``Y = alpha * op(A) @ op(B) + beta * C``."""
+    attrs = node_attributes(node)
     alpha = float(attrs.get("alpha", 1.0))  # type: ignore[arg-type]
     beta = float(attrs.get("beta", 1.0))  # type: ignore[arg-type]
     trans_a = bool(attrs.get("transA", 0))
     trans_b = bool(attrs.get("transB", 0))
     if alpha == 0.0:
         return "Gemm alpha is 0 (the weight has no effect)"
+    activation, output = node.input[1 - input_index], node.output[0]
     if input_index == 1:
         plan = Plan(
             "gemm_right",

@@ -86,30 +86,13 @@ def select_refit(
     info.bias = given.info.bias
     kept = "the given mask" + (f" ({given.info.method} refit)" if given.weight is not None else "")
     fallback = Refit(info, given.weight, given.bias)
-    eff = effective_with_bias(dense, bias, plan)
-    width = eff.shape[1]
-    d = width - (1 if bias is not None else 0)
-    diagonal = np.arange(width)
-    lam = factors.damped[:, diagonal, diagonal] - stats.hessian[:, diagonal, diagonal]
     try:
-        solved, keep_eff = solve_sparsegpt_select(
-            factors.damped,
-            eff,
-            int(np.count_nonzero(masked == 0)),
-            cross=stats.cross + lam[:, :, None] * eff,
-            prunable=diagonal < d,
-            factors=factors,
-        )
+        weight, new_bias, keep = _select(plan, dense, masked, bias, stats, factors)
     except (np.linalg.LinAlgError, ValueError) as exc:
         info.reason = f"selection failed ({exc}); kept {kept}"
         return fallback
-    keep = from_effective(keep_eff[:, :d].astype(np.float64), plan, dense.shape) != 0
-    weight = cast_weight(solved[:, :d], plan, dense, keep)
-    new_bias: Array | None = None
-    if bias is not None:
-        new_bias = bias_from_effective(solved[:, d], plan).astype(bias.dtype)
     error = math.inf
-    if np.all(np.isfinite(weight)) and (new_bias is None or np.all(np.isfinite(new_bias))):
+    if _finite(weight, new_bias):
         error = stats.error(effective_with_bias(weight, new_bias, plan))
     selected = np.where(keep, dense, np.zeros_like(dense))
     again = refit_masked(name, plan, selected, bias, stats, solver, factors) if refits else None
@@ -122,6 +105,50 @@ def select_refit(
     info.error_after = error
     info.bias = plan.bias
     return Refit(info, weight, new_bias)
+
+
+def _select(
+    plan: Plan,
+    dense: Array,
+    masked: Array,
+    bias: Array | None,
+    stats: Stats,
+    factors: Factors,
+) -> tuple[Array, Array | None, Array]:
+    """SparseGPT's own result at the zero count of ``masked``: ``(weight, bias, keep)`` in
+    the weight's layout and dtype. Raises what :func:`solve_sparsegpt_select` raises."""
+    eff = effective_with_bias(dense, bias, plan)
+    width = eff.shape[1]
+    d = width - (1 if bias is not None else 0)
+    diagonal = np.arange(width)
+    lam = factors.damped[:, diagonal, diagonal] - stats.hessian[:, diagonal, diagonal]
+    solved, keep_eff = solve_sparsegpt_select(
+        factors.damped,
+        eff,
+        int(np.count_nonzero(masked == 0)),
+        cross=stats.cross + lam[:, :, None] * eff,
+        prunable=diagonal < d,
+        factors=factors,
+    )
+    keep = from_effective(keep_eff[:, :d].astype(np.float64), plan, dense.shape) != 0
+    weight, new_bias = _from_solution(solved, plan, dense, keep, bias)
+    return weight, new_bias, keep
+
+
+def _from_solution(
+    solved: Array, plan: Plan, like: Array, keep: Array, bias: Array | None
+) -> tuple[Array, Array | None]:
+    """An effective solution ``(g, D, r)`` as the weight (the layout and dtype of ``like``,
+    zero where ``keep`` is False) and, when the layer has one, the bias (its dtype)."""
+    d = solved.shape[1] - (1 if bias is not None else 0)
+    weight = cast_weight(solved[:, :d], plan, like, keep)
+    if bias is None:
+        return weight, None
+    return weight, bias_from_effective(solved[:, d], plan).astype(bias.dtype)
+
+
+def _finite(weight: Array, bias: Array | None) -> bool:
+    return bool(np.all(np.isfinite(weight)) and (bias is None or np.all(np.isfinite(bias))))
 
 
 def refit_masked(
@@ -137,7 +164,6 @@ def refit_masked(
     the plain mask (and the original bias) when the refit does not lower the error."""
     keep = masked != 0
     mask = keep_mask(masked, plan, bias is not None)
-    d = mask.shape[1] - (1 if bias is not None else 0)
     error_before = stats.error(effective_with_bias(masked, bias, plan))
     method = solver if solver != "auto" else choose_solver(mask)
     info = LayerRefit(name, method, error_before, error_before, 0.0)
@@ -149,13 +175,8 @@ def refit_masked(
     except np.linalg.LinAlgError as exc:
         info.reason = f"solver failed ({exc}); kept mask"
         return Refit(info)
-    weight = cast_weight(solved[:, :d], plan, masked, keep)
-    new_bias: Array | None = None
-    if bias is not None:
-        new_bias = bias_from_effective(solved[:, d], plan).astype(bias.dtype)
-    if not np.all(np.isfinite(weight)) or (
-        new_bias is not None and not np.all(np.isfinite(new_bias))
-    ):
+    weight, new_bias = _from_solution(solved, plan, masked, keep, bias)
+    if not _finite(weight, new_bias):
         info.reason = "refit overflows the weight dtype; kept mask"
         return Refit(info)
     error_after = stats.error(effective_with_bias(weight, new_bias, plan))

@@ -101,6 +101,31 @@ class CurveRefitCost:
     errors: list[tuple[float, float, float]] = field(default_factory=list)
 
 
+@dataclass
+class _Level:
+    """One layer of a refit-aware curve: what every level's solve reads."""
+
+    name: str
+    plan: Plan
+    dense: Array  # the dense weight (the mask is re-selected from it with ``select``)
+    bias: Array | None  # the dense bias refit with the weight, if any
+    stats: Stats
+    factors: Factors | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """The tensors fed for a candidate: the weight, then its bias."""
+        return [self.name] + ([self.plan.bias] if self.plan.bias is not None else [])
+
+    def fed(self, weight: Array, bias: Array | None = None) -> dict[str, Array]:
+        """``weight`` and ``bias`` (the dense bias when None) under their tensor names."""
+        fed = {self.name: weight}
+        if self.plan.bias is not None:
+            assert self.bias is not None
+            fed[self.plan.bias] = bias if bias is not None else self.bias
+        return fed
+
+
 class RefitCandidates:
     """The candidate factory of refit-aware curves (``measure_curves(candidates=...)``).
 
@@ -142,12 +167,7 @@ class RefitCandidates:
         if isinstance(plans, str):
             self._plain(layer.name, plans)
             return None
-        plan = plans[0]
-        bias: Array | None = None
-        if plan.bias is not None:
-            found = self.graph.constant(plan.bias)
-            assert found is not None
-            bias = found[1]
+        plan, bias = plans[0], self._bias(plans[0])
         started = time.perf_counter()
         key = tuple(rows_key(p) for p in plans)
         shared = self._last is not None and self._last[0] == key
@@ -156,16 +176,16 @@ class RefitCandidates:
         if sums is None:
             self._plain(layer.name, "no calibration rows")
             return None
-        stats = dense_stats(sums, weight, bias, plan)
-        width = stats.hessian.shape[1]
-        d = width - (1 if bias is not None else 0)
-        warn_few_rows(layer.name, stats.rows, width)
-        factors = Factors(damped_hessian(stats.hessian, self.damping, d), stats.cross)
-        cost = CurveRefitCost(layer.name, True, width=width, rows=stats.rows)
-        cost.hessian_s = 0.0 if shared else time.perf_counter() - started
-        self.costs[layer.name] = cost
-        names = [layer.name] + ([plan.bias] if plan.bias is not None else [])
-
+        level = _Level(layer.name, plan, weight, bias, dense_stats(sums, weight, bias, plan))
+        cost = self._start(level, 0.0 if shared else time.perf_counter() - started)
+        log.info(
+            "%s: refit-aware curve (%d inputs, %d rows, Hessian %.2f s%s)",
+            layer.name,
+            cost.width,
+            cost.rows,
+            cost.hessian_s,
+            ", shared" if shared else "",
+        )
         memo: dict[bytes, dict[str, Array]] = {}
         memo_room = [MEMO_BYTES]
 
@@ -174,10 +194,7 @@ class RefitCandidates:
                 raise ValueError(f"{layer.name}: candidate is not shaped like the weight")
             keep = masked != 0
             if np.array_equal(keep, weight != 0):  # prunes nothing: the dense layer
-                fed = {layer.name: masked}
-                if plan.bias is not None and bias is not None:
-                    fed[plan.bias] = bias
-                return fed
+                return level.fed(masked)
             # One solve at a time: the solver's BLAS thread limit is process-wide, and
             # the curve runs candidates on several threads (their ONNX Runtime runs still
             # overlap the solves). The same mask again (a curve measured over chunks of
@@ -186,54 +203,69 @@ class RefitCandidates:
             with self._lock:
                 if key in memo:
                     return dict(memo[key])
-                t = time.perf_counter()
-                if self.select:
-                    refit = select_refit(
-                        layer.name,
-                        plan,
-                        weight,
-                        masked,
-                        bias,
-                        stats,
-                        self.solver,
-                        factors,
-                        refits=self.select_refits,
-                    )
-                else:
-                    refit = refit_masked(
-                        layer.name, plan, masked, bias, stats, self.solver, factors
-                    )
-                cost.solve_s += time.perf_counter() - t
-                cost.levels += 1
-                method = refit.info.method
-                cost.methods[method] = cost.methods.get(method, 0) + 1
-                if refit.weight is None:
-                    cost.kept_mask += 1
-                    fed = {layer.name: masked.copy()}
-                else:
-                    fed = {layer.name: refit.weight}
-                    if refit.bias is not None and plan.bias is not None:
-                        fed[plan.bias] = refit.bias
-                if plan.bias is not None and plan.bias not in fed:
-                    assert bias is not None
-                    fed[plan.bias] = bias
-                info = refit.info
-                cost.errors.append((float(ratio), info.error_before, info.error_after))
+                fed = self._solve(level, masked, cost, ratio)
                 size = sum(v.nbytes for v in fed.values())
                 if size <= memo_room[0]:
                     memo[key] = fed
                     memo_room[0] -= size
             return dict(fed)
 
-        log.info(
-            "%s: refit-aware curve (%d inputs, %d rows, Hessian %.2f s%s)",
-            layer.name,
-            width,
-            stats.rows,
-            cost.hessian_s,
-            ", shared" if shared else "",
+        return LayerCandidates(level.names, make)
+
+    def _bias(self, plan: Plan) -> Array | None:
+        """The dense value of the bias refit with the weight (None: no bias)."""
+        if plan.bias is None:
+            return None
+        found = self.graph.constant(plan.bias)
+        assert found is not None
+        return found[1]
+
+    def _start(self, level: _Level, hessian_s: float) -> CurveRefitCost:
+        """The layer's cost record, its factorisations prepared (on first use)."""
+        width = level.stats.hessian.shape[1]
+        d = width - (1 if level.bias is not None else 0)
+        warn_few_rows(level.name, level.stats.rows, width)
+        level.factors = Factors(
+            damped_hessian(level.stats.hessian, self.damping, d), level.stats.cross
         )
-        return LayerCandidates(names, make)
+        cost = CurveRefitCost(level.name, True, width=width, rows=level.stats.rows)
+        cost.hessian_s = hessian_s
+        self.costs[level.name] = cost
+        return cost
+
+    def _solve(
+        self, level: _Level, given: Array, cost: CurveRefitCost, ratio: float
+    ) -> dict[str, Array]:
+        """What to feed for the masked weight ``given``: its refit (or SparseGPT's selection
+        at its count of zeros), or ``given`` itself when that does not lower the error."""
+        assert level.factors is not None
+        t = time.perf_counter()
+        if self.select:
+            refit = select_refit(
+                level.name,
+                level.plan,
+                level.dense,
+                given,
+                level.bias,
+                level.stats,
+                self.solver,
+                level.factors,
+                refits=self.select_refits,
+            )
+        else:
+            refit = refit_masked(
+                level.name, level.plan, given, level.bias, level.stats, self.solver, level.factors
+            )
+        cost.solve_s += time.perf_counter() - t
+        cost.levels += 1
+        cost.methods[refit.info.method] = cost.methods.get(refit.info.method, 0) + 1
+        if refit.weight is None:
+            cost.kept_mask += 1
+        info = refit.info
+        cost.errors.append((float(ratio), info.error_before, info.error_after))
+        if refit.weight is None:
+            return level.fed(given.copy())
+        return level.fed(refit.weight, refit.bias)
 
     def _plain(self, name: str, reason: str) -> None:
         log.info("%s: plain-mask curve (%s)", name, reason)
@@ -318,74 +350,31 @@ class SequentialRefitCandidates(RefitCandidates):
         plans = plan_layer(self.graph, layer, self.refit_bias)
         found = self.graph.constant(layer.name)
         if isinstance(plans, str) or found is None:
-            reason = plans if isinstance(plans, str) else "weight is not a constant"
-            log.info("%s: plain-mask curve (%s)", layer.name, reason)
-            self.costs[layer.name] = CurveRefitCost(layer.name, False, reason)
+            self._plain(layer.name, plans if isinstance(plans, str) else "weight is not a constant")
             return None
         dense = found[1]
-        plan = plans[0]
-        bias: Array | None = None
-        if plan.bias is not None:
-            found_bias = self.graph.constant(plan.bias)
-            assert found_bias is not None
-            bias = found_bias[1]
+        plan, bias = plans[0], self._bias(plans[0])
         started = time.perf_counter()
         stats = self._stats(plans, bias)
         if stats is None:
-            self.costs[layer.name] = CurveRefitCost(layer.name, False, "no calibration rows")
+            self._plain(layer.name, "no calibration rows")
             return None
-        width = stats.hessian.shape[1]
-        d = width - (1 if bias is not None else 0)
-        warn_few_rows(layer.name, stats.rows, width)
-        factors = Factors(damped_hessian(stats.hessian, self.damping, d), stats.cross)
-        cost = CurveRefitCost(layer.name, True, width=width, rows=stats.rows)
-        cost.hessian_s = time.perf_counter() - started
-        self.costs[layer.name] = cost
-        names = [layer.name] + ([plan.bias] if plan.bias is not None else [])
+        level = _Level(layer.name, plan, dense, bias, stats)
+        cost = self._start(level, time.perf_counter() - started)
         memo: dict[int, dict[str, Array]] = {}
 
         def make(masked: Array, ratio: float) -> dict[str, Array]:
             count = max(prune_count(float(ratio), dense.size), int(np.count_nonzero(dense == 0)))
             with self._lock:
-                if count in memo:
-                    return dict(memo[count])
-                given = apply_mask(dense, count)
-                if np.array_equal(given, dense):  # prunes nothing: the dense layer
-                    memo[count] = {layer.name: dense}
-                    if plan.bias is not None:
-                        assert bias is not None
-                        memo[count][plan.bias] = bias
-                    return dict(memo[count])
-                t = time.perf_counter()
-                if self.select:
-                    refit = select_refit(
-                        layer.name,
-                        plan,
-                        dense,
-                        given,
-                        bias,
-                        stats,
-                        self.solver,
-                        factors,
-                        refits=self.select_refits,
-                    )
-                else:
-                    refit = refit_masked(layer.name, plan, given, bias, stats, self.solver, factors)
-                cost.solve_s += time.perf_counter() - t
-                cost.levels += 1
-                cost.methods[refit.info.method] = cost.methods.get(refit.info.method, 0) + 1
-                fed = {layer.name: refit.weight if refit.weight is not None else given}
-                if plan.bias is not None:
-                    assert bias is not None
-                    fed[plan.bias] = refit.bias if refit.bias is not None else bias
-                if refit.weight is None:
-                    cost.kept_mask += 1
-                info = refit.info
-                cost.errors.append((float(ratio), info.error_before, info.error_after))
-                memo[count] = fed
-            return dict(fed)
+                if count not in memo:
+                    given = apply_mask(dense, count)
+                    if np.array_equal(given, dense):  # prunes nothing: the dense layer
+                        memo[count] = level.fed(dense)
+                    else:
+                        memo[count] = self._solve(level, given, cost, ratio)
+                return dict(memo[count])
 
-        return LayerCandidates(names, make)
+        return LayerCandidates(level.names, make)
 
     def _stats(self, plans: list[Plan], bias: Array | None) -> Stats | None:
         """H = X̂ᵀX̂ (base model inputs), G = X̂ᵀY and ΣY² (dense outputs), one pass."""

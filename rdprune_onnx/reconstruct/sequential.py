@@ -173,6 +173,47 @@ def reconstruct(
     X̂) or ``"dense"`` (H from the dense model's activations X, in one pass for all layers;
     the targets follow from the dense weight, ``G = H W``).
     """
+    ctx = _make_context(
+        model, data, batch_size, config, solver, damping, select, inputs, select_refits
+    )
+    weights: dict[str, Array] = {name: np.asarray(w) for name, w in pruned.items()}
+    biases: dict[str, Array] = {}
+    ordered = [layer for layer in _graph_order(ctx.graph, layers) if layer.name in pruned]
+    results: list[LayerRefit | None] = [None] * len(ordered)
+    todo: list[_Todo] = []
+    for index, layer in enumerate(ordered):
+        prepared = _prepare(ctx, layer, weights[layer.name], refit_bias, index)
+        if isinstance(prepared, LayerRefit):
+            results[index] = prepared
+        else:
+            todo.append(prepared)
+    with tqdm(
+        total=len(ordered), disable=not progress, desc="refit", unit="layer", leave=False
+    ) as bar:
+        bar.update(len(ordered) - len(todo))
+        for group, refits in _steps(ctx, todo, replace_weights(ctx.typed, weights)):
+            for item, refit in zip(group, refits, strict=True):
+                results[item.index] = refit.info
+                _log(refit.info)
+                fitted_weights, fitted_biases = _fitted(item, refit)
+                weights.update(fitted_weights)
+                biases.update(fitted_biases)
+            bar.update(len(group))
+    return Reconstruction(weights, biases, [r for r in results if r is not None])
+
+
+def _make_context(
+    model: onnx.ModelProto,
+    data: Mapping[str, Array],
+    batch_size: int,
+    config: SessionConfig | None,
+    solver: str,
+    damping: float,
+    select: bool,
+    inputs: str,
+    select_refits: bool,
+) -> _Context:
+    """The settings checked, the dense model typed and indexed, the padding input found."""
     check_solver(solver, damping)
     if inputs not in INPUTS:
         raise UserError(f"unknown refit inputs {inputs!r}", f"choose one of {', '.join(INPUTS)}")
@@ -192,43 +233,38 @@ def reconstruct(
     )
     if ctx.token_mask is not None:
         log.info("refit rows: padding excluded by the %r input", ctx.token_mask)
-    weights: dict[str, Array] = {name: np.asarray(w) for name, w in pruned.items()}
+    return ctx
+
+
+def _steps(
+    ctx: _Context, todo: list[_Todo], current: onnx.ModelProto
+) -> Iterator[tuple[list[_Todo], list[Refit]]]:
+    """The refits of each group of layers, in graph order. Sequential inputs: each group's
+    pass runs ``current``, the masked model with every group before it refit."""
+    if ctx.inputs == "dense":
+        yield from _refit_dense(ctx, list(_groups(todo)))
+        return
+    dense = _DenseTargets(ctx, [p.output for item in todo for p in item.plans])
+    for group in _groups(todo):
+        refits = _refit_group(ctx, group, current, dense)
+        yield group, refits
+        update: dict[str, Array] = {}
+        for item, refit in zip(group, refits, strict=True):
+            fitted_weights, fitted_biases = _fitted(item, refit)
+            update.update(fitted_weights)
+            update.update(fitted_biases)
+        if update:
+            current = replace_weights(current, update)
+
+
+def _fitted(item: _Todo, refit: Refit) -> tuple[dict[str, Array], dict[str, Array]]:
+    """The weight and the bias a layer's refit replaces (none when it kept the mask)."""
+    if refit.weight is None:
+        return {}, {}
     biases: dict[str, Array] = {}
-    current = replace_weights(typed, weights)
-    ordered = [layer for layer in _graph_order(ctx.graph, layers) if layer.name in pruned]
-    results: list[LayerRefit | None] = [None] * len(ordered)
-    todo: list[_Todo] = []
-    for index, layer in enumerate(ordered):
-        prepared = _prepare(ctx, layer, weights[layer.name], refit_bias, index)
-        if isinstance(prepared, LayerRefit):
-            results[index] = prepared
-        else:
-            todo.append(prepared)
-    with tqdm(
-        total=len(ordered), disable=not progress, desc="refit", unit="layer", leave=False
-    ) as bar:
-        bar.update(len(ordered) - len(todo))
-        if inputs == "dense":
-            groups = list(_groups(todo))
-            steps: Iterator[tuple[list[_Todo], list[Refit]]] = _refit_dense(ctx, groups)
-        else:
-            dense = _DenseTargets(ctx, [p.output for item in todo for p in item.plans])
-            # lazy: each group's pass reads ``current`` as refit up to the group before
-            steps = ((group, _refit_group(ctx, group, current, dense)) for group in _groups(todo))
-        for group, refits in steps:
-            update: dict[str, Array] = {}
-            for item, refit in zip(group, refits, strict=True):
-                info = results[item.index] = refit.info
-                _log(info)
-                if refit.weight is None:
-                    continue
-                weights[item.name] = update[item.name] = refit.weight
-                if refit.bias is not None and info.bias is not None:
-                    biases[info.bias] = update[info.bias] = refit.bias
-            if update and inputs == "sequential":
-                current = replace_weights(current, update)
-            bar.update(len(group))
-    return Reconstruction(weights, biases, [r for r in results if r is not None])
+    if refit.bias is not None and refit.info.bias is not None:
+        biases[refit.info.bias] = refit.bias
+    return {item.name: refit.weight}, biases
 
 
 def _log(info: LayerRefit) -> None:

@@ -160,6 +160,22 @@ class Factors:
         return self._upper[k]
 
 
+def _row_systems(mask: Array) -> tuple[list[Array], list[Array], Array, Array]:
+    """One system per (group, output row) of a ``(g, D, r)`` keep-mask: its kept inputs,
+    its pruned inputs, its group and its row."""
+    g, _d, r = mask.shape
+    kept_sets: list[Array] = []
+    pruned_sets: list[Array] = []
+    for k in range(g):
+        for j in range(r):
+            keep = mask[k, :, j]
+            kept_sets.append(np.flatnonzero(keep))
+            pruned_sets.append(np.flatnonzero(~keep))
+    groups = np.repeat(np.arange(g, dtype=np.int64), r)
+    rows = np.tile(np.arange(r, dtype=np.int64), g)
+    return kept_sets, pruned_sets, groups, rows
+
+
 def solve_exact(damped: Array, cross: Array, mask: Array, factors: Factors | None = None) -> Array:
     """Per output row, the damped least squares restricted to its kept inputs.
 
@@ -170,19 +186,7 @@ def solve_exact(damped: Array, cross: Array, mask: Array, factors: Factors | Non
     factors = factors if factors is not None else Factors(damped, cross)
     g, d, r = mask.shape
     out = np.zeros((g, d, r))
-    kept_sets: list[Array] = []
-    pruned_sets: list[Array] = []
-    system_group: list[int] = []
-    system_row: list[int] = []
-    for k in range(g):
-        for j in range(r):
-            keep = mask[k, :, j]
-            kept_sets.append(np.flatnonzero(keep))
-            pruned_sets.append(np.flatnonzero(~keep))
-            system_group.append(k)
-            system_row.append(j)
-    groups = np.array(system_group, dtype=np.int64)
-    rows = np.array(system_row, dtype=np.int64)
+    kept_sets, pruned_sets, groups, rows = _row_systems(mask)
     kept_size = np.array([len(s) for s in kept_sets], dtype=np.int64)
     pruned_size = d - kept_size
     use_kept = kept_size <= pruned_size
@@ -335,10 +339,8 @@ def solve_sparsegpt_select(
     zero = allowed & (dense_eff == 0)
     eligible = allowed & ~zero
     units = [(k, i1, min(i1 + block_size, d)) for k in range(g) for i1 in range(0, d, block_size)]
-    quotas = block_quotas(
-        np.array([int(eligible[k, i1:i2].sum()) for k, i1, i2 in units], dtype=np.int64),
-        count - int(zero.sum()),
-    )
+    counts = [int(eligible[k, i1:i2].sum()) for k, i1, i2 in units]
+    quotas = block_quotas(np.array(counts, dtype=np.int64), count - int(zero.sum()))
     keep = np.ones((g, d, r), dtype=bool)
     out = np.zeros((g, d, r))
     unit = 0
@@ -351,17 +353,25 @@ def solve_sparsegpt_select(
             quota = int(quotas[unit])
             unit += 1
             block = w[:, i1:i2].copy()
-            # Saliency in (input, row) order, the effective layout's, for the tie-break.
-            saliency = (block / diagonal[i1:i2]).T ** 2
-            candidates = np.flatnonzero(eligible[k, i1:i2])
-            order = np.argsort(saliency.reshape(-1)[candidates], kind="stable")
-            prune = zero[k, i1:i2].copy()
-            prune.reshape(-1)[candidates[order[:quota]]] = True
+            prune = _least_salient(block, diagonal[i1:i2], eligible[k, i1:i2], quota)
+            prune |= zero[k, i1:i2]
             keep[k, i1:i2] = ~prune
             _sweep_block(w, block, upper, i1, i2, ~prune.T)
         out[k] = w.T
     out[~keep] = 0.0
     return out, keep
+
+
+def _least_salient(block: Array, diagonal: Array, eligible: Array, quota: int) -> Array:
+    """The ``quota`` entries of ``eligible`` (block columns x rows, the effective layout's
+    (input, row) order) of least OBS saliency ``w² / U_jj²`` in ``block`` (r, columns);
+    equal saliencies: the lower (input, row) index first."""
+    saliency = (block / diagonal).T ** 2
+    candidates = np.flatnonzero(eligible)
+    order = np.argsort(saliency.reshape(-1)[candidates], kind="stable")
+    prune = np.zeros(eligible.shape, dtype=bool)
+    prune.reshape(-1)[candidates[order[:quota]]] = True
+    return prune
 
 
 def choose_solver(mask: Array) -> str:
