@@ -23,7 +23,6 @@ from rdprune_onnx.reconstruct import (
     reconstruct,
     refit,
     remeasure_curves,
-    sequential,
     solve_sparsegpt_select,
 )
 from rdprune_onnx.runtime import Session, SessionConfig
@@ -444,10 +443,7 @@ def test_select_without_the_fixed_mask_refits() -> None:
         calls.append("solve")
         return original(*args, **kw)  # type: ignore[arg-type]
 
-    with (
-        unittest.mock.patch.object(refit, "refit_masked", counting),
-        unittest.mock.patch.object(sequential, "refit_masked", counting),
-    ):
+    with unittest.mock.patch.object(refit, "refit_masked", counting):
         fast = reconstruct(model, pruned, layers, data, select=True, select_refits=False)
     assert calls == []
     info = fast.layers[0]

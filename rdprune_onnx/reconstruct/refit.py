@@ -20,11 +20,12 @@ from rdprune_onnx.reconstruct.solvers import (
     SELECT_METHOD,
     Factors,
     choose_solver,
+    damped_hessian,
     solve_exact,
     solve_sparsegpt,
     solve_sparsegpt_select,
 )
-from rdprune_onnx.reconstruct.statistics import Stats
+from rdprune_onnx.reconstruct.statistics import Stats, warn_few_rows
 
 Array = np.ndarray
 
@@ -54,6 +55,35 @@ class Refit:
 
 def skipped(name: str, reason: str) -> LayerRefit:
     return LayerRefit(name, "skipped", math.nan, math.nan, 0.0, reason)
+
+
+def layer_factors(name: str, stats: Stats, bias: bool, damping: float) -> Factors:
+    """The factorisations of one layer's damped Hessian (``bias``: its last column is the
+    bias's); warns when the calibration rows are fewer than the inputs."""
+    width = stats.hessian.shape[1]
+    warn_few_rows(name, stats.rows, width)
+    d = width - (1 if bias else 0)
+    return Factors(damped_hessian(stats.hessian, damping, d), stats.cross)
+
+
+def refit_layer(
+    name: str,
+    plan: Plan,
+    dense: Array,
+    masked: Array,
+    bias: Array | None,
+    stats: Stats,
+    solver: str,
+    factors: Factors,
+    *,
+    select: bool,
+    refits: bool,
+) -> Refit:
+    """The refit of the masked weight ``masked`` (:func:`refit_masked`), or with ``select``
+    SparseGPT's selection at its count of zeros scored against it (:func:`select_refit`)."""
+    if select:
+        return select_refit(name, plan, dense, masked, bias, stats, solver, factors, refits)
+    return refit_masked(name, plan, masked, bias, stats, solver, factors)
 
 
 def select_refit(

@@ -57,22 +57,20 @@ from rdprune_onnx.masks import apply_mask, prune_count
 from rdprune_onnx.reconstruct.layout import (
     Plan,
     RefitGraph,
-    input_rows,
     plan_layer,
     rows_key,
     target_rows,
 )
-from rdprune_onnx.reconstruct.refit import refit_masked, select_refit
-from rdprune_onnx.reconstruct.solvers import DAMPING, Factors, check_solver, damped_hessian
+from rdprune_onnx.reconstruct.refit import layer_factors, refit_layer
+from rdprune_onnx.reconstruct.solvers import DAMPING, Factors, check_solver
 from rdprune_onnx.reconstruct.statistics import (
     Fetcher,
     Stats,
     Sums,
+    add_rows,
     dense_stats,
     dense_sums,
-    real_rows,
     token_mask_name,
-    warn_few_rows,
 )
 from rdprune_onnx.runtime import SessionConfig
 
@@ -223,11 +221,7 @@ class RefitCandidates:
     def _start(self, level: _Level, hessian_s: float) -> CurveRefitCost:
         """The layer's cost record, its factorisations prepared (on first use)."""
         width = level.stats.hessian.shape[1]
-        d = width - (1 if level.bias is not None else 0)
-        warn_few_rows(level.name, level.stats.rows, width)
-        level.factors = Factors(
-            damped_hessian(level.stats.hessian, self.damping, d), level.stats.cross
-        )
+        level.factors = layer_factors(level.name, level.stats, level.bias is not None, self.damping)
         cost = CurveRefitCost(level.name, True, width=width, rows=level.stats.rows)
         cost.hessian_s = hessian_s
         self.costs[level.name] = cost
@@ -240,22 +234,18 @@ class RefitCandidates:
         at its count of zeros), or ``given`` itself when that does not lower the error."""
         assert level.factors is not None
         t = time.perf_counter()
-        if self.select:
-            refit = select_refit(
-                level.name,
-                level.plan,
-                level.dense,
-                given,
-                level.bias,
-                level.stats,
-                self.solver,
-                level.factors,
-                refits=self.select_refits,
-            )
-        else:
-            refit = refit_masked(
-                level.name, level.plan, given, level.bias, level.stats, self.solver, level.factors
-            )
+        refit = refit_layer(
+            level.name,
+            level.plan,
+            level.dense,
+            given,
+            level.bias,
+            level.stats,
+            self.solver,
+            level.factors,
+            select=self.select,
+            refits=self.select_refits,
+        )
         cost.solve_s += time.perf_counter() - t
         cost.levels += 1
         cost.methods[refit.info.method] = cost.methods.get(refit.info.method, 0) + 1
@@ -386,16 +376,8 @@ class SequentialRefitCandidates(RefitCandidates):
             acts, outs = inputs.run(feeds), targets.run(feeds)
             token = feeds.get(self.token_mask) if self.token_mask is not None else None
             for plan in plans:
-                act = acts[plan.activation]
                 y = target_rows(plan, outs[plan.output], bias)
-                real = real_rows(plan, act, token)
-                for rows, x in input_rows(plan, act):
-                    chunk = y[:, rows]
-                    if real is not None:
-                        x, chunk = x[:, real[rows]], chunk[:, real[rows]]
-                    if sums is None:
-                        sums = Sums(x.shape[0], x.shape[2], [chunk.shape[2]])
-                    sums.add(x, [chunk])
+                sums = add_rows(sums, plan, acts[plan.activation], [y], token)
         return None if sums is None else sums.stats(0, bias is not None)
 
 

@@ -23,23 +23,21 @@ from rdprune_onnx.memory import DEFAULT_MEMORY_BUDGET
 from rdprune_onnx.reconstruct.layout import (
     Plan,
     RefitGraph,
-    input_rows,
     plan_layer,
     rows_key,
     target_rows,
     to_effective,
 )
-from rdprune_onnx.reconstruct.refit import LayerRefit, Refit, refit_masked, select_refit, skipped
-from rdprune_onnx.reconstruct.solvers import DAMPING, Factors, check_solver, damped_hessian
+from rdprune_onnx.reconstruct.refit import LayerRefit, Refit, layer_factors, refit_layer, skipped
+from rdprune_onnx.reconstruct.solvers import DAMPING, check_solver
 from rdprune_onnx.reconstruct.statistics import (
     Fetcher,
     Stats,
     Sums,
+    add_rows,
     dense_stats,
     dense_sums,
-    real_rows,
     token_mask_name,
-    warn_few_rows,
 )
 from rdprune_onnx.runtime import SessionConfig
 
@@ -346,15 +344,7 @@ def _refit_group(
                 target_rows(item.plans[k], dense_out[item.plans[k].output], item.bias)
                 for item in group
             ]
-            act = current_in[plan.activation]
-            real = real_rows(plan, act, token)
-            for rows, x in input_rows(plan, act):
-                chunk = [y[:, rows] for y in ys]
-                if real is not None:
-                    x, chunk = x[:, real[rows]], [y[:, real[rows]] for y in chunk]
-                if sums is None:
-                    sums = Sums(x.shape[0], x.shape[2], [y.shape[2] for y in ys])
-                sums.add(x, chunk)
+            sums = add_rows(sums, plan, current_in[plan.activation], ys, token)
     shared = (time.perf_counter() - started) / len(group)
     refits: list[Refit] = []
     for i, item in enumerate(group):
@@ -415,21 +405,16 @@ def _refit_dense_chunk(
 
 
 def _solve_layer(ctx: _Context, item: _Todo, stats: Stats) -> Refit:
-    plan = item.plans[0]
-    width = stats.hessian.shape[1]
-    d = width - (1 if item.bias is not None else 0)
-    warn_few_rows(item.name, stats.rows, width)
-    factors = Factors(damped_hessian(stats.hessian, ctx.damping, d), stats.cross)
-    if ctx.select:
-        return select_refit(
-            item.name,
-            plan,
-            item.dense,
-            item.masked,
-            item.bias,
-            stats,
-            ctx.solver,
-            factors,
-            refits=ctx.select_refits,
-        )
-    return refit_masked(item.name, plan, item.masked, item.bias, stats, ctx.solver, factors)
+    factors = layer_factors(item.name, stats, item.bias is not None, ctx.damping)
+    return refit_layer(
+        item.name,
+        item.plans[0],
+        item.dense,
+        item.masked,
+        item.bias,
+        stats,
+        ctx.solver,
+        factors,
+        select=ctx.select,
+        refits=ctx.select_refits,
+    )

@@ -162,16 +162,25 @@ def dense_sums(
         token = feeds.get(token_mask) if token_mask is not None else None
         for i, plans in enumerate(plan_lists):
             for plan in plans:
-                act = values[plan.activation]
-                real = real_rows(plan, act, token)
-                for rows, x in input_rows(plan, act):
-                    if real is not None:
-                        x = x[:, real[rows]]
-                    sums = all_sums[i]
-                    if sums is None:
-                        sums = all_sums[i] = Sums(x.shape[0], x.shape[2], [])
-                    sums.add(x, [])
+                all_sums[i] = add_rows(all_sums[i], plan, values[plan.activation], [], token)
     return all_sums
+
+
+def add_rows(
+    sums: Sums | None, plan: Plan, act: Array, ys: Sequence[Array], token: Array | None
+) -> Sums | None:
+    """Add one batch of ``plan``'s activation rows from ``act`` and, per layer, its target
+    rows ``ys`` (g, rows, r_i) to ``sums`` (a new :class:`Sums` when None); padding rows
+    (``token``: the batch's attention mask) are left out."""
+    real = real_rows(plan, act, token)
+    for rows, x in input_rows(plan, act):
+        chunk = [y[:, rows] for y in ys]
+        if real is not None:
+            x, chunk = x[:, real[rows]], [y[:, real[rows]] for y in chunk]
+        if sums is None:
+            sums = Sums(x.shape[0], x.shape[2], [y.shape[2] for y in chunk])
+        sums.add(x, chunk)
+    return sums
 
 
 def dense_stats(sums: Sums, weight: Array, bias: Array | None, plan: Plan) -> Stats:
