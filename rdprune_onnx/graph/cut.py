@@ -86,6 +86,43 @@ def _weight_types(
     return found
 
 
+def _with_constant_producers(
+    nodes: Sequence[onnx.NodeProto],
+    selected: list[bool],
+    constant: set[str],
+    excluded: set[int],
+) -> tuple[list[bool], set[str]]:
+    """The selected nodes plus the constant-only producers (Constant nodes, shape
+    arithmetic on initializers; not those in ``excluded``) of anything they read, which
+    are copied into the cut rather than crossing it; and every tensor the kept nodes read.
+    ``constant`` starts as the constant initializers' names."""
+    constant = set(constant)
+    constant_nodes: list[bool] = []
+    for index, node in enumerate(nodes):
+        is_const = (
+            index not in excluded
+            and node.op_type != "If"
+            and all(n in constant for n in node_inputs(node))
+        )
+        constant_nodes.append(is_const)
+        if is_const:
+            constant.update(o for o in node.output if o)
+    needed: set[str] = set()
+    for node, hit in zip(nodes, selected, strict=True):
+        if hit:
+            needed |= node_inputs(node)
+    keep = list(selected)
+    changed = True
+    while changed:  # pull in the constant producers of anything needed
+        changed = False
+        for i, node in enumerate(nodes):
+            if not keep[i] and constant_nodes[i] and any(o in needed for o in node.output):
+                keep[i] = True
+                needed |= node_inputs(node)
+                changed = True
+    return keep, needed
+
+
 def downstream(
     model: onnx.ModelProto, weights: str | Sequence[str], *, build: bool = True
 ) -> Cut | None:
@@ -122,32 +159,7 @@ def downstream(
             affected.update(o for o in node.output if o)
     if not any(selected):
         return None
-    # Constant-only producers (Constant nodes, shape arithmetic on initializers) that the
-    # selected nodes read are copied in rather than crossing the cut.
-    constant: set[str] = initializers - wanted
-    constant_nodes: list[bool] = []
-    for index, node in enumerate(nodes):
-        is_const = (
-            index not in producers
-            and node.op_type != "If"
-            and all(n in constant for n in node_inputs(node))
-        )
-        constant_nodes.append(is_const)
-        if is_const:
-            constant.update(o for o in node.output if o)
-    needed: set[str] = set()
-    for node, hit in zip(nodes, selected, strict=True):
-        if hit:
-            needed |= node_inputs(node)
-    keep = list(selected)
-    changed = True
-    while changed:  # pull in the constant producers of anything needed
-        changed = False
-        for i, node in enumerate(nodes):
-            if not keep[i] and constant_nodes[i] and any(o in needed for o in node.output):
-                keep[i] = True
-                needed |= node_inputs(node)
-                changed = True
+    keep, needed = _with_constant_producers(nodes, selected, initializers - wanted, producers)
     produced: set[str] = set()
     for node, kept in zip(nodes, keep, strict=True):
         if kept:
