@@ -7,7 +7,6 @@ import pytest
 from rdprune_onnx.calibration import model_inputs, synthesize
 from rdprune_onnx.curves import (
     grid,
-    infer_types,
     measure_curves,
     measure_distortion,
     run_reference,
@@ -16,6 +15,7 @@ from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.cut import downstream
 from rdprune_onnx.graph.layers import find_layers, read_weight
 from rdprune_onnx.graph.surgery import expose_as_inputs, replace_weights
+from rdprune_onnx.graph.types import infer_types
 from rdprune_onnx.masks import apply_mask, prune_count
 from rdprune_onnx.runtime import Session, SessionConfig
 from tests import graphs

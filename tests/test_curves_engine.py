@@ -15,7 +15,6 @@ from rdprune_onnx.curves import (
     LayerCandidates,
     _Schedule,
     grid,
-    infer_types,
     measure_curves,
     measure_distortion,
     run_reference,
@@ -25,6 +24,7 @@ from rdprune_onnx.graph.batchnorm import fold_batchnorm
 from rdprune_onnx.graph.cut import build_cut, downstream
 from rdprune_onnx.graph.layers import Layer, find_layers, read_weight
 from rdprune_onnx.graph.surgery import expose_as_inputs, replace_weights
+from rdprune_onnx.graph.types import infer_types
 from rdprune_onnx.masks import apply_mask, prune_count
 from rdprune_onnx.runtime import Session, SessionConfig
 from tests import graphs

@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 import pytest
 
-from rdprune_onnx.curves import infer_types
 from rdprune_onnx.graph.cut import with_outputs
 from rdprune_onnx.graph.layers import find_layers, read_weight
 from rdprune_onnx.graph.surgery import replace_weights
+from rdprune_onnx.graph.types import infer_types
 from rdprune_onnx.masks import apply_mask, prune_count
 from rdprune_onnx.reconstruct import (
     Reconstruction,
