@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from rdprune_onnx.calibration import batches
 from rdprune_onnx.curves import Curve, LayerCandidates, Reference, measure_curves
 from rdprune_onnx.graph.layers import Layer
 from rdprune_onnx.graph.surgery import replace_weights
@@ -59,17 +58,15 @@ from rdprune_onnx.reconstruct.layout import (
     RefitGraph,
     plan_layer,
     rows_key,
-    target_rows,
 )
 from rdprune_onnx.reconstruct.refit import layer_factors, refit_layer
 from rdprune_onnx.reconstruct.solvers import DAMPING, Factors, check_solver
 from rdprune_onnx.reconstruct.statistics import (
-    Fetcher,
     Stats,
     Sums,
-    add_rows,
     dense_stats,
     dense_sums,
+    refit_stats,
     token_mask_name,
 )
 from rdprune_onnx.runtime import SessionConfig
@@ -368,17 +365,16 @@ class SequentialRefitCandidates(RefitCandidates):
 
     def _stats(self, plans: list[Plan], bias: Array | None) -> Stats | None:
         """H = X̂ᵀX̂ (base model inputs), G = X̂ᵀY and ΣY² (dense outputs), one pass."""
-        feeds_names = set(self.data)
-        inputs = Fetcher(self.base, [p.activation for p in plans], feeds_names, self.config)
-        targets = Fetcher(self.typed, [p.output for p in plans], feeds_names, self.config)
-        sums: Sums | None = None
-        for feeds in batches(self.data, self.batch_size):
-            acts, outs = inputs.run(feeds), targets.run(feeds)
-            token = feeds.get(self.token_mask) if self.token_mask is not None else None
-            for plan in plans:
-                y = target_rows(plan, outs[plan.output], bias)
-                sums = add_rows(sums, plan, acts[plan.activation], [y], token)
-        return None if sums is None else sums.stats(0, bias is not None)
+        return refit_stats(
+            self.base,
+            self.typed,
+            plans,
+            bias,
+            self.data,
+            batch_size=self.batch_size,
+            config=self.config,
+            token_mask=self.token_mask,
+        )
 
 
 def remeasure_curves(

@@ -13,7 +13,7 @@ import onnx
 
 from rdprune_onnx.calibration import batches
 from rdprune_onnx.graph.cut import upstream
-from rdprune_onnx.reconstruct.layout import Plan, effective_with_bias, input_rows
+from rdprune_onnx.reconstruct.layout import Plan, effective_with_bias, input_rows, target_rows
 from rdprune_onnx.reconstruct.solvers import CHUNK_BYTES
 from rdprune_onnx.runtime import Session, SessionConfig
 
@@ -181,6 +181,33 @@ def add_rows(
             sums = Sums(x.shape[0], x.shape[2], [y.shape[2] for y in chunk])
         sums.add(x, chunk)
     return sums
+
+
+def refit_stats(
+    inputs_model: onnx.ModelProto,
+    targets_model: onnx.ModelProto,
+    plans: Sequence[Plan],
+    bias: Array | None,
+    data: Mapping[str, Array],
+    *,
+    batch_size: int,
+    config: SessionConfig,
+    token_mask: str | None = None,
+) -> Stats | None:
+    """One weight's statistics in one data pass: ``H = X̂ᵀX̂`` from the activations of
+    ``inputs_model``, ``G = X̂ᵀY`` and ``ΣY²`` from the outputs of ``targets_model`` (the
+    dense model), over the rows of every use (``plans``); None without any row."""
+    feeds_names = set(data)
+    inputs = Fetcher(inputs_model, [p.activation for p in plans], feeds_names, config)
+    targets = Fetcher(targets_model, [p.output for p in plans], feeds_names, config)
+    sums: Sums | None = None
+    for feeds in batches(data, batch_size):
+        acts, outs = inputs.run(feeds), targets.run(feeds)
+        token = feeds.get(token_mask) if token_mask is not None else None
+        for plan in plans:
+            y = target_rows(plan, outs[plan.output], bias)
+            sums = add_rows(sums, plan, acts[plan.activation], [y], token)
+    return None if sums is None else sums.stats(0, bias is not None)
 
 
 def dense_stats(sums: Sums, weight: Array, bias: Array | None, plan: Plan) -> Stats:
