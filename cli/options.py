@@ -10,9 +10,9 @@ import click
 
 from rdprune_onnx.allocate import METHODS
 from rdprune_onnx.calibration import parse_input_ranges, parse_input_shapes, parse_input_values
+from rdprune_onnx.compact import STORAGES
 from rdprune_onnx.distortion import METRICS, OUTPUT_KINDS
 from rdprune_onnx.errors import UserError
-from rdprune_onnx.export import STORAGES
 from rdprune_onnx.grid import GRIDS
 from rdprune_onnx.masks import MASK_INPUTS, MASKS
 from rdprune_onnx.reconstruct import INPUTS as REFIT_INPUTS

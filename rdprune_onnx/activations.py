@@ -35,13 +35,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from rdprune_onnx.calibration import batches
-from rdprune_onnx.curves import infer_types
-from rdprune_onnx.graph.cut import node_inputs
+from rdprune_onnx.graph.cut import node_inputs, upstream
 from rdprune_onnx.graph.layers import Layer, Use
-from rdprune_onnx.graph.walk import constant_value
+from rdprune_onnx.graph.types import infer_types
+from rdprune_onnx.graph.walk import constant_value, node_label
 from rdprune_onnx.masks import LayerStats, MaskCriterion, apply_mask, get_mask
 from rdprune_onnx.runtime import Session, SessionConfig
 
@@ -207,9 +206,7 @@ def _probe(node: onnx.NodeProto, use: Use, shape: tuple[int, ...]) -> _Probe:
 
 def _main_nodes(model: onnx.ModelProto) -> dict[str, tuple[int, onnx.NodeProto]]:
     """Main-graph nodes by the label layer discovery gives them (name or ``op#index``)."""
-    return {
-        (node.name or f"{node.op_type}#{i}"): (i, node) for i, node in enumerate(model.graph.node)
-    }
+    return {node_label(node, i): (i, node) for i, node in enumerate(model.graph.node)}
 
 
 def plan_probes(
@@ -233,36 +230,6 @@ def plan_probes(
         else:
             probes[layer.name] = found
     return probes, missing
-
-
-def _fetch_model(typed: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``typed`` whose outputs are ``names``, with only the nodes computing them."""
-    graph = typed.graph
-    types = {v.name: v for v in graph.value_info}
-    types.update({v.name: v for v in graph.output})
-    wanted = list(dict.fromkeys(names))
-    needed = set(wanted)
-    keep: list[onnx.NodeProto] = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed |= node_inputs(node)
-    keep.reverse()
-    out = onnx.ModelProto()
-    out.ir_version = typed.ir_version
-    out.opset_import.extend(typed.opset_import)
-    out.functions.extend(typed.functions)
-    sub = out.graph
-    sub.name = graph.name
-    sub.node.extend(keep)
-    sub.input.extend(i for i in graph.input if i.name in needed)
-    sub.initializer.extend(t for t in graph.initializer if t.name in needed)
-    produced = {o for node in keep for o in node.output}
-    sub.value_info.extend(v for v in graph.value_info if v.name in produced)
-    for name in wanted:
-        # No inferred type: ONNX Runtime infers it from the producing node.
-        sub.output.append(types.get(name) or helper.make_empty_tensor_value_info(name))
-    return out
 
 
 def token_mask(data: Mapping[str, np.ndarray]) -> str | None:
@@ -302,7 +269,7 @@ def _collect(
     computed = [n for n in dict.fromkeys(wanted) if n not in inputs]
     session = None
     if computed:
-        fetch = _fetch_model(typed, computed)
+        fetch = upstream(typed, computed)
         kept = _constants(fetch)
         replaced = {k: v for k, v in (weights or {}).items() if k in kept}
         session = Session(fetch, config, weights=replaced or None)
@@ -397,7 +364,7 @@ def _waves(
     for index, node in enumerate(model.graph.node):
         reads = node_inputs(node)
         level = max((depth.get(n, 0) for n in reads), default=0)
-        if (node.name or f"{node.op_type}#{index}") in labels:
+        if node_label(node, index) in labels:
             level += 1
         for out in node.output:
             if out:

@@ -28,7 +28,7 @@ from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.layers import Layer
 from rdprune_onnx.grid import GridResult, measure_grid, on_grid
 from rdprune_onnx.job import Job, layer_specs, mask_order, mask_statistics
-from rdprune_onnx.refit_curves import REFIT_DAMPING, RefitCandidates
+from rdprune_onnx.reconstruct import REFIT_DAMPING, RefitCandidates
 from rdprune_onnx.runtime import SessionConfig
 from rdprune_onnx.settings import PruneSettings
 

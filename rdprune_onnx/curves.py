@@ -39,19 +39,20 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 from tqdm import tqdm
 
 from rdprune_onnx.allocate import Curve
 from rdprune_onnx.calibration import batches
 from rdprune_onnx.distortion import DistortionMeter
 from rdprune_onnx.errors import UserError
-from rdprune_onnx.graph.cut import Cut, build_cut, downstream, node_inputs, with_outputs
+from rdprune_onnx.graph.batchnorm import fold_batchnorm
+from rdprune_onnx.graph.cut import Cut, build_cut, downstream, with_outputs
 from rdprune_onnx.graph.layers import Layer, read_weight
 from rdprune_onnx.graph.load import data_bytes
 from rdprune_onnx.graph.surgery import expose_as_inputs
-from rdprune_onnx.graph.walk import constant_value
+from rdprune_onnx.graph.types import elem_bytes, infer_types, value_types
 from rdprune_onnx.masks import magnitude_order, prune_count
+from rdprune_onnx.memory import DEFAULT_MEMORY_BUDGET
 from rdprune_onnx.runtime import Session, SessionConfig
 
 log = logging.getLogger(__name__)
@@ -140,10 +141,10 @@ def measure_distortion(
 
 ProgressHook = Callable[[str, Curve], None]
 ENGINES = ("auto", "downstream", "full")
-# Dense crossing tensors kept in memory at once (over all the layers measured from them, on
-# the session's device); above this, layers are measured in groups (one dense pass each)
-# and a layer whose own tensors do not fit streams over chunks of calibration batches.
-DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+# DEFAULT_MEMORY_BUDGET (rdprune_onnx.memory): dense crossing tensors kept in memory at once
+# (over all the layers measured from them, on the session's device); above it, layers are
+# measured in groups (one dense pass each) and a layer whose own tensors do not fit streams
+# over chunks of calibration batches.
 # The next layer's session is built while this one runs only for models up to this size
 # (their tensors' bytes): it holds a second cut of the model meanwhile.
 PREFETCH_MAX_BYTES = 512 * 1024**2
@@ -172,16 +173,6 @@ CandidateFactory = Callable[[Layer, np.ndarray], LayerCandidates | None]
 MaskOrder = Callable[[Layer, np.ndarray], np.ndarray]
 
 
-def infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with inferred value types (needed to cut it); unchanged if inference fails."""
-    try:
-        if data_bytes(model, in_memory=True) < 2**31 - 1:  # tensors on disk are not in it
-            return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:  # inference is best effort: fall back to whole-model runs
-        log.info("shape inference failed (%s); measuring on the whole model", exc)
-    return model
-
-
 def _cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -203,14 +194,6 @@ def worker_layout(config: SessionConfig, workers: int | None = None) -> tuple[in
     count = max(1, workers) if workers is not None else min(2, total)
     per = max(1, total // count)
     return count, replace(config, intra_op_threads=per)
-
-
-def _elem_bytes(value: onnx.ValueInfoProto) -> int:
-    try:
-        kind = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        return int(np.dtype(kind).itemsize)
-    except Exception:  # an element type without a numpy equivalent
-        return 8
 
 
 class _Schedule:
@@ -242,119 +225,6 @@ class _Schedule:
         parts = max(1, min(parts, len(self.runs)))
         bounds = np.linspace(0, len(self.runs), parts + 1).round().astype(int)
         return [self.runs[a:b] for a, b in itertools.pairwise(bounds) if b > a]
-
-
-def _constant_arrays(graph: onnx.GraphProto, names: Sequence[str]) -> dict[str, np.ndarray] | None:
-    """The values of constant tensors: initializers, Constant outputs, or either through
-    Identity nodes (exporters share equal tensors that way); None if one is not constant."""
-    inits = {t.name: t for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output if o}
-    found: dict[str, np.ndarray] = {}
-    for name in names:
-        source = name
-        for _ in range(len(producers) + 1):
-            node = producers.get(source)
-            if node is None or node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
-                break
-            source = node.input[0]
-        try:
-            if source in inits:
-                found[name] = numpy_helper.to_array(inits[source])
-                continue
-            node = producers.get(source)
-            value = constant_value(node) if node is not None else None
-            if value is None:
-                return None
-            found[name] = numpy_helper.to_array(value)
-        except Exception:  # data this numpy cannot read here (e.g. not loaded)
-            return None
-    return found
-
-
-def _fold_batchnorm(
-    model: onnx.ModelProto, weight: str
-) -> Callable[[np.ndarray], np.ndarray] | None:
-    """Fold the BatchNormalization that follows the Conv of ``weight`` into the Conv.
-
-    With the weight a graph input ONNX Runtime cannot fold the norm itself (nor fuse the
-    activation after it). The rewritten graph takes the weight scaled per output channel
-    (the returned function scales a candidate) and a folded bias: the same function to
-    float rounding, with the mask still chosen on the original weight. ``model`` (a cut
-    built for this layer) is edited in place; None when the pattern is not there.
-    """
-    graph = model.graph
-    users = [n for n in graph.node if weight in node_inputs(n)]
-    if len(users) != 1:
-        return None
-    conv = users[0]
-    if (
-        conv.op_type != "Conv"
-        or conv.domain not in ("", "ai.onnx")
-        or list(conv.input).count(weight) != 1
-        or len(conv.input) < 2
-        or conv.input[1] != weight
-    ):
-        return None
-    produced = conv.output[0]
-    readers = [n for n in graph.node if produced in node_inputs(n)]
-    if len(readers) != 1 or produced in {o.name for o in graph.output}:
-        return None
-    norm = readers[0]
-    attrs = {a.name: helper.get_attribute_value(a) for a in norm.attribute}
-    if (
-        norm.op_type != "BatchNormalization"
-        or norm.domain not in ("", "ai.onnx")
-        or list(norm.input).index(produced) != 0
-        or list(norm.input).count(produced) != 1
-        or len([o for o in norm.output if o]) != 1
-        or not norm.output[0]
-        or attrs.get("training_mode", 0)
-    ):
-        return None
-    params = list(norm.input[1:5])
-    bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
-    arrays = _constant_arrays(graph, [*params, *([bias_name] if bias_name else [])])
-    if arrays is None or len(params) != 4:
-        return None
-    scale, beta, mean, var = (arrays[p].astype(np.float64) for p in params)
-    epsilon = float(attrs.get("epsilon", 1e-5))
-    factor = scale / np.sqrt(var + epsilon)
-    weight_type = next((i for i in graph.input if i.name == weight), None)
-    if weight_type is None:
-        return None
-    dims = [d.dim_value for d in weight_type.type.tensor_type.shape.dim]
-    dtype = helper.tensor_dtype_to_np_dtype(weight_type.type.tensor_type.elem_type)
-    if not dims or dims[0] != factor.size:
-        return None
-    bias = arrays[bias_name].astype(np.float64) if bias_name else np.zeros(factor.size)
-    folded_name = f"{weight}__rdprune_bn_bias"
-    folded = ((bias - mean) * factor + beta).astype(dtype)
-    graph.initializer.append(numpy_helper.from_array(folded, folded_name))
-    if len(conv.input) > 2:
-        conv.input[2] = folded_name
-    else:
-        conv.input.append(folded_name)
-    conv.output[0] = norm.output[0]
-    kept = [n for n in graph.node if n is not norm]
-    del graph.node[:]
-    graph.node.extend(kept)
-    still_used = {n for node in graph.node for n in node_inputs(node)}
-    unused = {p for p in [*params, bias_name] if p and p not in still_used}
-    unused &= {t.name for t in graph.initializer}
-    if unused:
-        keep_init = [t for t in graph.initializer if t.name not in unused]
-        del graph.initializer[:]
-        graph.initializer.extend(keep_init)
-    keep_info = [v for v in graph.value_info if v.name != produced]
-    del graph.value_info[:]
-    graph.value_info.extend(keep_info)
-    shaped = factor.astype(dtype).reshape((-1,) + (1,) * (len(dims) - 1))
-
-    def scaled(candidate: np.ndarray) -> np.ndarray:
-        result: np.ndarray = candidate * shaped
-        return result
-
-    return scaled
 
 
 class _Context:
@@ -403,11 +273,7 @@ class _Context:
     @property
     def types(self) -> dict[str, onnx.ValueInfoProto]:
         if self._types is None:
-            graph = self.typed.graph
-            types = {v.name: v for v in graph.value_info}
-            types.update({v.name: v for v in graph.output})
-            types.update({v.name: v for v in graph.input})
-            self._types = types
+            self._types = value_types(self.typed)
         return self._types
 
     def batch_bytes(self, names: Sequence[str]) -> dict[str, int | None]:
@@ -434,7 +300,7 @@ class _Context:
                 continue
             total: int | None = 0
             for bound in bindings:
-                size = _elem_bytes(value)
+                size = elem_bytes(value)
                 for dim in value.type.tensor_type.shape.dim:
                     if dim.HasField("dim_value"):
                         size *= dim.dim_value
@@ -569,7 +435,7 @@ class _LayerMeasurer:
                 del cut_model.graph.output[:]
                 cut_model.graph.output.extend(outs)
             if self.candidates is None:
-                self.scale = _fold_batchnorm(cut_model, layer.name)
+                self.scale = fold_batchnorm(cut_model, layer.name)
             self.session = Session(cut_model, config)
             self.nbytes = data_bytes(cut_model)
             del cut_model

@@ -7,7 +7,6 @@ latency, in one call (``rdprune-onnx eval``).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import statistics
@@ -23,6 +22,7 @@ from onnx import external_data_helper
 
 from rdprune_onnx import calibration as calib
 from rdprune_onnx.calibration import batches, sample_count
+from rdprune_onnx.compact import compacted_weights, densify
 from rdprune_onnx.distortion import class_score_problem
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.layers import Layer, find_layers
@@ -290,21 +290,11 @@ def model_files(path: str | os.PathLike[str]) -> ModelFile:
 
 
 def _densify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-    """Expand compact weights with ``rdprune_onnx.export.densify`` where that exists."""
-    try:
-        export = importlib.import_module("rdprune_onnx.export")
-    except ModuleNotFoundError as exc:
-        if exc.name != "rdprune_onnx.export":
-            raise
-        return model, False
-    densify = getattr(export, "densify", None)
-    if densify is None:
-        return model, False
-    compacted = getattr(export, "compacted_weights", None)
-    if callable(compacted) and not compacted(model):
+    """Expand compact weights (:func:`rdprune_onnx.compact.densify`); the model as it is
+    (and False) when it holds none."""
+    if not compacted_weights(model):
         return model, False  # nothing to expand: skip the copy densify would make
-    dense = densify(model)
-    return (dense if isinstance(dense, onnx.ModelProto) else model), True
+    return densify(model), True
 
 
 def match_layers(dense: Sequence[Layer], pruned: Sequence[Layer]) -> list[LayerSparsity]:
@@ -414,29 +404,14 @@ def evaluate_files(
     included) and the latency of both on ``provider``: the median of ``repeats`` timed runs
     of one batch of ``batch_size`` samples after ``warmup`` untimed runs, in this process.
     """
-    if batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {batch_size}", "e.g. 64")
-    if repeats <= 0:
-        raise UserError(f"--repeats must be positive, got {repeats}", "e.g. 20")
-    if warmup < 0:
-        raise UserError(f"warm-up runs cannot be negative, got {warmup}", "e.g. 3")
+    _check_runs(batch_size, repeats, warmup)
     if Path(dense_path).resolve() == Path(pruned_path).resolve():
         log.warning("comparing %s with itself", dense_path)
     dense = load_model(dense_path)
     pruned = load_model(pruned_path)
     dense_file = model_files(dense_path)
     pruned_file = model_files(pruned_path)
-    data, label_array = _load_data(data_path, dense, pruned, labels)
-
-    n = sample_count(data)
-    if label_array is not None and (label_array.ndim == 0 or label_array.shape[0] != n):
-        raise UserError(
-            f"labels {labels!r} have shape {label_array.shape}, but the inputs hold {n} samples",
-            "store one class index per sample (the first axis is the sample axis)",
-        )
-    data, batch_size = calib.fit_fixed_batch(data, calib.model_inputs(dense), batch_size)
-    if label_array is not None:
-        label_array = label_array[: sample_count(data)]
+    data, label_array, batch_size = _samples(data_path, dense, pruned, labels, batch_size)
 
     config = SessionConfig(provider=resolve_provider(provider))
     dense_session = Session(dense, config)
@@ -463,20 +438,7 @@ def evaluate_files(
         )
 
     feeds = next(batches(data, batch_size))
-    dense_times, pruned_times = measure_latency(
-        dense_session, pruned_session, feeds, repeats=repeats, warmup=warmup
-    )
-    latency = Latency(
-        provider=config.provider,
-        batch_size=sample_count(feeds),
-        repeats=repeats,
-        warmup=warmup,
-        dense_ms=statistics.median(dense_times) * 1e3,
-        pruned_ms=statistics.median(pruned_times) * 1e3,
-        dense_min_ms=min(dense_times) * 1e3,
-        pruned_min_ms=min(pruned_times) * 1e3,
-        **_ratio_spread(dense_times, pruned_times),
-    )
+    latency = _latency(dense_session, pruned_session, feeds, config.provider, repeats, warmup)
     return FileEvaluation(
         dense=dense_file,
         pruned=pruned_file,
@@ -488,3 +450,59 @@ def evaluate_files(
         latency=latency,
         densified=densified,
     )
+
+
+def _check_runs(batch_size: int, repeats: int, warmup: int) -> None:
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}", "e.g. 64")
+    if repeats <= 0:
+        raise UserError(f"--repeats must be positive, got {repeats}", "e.g. 20")
+    if warmup < 0:
+        raise UserError(f"warm-up runs cannot be negative, got {warmup}", "e.g. 3")
+
+
+def _latency(
+    dense: Session,
+    pruned: Session,
+    feeds: Mapping[str, np.ndarray],
+    provider: str,
+    repeats: int,
+    warmup: int,
+) -> Latency:
+    """Both sessions timed on one batch (:func:`measure_latency`), summarised."""
+    dense_times, pruned_times = measure_latency(
+        dense, pruned, feeds, repeats=repeats, warmup=warmup
+    )
+    return Latency(
+        provider=provider,
+        batch_size=sample_count(feeds),
+        repeats=repeats,
+        warmup=warmup,
+        dense_ms=statistics.median(dense_times) * 1e3,
+        pruned_ms=statistics.median(pruned_times) * 1e3,
+        dense_min_ms=min(dense_times) * 1e3,
+        pruned_min_ms=min(pruned_times) * 1e3,
+        **_ratio_spread(dense_times, pruned_times),
+    )
+
+
+def _samples(
+    data_path: str | os.PathLike[str],
+    dense: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    labels: str | None,
+    batch_size: int,
+) -> tuple[dict[str, np.ndarray], np.ndarray | None, int]:
+    """The evaluation inputs and labels (one per sample), cut to the model's fixed batch
+    size where it has one, and the batch size to run them with."""
+    data, label_array = _load_data(data_path, dense, pruned, labels)
+    n = sample_count(data)
+    if label_array is not None and (label_array.ndim == 0 or label_array.shape[0] != n):
+        raise UserError(
+            f"labels {labels!r} have shape {label_array.shape}, but the inputs hold {n} samples",
+            "store one class index per sample (the first axis is the sample axis)",
+        )
+    data, batch_size = calib.fit_fixed_batch(data, calib.model_inputs(dense), batch_size)
+    if label_array is not None:
+        label_array = label_array[: sample_count(data)]
+    return data, label_array, batch_size

@@ -30,11 +30,11 @@ from rdprune_onnx.curves import MaskOrder, Reference, run_reference
 from rdprune_onnx.distortion import resolve_metric
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.files import RunFiles, staging
-from rdprune_onnx.flops import macs_per_weight
 from rdprune_onnx.graph.activation import output_activations
 from rdprune_onnx.graph.layers import Layer, LayerScan, find_layers, read_weight
 from rdprune_onnx.graph.load import has_lazy, read_model
 from rdprune_onnx.grid import GridResult
+from rdprune_onnx.macs import macs_per_weight
 from rdprune_onnx.masks import apply_mask, get_mask, magnitude_order
 from rdprune_onnx.plot import check_plot_target
 from rdprune_onnx.runtime import SessionConfig, resolve_provider, user_model

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from rdprune_onnx.allocate import METHODS
+from rdprune_onnx.compact import STORAGES
 from rdprune_onnx.curves import grid
 from rdprune_onnx.distortion import METRICS, OUTPUT_KINDS
 from rdprune_onnx.errors import UserError
-from rdprune_onnx.export import STORAGES
 from rdprune_onnx.grid import check_grid
 from rdprune_onnx.masks import MASK_INPUTS, MASKS, get_mask
 from rdprune_onnx.reconstruct import INPUTS as REFIT_INPUTS
@@ -68,7 +68,7 @@ class PruneSettings:
     overrides: Mapping[str, LayerBounds] = field(default_factory=dict)
     reconstruct: bool = False  # refit the kept weights of each layer after masking
     refit_solver: str = "auto"  # exact | sparsegpt | auto (by layer width)
-    # rd curves measured with each layer pruned AND refit (rdprune_onnx.refit_curves);
+    # rd curves measured with each layer pruned AND refit (rdprune_onnx.reconstruct.refit_curves);
     # implies ``reconstruct``: the allocation is then chosen for what will be applied.
     refit_curves: bool = False
     # Which weights go inside a layer (rdprune_onnx.masks): magnitude | wanda. Data-aware

@@ -24,12 +24,12 @@ import onnx
 from rdprune_onnx import calibration as calib
 from rdprune_onnx.activations import Statistics
 from rdprune_onnx.allocate import Allocation, AllocationProblem, Curve, LayerSpec, get_allocator
+from rdprune_onnx.compact import compact_weights
 from rdprune_onnx.curve_source import CurveNeeds, CurveSource
 from rdprune_onnx.curves import measure_distortion
 from rdprune_onnx.distortion import Metric
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.evaluate import Evaluation, compare_outputs, run_all
-from rdprune_onnx.export import compact_weights
 from rdprune_onnx.graph.external import write_external
 from rdprune_onnx.graph.load import read_model, save_model
 from rdprune_onnx.graph.surgery import replace_weights

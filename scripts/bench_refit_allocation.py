@@ -5,7 +5,7 @@ re-measured on the pruned-and-refit model (docs/refit_select.md).
 predicted distortion (sum of curve points) against the measured one (calibration output
 MSE) with the final refit on dense and on sequential inputs, and test accuracy.
 ``remeasure``: rd on plain curves + sequential refit, then two rounds of curves
-re-measured on that pruned-and-refit model (:func:`rdprune_onnx.refit_curves.remeasure_curves`),
+re-measured on that pruned-and-refit model (:func:`rdprune_onnx.reconstruct.remeasure_curves`),
 rd DP and refit again.
 
     .venv/bin/python scripts/bench_refit_allocation.py why
@@ -32,8 +32,7 @@ from rdprune_onnx.curves import grid, measure_distortion, run_reference
 from rdprune_onnx.graph.layers import find_layers, read_weight
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.masks import apply_mask
-from rdprune_onnx.reconstruct import reconstruct
-from rdprune_onnx.refit_curves import RefitCandidates, remeasure_curves
+from rdprune_onnx.reconstruct import RefitCandidates, reconstruct, remeasure_curves
 from rdprune_onnx.runtime import Session, SessionConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -29,7 +29,7 @@ from rdprune_onnx.curves import grid
 from rdprune_onnx.graph.layers import find_layers, read_weight
 from rdprune_onnx.masks import apply_mask, magnitude_order, prune_count
 from rdprune_onnx.pipeline import load_calibration
-from rdprune_onnx.refit_curves import RefitCandidates
+from rdprune_onnx.reconstruct import RefitCandidates
 
 
 def _row(result: Any, mode: str, curve_s: float) -> dict[str, Any]:

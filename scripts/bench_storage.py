@@ -4,7 +4,7 @@ For each model and ratio the prunable layers (``find_layers``) get a uniform mag
 (``apply_mask``) and are written back with ``replace_weights``: that is the dense-zeros
 model. It is then stored three more ways:
 
-* compact: ``rdprune_onnx.export.compact_weights`` (values + bit mask or position gaps as
+* compact: ``rdprune_onnx.compact.compact_weights`` (values + bit mask or position gaps as
   ordinary initializers, rebuilt by standard ops that onnxruntime folds at load);
 * sparse_initializer: each prunable weight as an ONNX sparse initializer (values + int64
   flat indices), which onnxruntime densifies at load;
@@ -44,7 +44,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from rdprune_onnx.export import compact_weights, compacted_weights, weight_storage_bytes
+from rdprune_onnx.compact import compact_weights, compacted_weights, weight_storage_bytes
 from rdprune_onnx.graph.layers import find_layers, read_weight
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.masks import apply_mask, magnitude_order, prune_count

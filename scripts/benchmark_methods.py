@@ -98,6 +98,7 @@ from rdprune_onnx.allocate import AllocationProblem, Curve, LayerSpec, get_alloc
 from rdprune_onnx.curves import Reference, run_reference
 from rdprune_onnx.distortion import DistortionMeter
 from rdprune_onnx.evaluate import accuracy
+from rdprune_onnx.graph.cut import upstream
 from rdprune_onnx.graph.layers import Layer, find_layers, read_weight
 from rdprune_onnx.graph.load import load_model
 from rdprune_onnx.graph.surgery import replace_weights
@@ -578,27 +579,8 @@ def run_onnxsim(
 
 def with_output(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
     """``model`` with ``tensor`` (float, rank 2) as its only output; nodes after it removed."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    needed = {tensor}
-    keep = []
-    for node in reversed(graph.node):  # the nodes the new output depends on
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-    kept = list(reversed(keep))
-    del graph.node[:]
-    graph.node.extend(kept)
-    del graph.output[:]
-    graph.output.append(
-        onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, ["batch", None])
-    )
-    used = {i for node in kept for i in node.input}
-    inits = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    return out
+    rank2 = onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, ["batch", None])
+    return upstream(model, [tensor], output_types={tensor: rank2})
 
 
 def onnxsim_version() -> str | None:

@@ -15,15 +15,16 @@ from rdprune_onnx.curves import (
     LayerCandidates,
     _Schedule,
     grid,
-    infer_types,
     measure_curves,
     measure_distortion,
     run_reference,
     worker_layout,
 )
+from rdprune_onnx.graph.batchnorm import fold_batchnorm
 from rdprune_onnx.graph.cut import downstream
 from rdprune_onnx.graph.layers import Layer, find_layers, read_weight
 from rdprune_onnx.graph.surgery import replace_weights
+from rdprune_onnx.graph.types import infer_types
 from rdprune_onnx.masks import apply_mask, prune_count
 from rdprune_onnx.runtime import Session, SessionConfig
 from tests import graphs
@@ -189,7 +190,7 @@ def test_bn_fold_in_the_cut_equals_full_runs() -> None:
     for name, left in (("w1", 1), ("w2", 0)):
         cut = downstream(typed, name)
         assert cut is not None and cut.model is not None
-        scale = curves_module._fold_batchnorm(cut.model, name)
+        scale = fold_batchnorm(cut.model, name)
         assert scale is not None, name
         ops = [n.op_type for n in cut.model.graph.node]
         assert ops.count("BatchNormalization") == left  # w2's norm stays in w1's cut
@@ -205,7 +206,7 @@ def test_bn_fold_refuses_other_patterns() -> None:
     typed = infer_types(graphs.cnn())
     cut = downstream(typed, "w1")
     assert cut is not None and cut.model is not None
-    assert curves_module._fold_batchnorm(cut.model, "w1") is None  # Conv -> Relu
+    assert fold_batchnorm(cut.model, "w1") is None  # Conv -> Relu
 
 
 def test_workers_and_binding_route_give_the_same_curves(monkeypatch: pytest.MonkeyPatch) -> None:

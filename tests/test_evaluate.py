@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -234,17 +232,17 @@ def test_compact_weights_are_expanded_before_counting(
                 tensor.CopyFrom(numpy_helper.from_array(np.diag([1.0, 0.0]).astype("f"), "w1"))
         return out
 
-    fake = types.ModuleType("rdprune_onnx.export")
-    fake.densify = densify  # type: ignore[attr-defined]
-    fake.compacted_weights = lambda model: {"w1": "bitmask"}  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "rdprune_onnx.export", fake)
+    from rdprune_onnx import evaluate as ev
+
+    monkeypatch.setattr(ev, "densify", densify)
+    monkeypatch.setattr(ev, "compacted_weights", lambda model: {"w1": "bitmask"})
     result = evaluate(dense, pruned, data)
     assert calls == [1]
     assert result.densified is True
     assert result.layers[0].pruned_zeros == 3
     assert result.evaluation.outputs[0].mse == pytest.approx(6.0)  # the file's own weights
 
-    fake.compacted_weights = lambda model: {}  # type: ignore[attr-defined]
+    monkeypatch.setattr(ev, "compacted_weights", lambda model: {})
     result = evaluate(dense, pruned, data)
     assert calls == [1]  # nothing compacted: densify is not called
     assert result.densified is False
@@ -252,9 +250,8 @@ def test_compact_weights_are_expanded_before_counting(
 
 
 def test_real_compact_file(tmp_path: Path) -> None:
-    export = pytest.importorskip("rdprune_onnx.export")
-    if not hasattr(export, "compact_weights"):
-        pytest.skip("rdprune_onnx.export has no compact_weights")
+    from rdprune_onnx import compact
+
     rng = np.random.default_rng(1)
     w1 = rng.standard_normal((64, 48)).astype(np.float32)
     w2 = rng.standard_normal((48, 10)).astype(np.float32)
@@ -262,7 +259,7 @@ def test_real_compact_file(tmp_path: Path) -> None:
     plain = two_matmuls(w1p, w2)
     dense = save(two_matmuls(w1, w2), tmp_path / "d.onnx")
     pruned = save(plain, tmp_path / "p.onnx")
-    compact = save(export.compact_weights(plain, ["w1"]), tmp_path / "c.onnx")
+    compact = save(compact.compact_weights(plain, ["w1"]), tmp_path / "c.onnx")
     data = tmp_path / "x.npz"
     np.savez(data, x=rng.standard_normal((16, 64)).astype(np.float32))
     a = evaluate(dense, pruned, data)

@@ -16,9 +16,10 @@ import pytest
 
 from rdprune_onnx import curves as curves_module
 from rdprune_onnx.calibration import model_inputs, synthesize
-from rdprune_onnx.curves import LayerCandidates, grid, infer_types, measure_curves, run_reference
+from rdprune_onnx.curves import LayerCandidates, grid, measure_curves, run_reference
 from rdprune_onnx.graph.cut import downstream
 from rdprune_onnx.graph.layers import Layer, find_layers, read_weight
+from rdprune_onnx.graph.types import infer_types
 from rdprune_onnx.runtime import SessionConfig
 from tests import graphs
 

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from rdprune_onnx import flops  # counts multiply-accumulates (being renamed to macs.py)
+from rdprune_onnx import macs
 from rdprune_onnx.graph.layers import find_layers
 from tests import graphs
 
@@ -53,7 +53,7 @@ def _conv(
 
 def _macs(model: onnx.ModelProto, sample_shape: tuple[int, ...]) -> dict[str, int]:
     sample = {"x": np.ones(sample_shape, np.float32)}
-    return flops.macs_per_weight(model, find_layers(model).layers, sample)
+    return macs.macs_per_weight(model, find_layers(model).layers, sample)
 
 
 # Each weight of a Conv is used once per output position (of its own output channel): the
@@ -205,13 +205,13 @@ def test_shapes_known_only_at_run_time_are_measured() -> None:
     sample = np.ones((1, 12), np.float32)
     sample[0, 4] = 3.0
     layers = find_layers(model).layers
-    assert flops.macs_per_weight(model, layers, {"x": sample}) == {"w": 3}
+    assert macs.macs_per_weight(model, layers, {"x": sample}) == {"w": 3}
 
 
 def test_whole_models() -> None:
     cnn = _macs(graphs.cnn(), (1, 3, 8, 8))
     assert cnn == {"w1": 64, "w2": 36, "w3": 1, "w4": 1}  # 8x8 (padded), 6x6, one row each
-    forms = flops.macs_per_weight(
+    forms = macs.macs_per_weight(
         graphs.mlp_forms(),
         find_layers(graphs.mlp_forms()).layers,
         {"x": np.ones((1, 4), np.float32), "cond": np.array(True)},

@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import pytest
 
-from rdprune_onnx import reconstruct as reconstruct_module
 from rdprune_onnx.graph.layers import find_layers, read_weight
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.masks import prune_count
@@ -19,6 +18,7 @@ from rdprune_onnx.reconstruct import (
     conv_pads,
     im2col,
     reconstruct,
+    sequential,
     solve_exact,
     solve_sparsegpt,
 )
@@ -336,7 +336,7 @@ def test_dense_targets_recomputed_per_layer_when_over_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cached, _, _ = _refit("cnn", 0.7)
-    monkeypatch.setattr(reconstruct_module, "DENSE_CACHE_BYTES", 0)
+    monkeypatch.setattr(sequential, "DENSE_CACHE_BYTES", 0)
     again, _, _ = _refit("cnn", 0.7)
     assert [r.error_after for r in again.layers] == [r.error_after for r in cached.layers]
     for name, weight in cached.all_weights().items():

@@ -1,4 +1,4 @@
-"""Refit-aware rate-distortion curves (rdprune_onnx.refit_curves, --refit-curves)."""
+"""Refit-aware rate-distortion curves (rdprune_onnx.reconstruct.refit_curves, --refit-curves)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from rdprune_onnx.graph.layers import find_layers, read_weight
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.masks import prune_count
 from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings, curve_entry, prune
-from rdprune_onnx.refit_curves import RefitCandidates
+from rdprune_onnx.reconstruct import RefitCandidates
 from rdprune_onnx.runtime import SessionConfig
 from rdprune_onnx_cli.main import cli
 from tests import graphs

@@ -10,22 +10,20 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from rdprune_onnx import reconstruct as reconstruct_module
 from rdprune_onnx.curves import grid, measure_distortion, run_reference
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.layers import find_layers, read_weight
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.reconstruct import (
     SELECT_METHOD,
-    _damped,
-    block_quotas,
-    reconstruct,
-    solve_sparsegpt_select,
-)
-from rdprune_onnx.refit_curves import (
     RefitCandidates,
     SequentialRefitCandidates,
+    block_quotas,
+    damped_hessian,
+    reconstruct,
+    refit,
     remeasure_curves,
+    solve_sparsegpt_select,
 )
 from rdprune_onnx.runtime import Session, SessionConfig
 from tests import graphs_refit
@@ -223,7 +221,7 @@ def test_select_falls_back_to_the_given_mask_when_not_better(
         keep.reshape(-1)[:count] = False
         return np.where(keep, 50.0, 0.0), keep
 
-    monkeypatch.setattr(reconstruct_module, "solve_sparsegpt_select", bad)
+    monkeypatch.setattr(refit, "solve_sparsegpt_select", bad)
     chosen = reconstruct(model, pruned, layers, data, inputs="dense", select=True)
     for info, plain in zip(chosen.layers, given.layers, strict=True):
         assert info.method == SELECT_METHOD and "not better" in str(info.reason)
@@ -320,7 +318,7 @@ def test_damping_is_relative_to_the_hessian() -> None:
     rng = np.random.default_rng(0)
     h = rng.standard_normal((2, 7, 7))
     h = h @ h.transpose(0, 2, 1) + np.eye(7)
-    out = _damped(h, 0.01, 6)  # 6 weight inputs + a bias column
+    out = damped_hessian(h, 0.01, 6)  # 6 weight inputs + a bias column
     for k in range(2):
         lam = 0.01 * np.mean(np.diag(h[k])[:6])
         np.testing.assert_allclose(np.diag(out[k] - h[k])[:6], lam)
@@ -440,13 +438,13 @@ def test_select_without_the_fixed_mask_refits() -> None:
     pruned = _masked(model, 0.7)
     layers = find_layers(model).layers
     calls: list[str] = []
-    original = reconstruct_module._refit_masked
+    original = refit.refit_masked
 
     def counting(*args: object, **kw: object) -> object:
         calls.append("solve")
         return original(*args, **kw)  # type: ignore[arg-type]
 
-    with unittest.mock.patch.object(reconstruct_module, "_refit_masked", counting):
+    with unittest.mock.patch.object(refit, "refit_masked", counting):
         fast = reconstruct(model, pruned, layers, data, select=True, select_refits=False)
     assert calls == []
     info = fast.layers[0]

@@ -30,6 +30,7 @@ from rdprune_onnx.allocate.base import (
     LayerSpec,
 )
 from rdprune_onnx.allocate.dp import IntArray, lagrangian_bound, solve_mckp
+from rdprune_onnx.allocate.rounding import tolerance
 from rdprune_onnx.errors import InfeasibleError, UserError
 
 _EPS = 1e-9
@@ -64,10 +65,6 @@ class LayerOptions:
 
     def distortion_many(self, counts: IntArray) -> FloatArray:
         return np.interp(counts.astype(np.float64), self.knot_counts, self.knot_values)
-
-
-def _tol(x: float) -> float:
-    return _EPS * max(1.0, abs(x))
 
 
 def _round_half_up(x: FloatArray) -> IntArray:
@@ -110,8 +107,8 @@ def build_options(
     knot_k = k[pick]
     knot_d = d[pick]
     lo_x, hi_x = layer.min_ratio * n, layer.max_ratio * n
-    lo_k = min(n, max(0, math.ceil(lo_x - _tol(lo_x))))
-    hi_k = min(n, max(0, math.floor(hi_x + _tol(hi_x))))
+    lo_k = min(n, max(0, math.ceil(lo_x - tolerance(lo_x))))
+    hi_k = min(n, max(0, math.floor(hi_x + tolerance(hi_x))))
     if lo_k > hi_k:
         raise InfeasibleError(
             f"layer {layer.name}: no whole-weight count lies within its bounds "

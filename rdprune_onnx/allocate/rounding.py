@@ -28,7 +28,9 @@ _REL_TOL = 1e-9
 _DP_MAX_CELLS = 20_000_000
 
 
-def _tol(x: float) -> float:
+def tolerance(x: float) -> float:
+    """The slack allowed when rounding the real count ``x`` (relative, 1e-9): a bound
+    that is a whole number up to float error rounds to that number."""
     return _REL_TOL * max(1.0, abs(x))
 
 
@@ -46,8 +48,8 @@ def count_bounds(layer: LayerSpec) -> tuple[int, int]:
     hi_x = float(layer.max_ratio) * n
     if math.isnan(lo_x) or math.isnan(hi_x):
         raise ValueError(f"layer {layer.name}: ratio bounds must not be NaN")
-    lo = min(n, max(0, math.ceil(lo_x - _tol(lo_x))))
-    hi = min(n, max(0, math.floor(hi_x + _tol(hi_x))))
+    lo = min(n, max(0, math.ceil(lo_x - tolerance(lo_x))))
+    hi = min(n, max(0, math.floor(hi_x + tolerance(hi_x))))
     if lo > hi:
         raise InfeasibleError(
             f"layer {layer.name}: no whole number of its {n} weights lies between "
@@ -186,7 +188,8 @@ def counts_from_ratios(
             raise ValueError(f"layer {layer.name}: ratio must be finite, got {r!r}")
         exact.append(min(max(r * layer.size, float(lo)), float(hi)))
     counts = [
-        min(max(math.floor(x + _tol(x)), lo), hi) for x, (lo, hi) in zip(exact, bounds, strict=True)
+        min(max(math.floor(x + tolerance(x)), lo), hi)
+        for x, (lo, hi) in zip(exact, bounds, strict=True)
     ]
     cost = sum(k * c for k, c in zip(counts, costs, strict=True))
     if cost > required:

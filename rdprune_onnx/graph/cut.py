@@ -1,5 +1,8 @@
 """Cutting a graph below a layer: the part that a change of some weights can affect.
 
+:func:`upstream` is the other half: the part of a graph that computes some tensors (the
+activations a statistic or a refit reads).
+
 When only one layer's weight changes, everything upstream of it computes the same values
 as in the dense model. :func:`downstream` builds a model of the nodes that depend on the
 weight, fed by the tensors that cross from the unchanged upstream part (activations, skip
@@ -15,12 +18,13 @@ Only the kept part of the graph is copied into the cut model, once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import onnx
 from onnx import helper
 
+from rdprune_onnx.graph.types import value_types
 from rdprune_onnx.graph.walk import constant_value, subgraphs
 
 
@@ -53,15 +57,8 @@ def _subgraph_references(node: onnx.NodeProto) -> set[str]:
 
 
 def node_inputs(node: onnx.NodeProto) -> set[str]:
+    """The tensors a node reads: its inputs and what its subgraphs read from outside."""
     return {n for n in node.input if n} | _subgraph_references(node)
-
-
-def _value_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    graph = model.graph
-    types = {v.name: v for v in graph.value_info}
-    types.update({v.name: v for v in graph.input})
-    types.update({v.name: v for v in graph.output})
-    return types
 
 
 def _weight_types(
@@ -87,6 +84,43 @@ def _weight_types(
     if set(found) != wanted:
         return None
     return found
+
+
+def _with_constant_producers(
+    nodes: Sequence[onnx.NodeProto],
+    selected: list[bool],
+    constant: set[str],
+    excluded: set[int],
+) -> tuple[list[bool], set[str]]:
+    """The selected nodes plus the constant-only producers (Constant nodes, shape
+    arithmetic on initializers; not those in ``excluded``) of anything they read, which
+    are copied into the cut rather than crossing it; and every tensor the kept nodes read.
+    ``constant`` starts as the constant initializers' names."""
+    constant = set(constant)
+    constant_nodes: list[bool] = []
+    for index, node in enumerate(nodes):
+        is_const = (
+            index not in excluded
+            and node.op_type != "If"
+            and all(n in constant for n in node_inputs(node))
+        )
+        constant_nodes.append(is_const)
+        if is_const:
+            constant.update(o for o in node.output if o)
+    needed: set[str] = set()
+    for node, hit in zip(nodes, selected, strict=True):
+        if hit:
+            needed |= node_inputs(node)
+    keep = list(selected)
+    changed = True
+    while changed:  # pull in the constant producers of anything needed
+        changed = False
+        for i, node in enumerate(nodes):
+            if not keep[i] and constant_nodes[i] and any(o in needed for o in node.output):
+                keep[i] = True
+                needed |= node_inputs(node)
+                changed = True
+    return keep, needed
 
 
 def downstream(
@@ -125,32 +159,7 @@ def downstream(
             affected.update(o for o in node.output if o)
     if not any(selected):
         return None
-    # Constant-only producers (Constant nodes, shape arithmetic on initializers) that the
-    # selected nodes read are copied in rather than crossing the cut.
-    constant: set[str] = initializers - wanted
-    constant_nodes: list[bool] = []
-    for index, node in enumerate(nodes):
-        is_const = (
-            index not in producers
-            and node.op_type != "If"
-            and all(n in constant for n in node_inputs(node))
-        )
-        constant_nodes.append(is_const)
-        if is_const:
-            constant.update(o for o in node.output if o)
-    needed: set[str] = set()
-    for node, hit in zip(nodes, selected, strict=True):
-        if hit:
-            needed |= node_inputs(node)
-    keep = list(selected)
-    changed = True
-    while changed:  # pull in the constant producers of anything needed
-        changed = False
-        for i, node in enumerate(nodes):
-            if not keep[i] and constant_nodes[i] and any(o in needed for o in node.output):
-                keep[i] = True
-                needed |= node_inputs(node)
-                changed = True
+    keep, needed = _with_constant_producers(nodes, selected, initializers - wanted, producers)
     produced: set[str] = set()
     for node, kept in zip(nodes, keep, strict=True):
         if kept:
@@ -158,7 +167,7 @@ def downstream(
     crossing = sorted(
         n for n in needed if n not in produced and n not in initializers and n not in wanted
     )
-    types = _value_types(model)
+    types = value_types(model)
     if _weight_types(graph, names, types) is None or any(
         n not in types or not types[n].type.tensor_type.elem_type for n in crossing
     ):
@@ -173,7 +182,7 @@ def downstream(
 def build_cut(model: onnx.ModelProto, cut: Cut) -> onnx.ModelProto:
     """The model of a planned cut; only the kept nodes and tensors are copied (once)."""
     graph = model.graph
-    types = _value_types(model)
+    types = value_types(model)
     weight_types = _weight_types(graph, cut.weights, types)
     if weight_types is None:
         raise ValueError("the cut's weights are not in this model")
@@ -203,9 +212,48 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     """A copy of a shape-inferred ``model`` that also outputs the named tensors."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    types = _value_types(model)
+    types = value_types(model)
     existing = {o.name for o in out.graph.output}
     for name in names:
         if name not in existing:
             out.graph.output.append(types[name])
+    return out
+
+
+def upstream(
+    model: onnx.ModelProto,
+    names: Sequence[str],
+    *,
+    output_types: Mapping[str, onnx.ValueInfoProto] | None = None,
+) -> onnx.ModelProto:
+    """A model that computes only the tensors ``names``: they are its outputs, and only the
+    nodes, initializers, graph inputs and value types they need are copied (once).
+
+    An output's type is ``output_types[name]`` when given, else the one ``model`` has
+    inferred for it, else left empty (ONNX Runtime infers it from the producing node).
+    """
+    graph = model.graph
+    types = value_types(model)
+    types.update(output_types or {})
+    wanted = list(dict.fromkeys(names))
+    needed = set(wanted)
+    keep: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed |= node_inputs(node)
+    keep.reverse()
+    out = onnx.ModelProto()
+    out.ir_version = model.ir_version
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    sub = out.graph
+    sub.name = graph.name
+    sub.node.extend(keep)
+    sub.input.extend(i for i in graph.input if i.name in needed)
+    sub.initializer.extend(t for t in graph.initializer if t.name in needed)
+    produced = {o for node in keep for o in node.output}
+    sub.value_info.extend(v for v in graph.value_info if v.name in produced)
+    for name in wanted:
+        sub.output.append(types.get(name) or helper.make_empty_tensor_value_info(name))
     return out

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from rdprune_onnx.graph.external import tensor_array
-from rdprune_onnx.graph.walk import constant_value, iter_graphs, subgraphs
+from rdprune_onnx.graph.walk import constant_value, iter_graphs, node_label, subgraphs
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _RECURRENT_OPS = ("LSTM", "GRU", "RNN")
@@ -100,7 +100,7 @@ def _walk(
 ) -> Iterator[tuple[onnx.GraphProto, str, int, onnx.NodeProto]]:
     for index, node in enumerate(graph.node):
         yield graph, path, index, node
-        label = node.name or f"{node.op_type}#{index}"
+        label = node_label(node, index)
         for k, sub in enumerate(subgraphs(node)):
             yield from _walk(sub, f"{path}/{label}.{sub.name or k}")
 
@@ -162,8 +162,36 @@ def _tensor_dims(tensor: onnx.TensorProto) -> tuple[int, ...]:
     return tuple(int(d) for d in tensor.dims)
 
 
-def _describe_node(node: onnx.NodeProto, index: int) -> str:
-    return node.name or f"{node.op_type}#{index}"
+def _recurrent_weights(node: onnx.NodeProto, label: str) -> list[Skipped]:
+    """An LSTM / GRU / RNN's weights, each listed as skipped."""
+    roles = {1: "W (input weights)", 2: "R (recurrence weights)", 3: "B (biases)"}
+    return [
+        Skipped(
+            label,
+            node.op_type,
+            node.input[position],
+            f"recurrent {node.op_type} {role} {node.input[position]!r}: "
+            "recurrent weights are not pruned",
+        )
+        for position, role in roles.items()
+        if position < len(node.input) and node.input[position]
+    ]
+
+
+def _unprunable(
+    tensor: onnx.TensorProto, dims: tuple[int, ...], op_type: str, input_index: int
+) -> str | None:
+    """Why a constant weight operand cannot be pruned (None: it can)."""
+    if tensor.data_type not in FLOAT_TYPES:
+        dtype_name = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).name
+        return f"weight dtype {dtype_name} is not float"
+    if len(dims) < 2:
+        return f"weight has rank {len(dims)} (a vector or scalar, not a matrix)"
+    if op_type in ("Conv", "ConvTranspose") and input_index != 1:
+        return "weight is not the Conv's second input"
+    if 0 in dims:
+        return f"weight is empty (shape {'x'.join(map(str, dims))}): nothing to prune"
+    return None
 
 
 def find_layers(model: onnx.ModelProto) -> LayerScan:
@@ -174,20 +202,9 @@ def find_layers(model: onnx.ModelProto) -> LayerScan:
     for _graph, path, node_index, node in _walk(model.graph):
         if node.domain not in ("", "ai.onnx"):
             continue
-        label = _describe_node(node, node_index)
+        label = node_label(node, node_index)
         if node.op_type in _RECURRENT_OPS:
-            roles = {1: "W (input weights)", 2: "R (recurrence weights)", 3: "B (biases)"}
-            for position, role in roles.items():
-                if position < len(node.input) and node.input[position]:
-                    skipped.append(
-                        Skipped(
-                            label,
-                            node.op_type,
-                            node.input[position],
-                            f"recurrent {node.op_type} {role} {node.input[position]!r}: "
-                            "recurrent weights are not pruned",
-                        )
-                    )
+            skipped.extend(_recurrent_weights(node, label))
             continue
         if node.op_type not in PRUNABLE_OPS:
             continue
@@ -212,16 +229,7 @@ def find_layers(model: onnx.ModelProto) -> LayerScan:
         entry = index.constants[name]
         tensor = entry.tensor
         dims = _tensor_dims(tensor)
-        reason = None
-        if tensor.data_type not in FLOAT_TYPES:
-            dtype_name = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).name
-            reason = f"weight dtype {dtype_name} is not float"
-        elif len(dims) < 2:
-            reason = f"weight has rank {len(dims)} (a vector or scalar, not a matrix)"
-        elif node.op_type in ("Conv", "ConvTranspose") and input_index != 1:
-            reason = "weight is not the Conv's second input"
-        elif 0 in dims:
-            reason = f"weight is empty (shape {'x'.join(map(str, dims))}): nothing to prune"
+        reason = _unprunable(tensor, dims, node.op_type, input_index)
         if reason is not None:
             skipped.append(Skipped(label, node.op_type, name, reason, dims))
             continue

@@ -334,15 +334,7 @@ def save_model(
     # External references (lazy tensors among them) are only resolved by writing the data.
     external_data = external_data or uses_external_data(model)
     targets = [out] + ([folder / data_name] if external_data else [])
-    guard = [p if isinstance(p, files.Identity) else files.identity(p, "input") for p in protect]
-    for target, label in zip(targets, ("output", "output data file"), strict=False):
-        for other in guard:
-            if files.same(files.identity(target, label), other):
-                raise UserError(
-                    f"refusing to overwrite the {other.label} {str(target)!r}",
-                    "choose another -o",
-                )
-        files.check_existing(target, label, force=force, force_hint=files.FORCE_HINT)
+    guard = _check_targets(targets, protect, force)
     published: list[Path] = []
     try:
         with files.staging(folder) as tmp:
@@ -370,6 +362,25 @@ def save_model(
         raise
     log.info("wrote %s", ", ".join(str(t) for t in targets))
     return targets
+
+
+def _check_targets(
+    targets: Sequence[Path],
+    protect: Sequence[str | os.PathLike[str] | files.Identity],
+    force: bool,
+) -> list[files.Identity]:
+    """Refuse targets that are protected files or (without ``force``) exist; returns the
+    protected files' identities, which the final move checks again."""
+    guard = [p if isinstance(p, files.Identity) else files.identity(p, "input") for p in protect]
+    for target, label in zip(targets, ("output", "output data file"), strict=False):
+        for other in guard:
+            if files.same(files.identity(target, label), other):
+                raise UserError(
+                    f"refusing to overwrite the {other.label} {str(target)!r}",
+                    "choose another -o",
+                )
+        files.check_existing(target, label, force=force, force_hint=files.FORCE_HINT)
+    return guard
 
 
 def _unpublish(paths: list[Path]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import onnx
+from onnx import helper
 
 
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
@@ -35,3 +36,14 @@ def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     for node in graph.node:
         for sub in subgraphs(node):
             yield from iter_graphs(sub)
+
+
+def node_label(node: onnx.NodeProto, index: int) -> str:
+    """How a node is named in layers and reports: its name, or ``<op_type>#<index>`` (its
+    position in its graph) when it has none."""
+    return node.name or f"{node.op_type}#{index}"
+
+
+def node_attributes(node: onnx.NodeProto) -> dict[str, object]:
+    """A node's attributes by name, as Python values."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}

@@ -65,7 +65,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from rdprune_onnx.graph.external import is_external, is_lazy, tensor_array
+from rdprune_onnx.graph.external import is_external, is_lazy, nbytes, tensor_array
 from rdprune_onnx.graph.walk import iter_graphs
 
 log = logging.getLogger(__name__)
@@ -237,74 +237,87 @@ def _build(
     final_shape = part("shape")
     initializers = [_shape_tensor(array.shape, final_shape)]
     flat = part("flat")
-    nodes: list[onnx.NodeProto] = []
-
     if encoding == "delta":
-        delta_name, values_name, length, offsets = (
-            part("deltas"),
-            part("values"),
-            part("length"),
-            part("offsets"),
-        )
-        positions64, index, zeros = part("positions"), part("indices"), part("zeros")
-        initializers += [
-            numpy_helper.from_array(deltas, delta_name),
-            numpy_helper.from_array(stored, values_name),
-            _shape_tensor([size], length),
-        ]
-        zero = numpy_helper.from_array(np.zeros(1, array.dtype), "value")
-        axis = shared.get("axis0", np.array(0, np.int32))
-        column = shared.get("column", np.array([-1, 1], np.int64))
-        nodes += [
-            helper.make_node("Cast", [delta_name], [offsets], name=offsets, to=TensorProto.INT64),
-            helper.make_node("CumSum", [offsets, axis], [positions64], name=positions64),
-            helper.make_node("Reshape", [positions64, column], [index], name=index),
-            helper.make_node("ConstantOfShape", [length], [zeros], name=zeros, value=zero),
-            helper.make_node("ScatterND", [zeros, index, values_name], [flat], name=flat),
-        ]
-        peak = max(8 * int(deltas.size), size * itemsize)
+        parts, nodes, peak = _delta_rebuild(deltas, stored, size, shared, part, flat)
     elif encoding == "bitmask":
-        bits_name, values_name = part("bits"), part("values")
-        bits = np.packbits(mask).reshape(packed, 1)
-        padded = np.concatenate([np.zeros(1, array.dtype), values])
-        initializers += [
-            numpy_helper.from_array(bits, bits_name),
-            numpy_helper.from_array(padded, values_name),
-        ]
-        shifts = shared.get("shifts", np.arange(8, dtype=np.uint8))
-        seven = shared.get("seven", np.array(7, np.uint8))
-        minus_one = shared.get("minus_one", np.array([-1], np.int64))
-        axis = shared.get("axis0", np.array(0, np.int32))
-        moved, unpacked, bitvector = part("shifted"), part("unpacked"), part("bitvector")
-        nodes += [
-            helper.make_node(
-                "BitShift", [bits_name, shifts], [moved], name=moved, direction="LEFT"
-            ),
-            helper.make_node(
-                "BitShift", [moved, seven], [unpacked], name=unpacked, direction="RIGHT"
-            ),
-            helper.make_node("Reshape", [unpacked, minus_one], [bitvector], name=bitvector),
-        ]
-        if size != 8 * packed:
-            start = shared.get("zero_start", np.array([0], np.int64))
-            end, trimmed = part("length"), part("trimmed")
-            initializers.append(_shape_tensor([size], end))
-            nodes.append(
-                helper.make_node("Slice", [bitvector, start, end], [trimmed], name=trimmed)
-            )
-            bitvector = trimmed
-        ones, ranks, index = part("mask"), part("ranks"), part("indices")
-        nodes += [
-            helper.make_node("Cast", [bitvector], [ones], name=ones, to=TensorProto.INT32),
-            helper.make_node("CumSum", [ones, axis], [ranks], name=ranks),
-            helper.make_node("Mul", [ranks, ones], [index], name=index),
-            helper.make_node("Gather", [values_name, index], [flat], name=flat, axis=0),
-        ]
-        peak = max(8 * packed, 4 * size, size * itemsize)
+        parts, nodes, peak = _bitmask_rebuild(mask, values, shared, part, flat)
     else:
         raise ValueError(f"unknown encoding {encoding!r} (or it does not fit this weight)")
+    initializers += parts
     nodes.append(helper.make_node("Reshape", [flat, final_shape], [name], name=part("rebuild")))
     return _Rebuild(encoding, initializers, nodes, peak)
+
+
+_Part = Callable[[str], str]  # a unique name for one part of a weight's rebuild
+_Nodes = tuple[list[onnx.TensorProto], list[onnx.NodeProto], int]  # parts, nodes, peak bytes
+
+
+def _delta_rebuild(
+    deltas: np.ndarray, stored: np.ndarray, size: int, shared: _Shared, part: _Part, flat: str
+) -> _Nodes:
+    """``delta``: ScatterND of the stored values at the cumulated gaps into zeros."""
+    delta_name, values_name, length, offsets = (
+        part("deltas"),
+        part("values"),
+        part("length"),
+        part("offsets"),
+    )
+    positions64, index, zeros = part("positions"), part("indices"), part("zeros")
+    initializers = [
+        numpy_helper.from_array(deltas, delta_name),
+        numpy_helper.from_array(stored, values_name),
+        _shape_tensor([size], length),
+    ]
+    zero = numpy_helper.from_array(np.zeros(1, stored.dtype), "value")
+    axis = shared.get("axis0", np.array(0, np.int32))
+    column = shared.get("column", np.array([-1, 1], np.int64))
+    nodes = [
+        helper.make_node("Cast", [delta_name], [offsets], name=offsets, to=TensorProto.INT64),
+        helper.make_node("CumSum", [offsets, axis], [positions64], name=positions64),
+        helper.make_node("Reshape", [positions64, column], [index], name=index),
+        helper.make_node("ConstantOfShape", [length], [zeros], name=zeros, value=zero),
+        helper.make_node("ScatterND", [zeros, index, values_name], [flat], name=flat),
+    ]
+    return initializers, nodes, max(8 * int(deltas.size), size * stored.dtype.itemsize)
+
+
+def _bitmask_rebuild(
+    mask: np.ndarray, values: np.ndarray, shared: _Shared, part: _Part, flat: str
+) -> _Nodes:
+    """``bitmask``: the unpacked bits' running count gathers from the values (0 first)."""
+    size = int(mask.size)
+    packed = (size + 7) // 8
+    bits_name, values_name = part("bits"), part("values")
+    bits = np.packbits(mask).reshape(packed, 1)
+    padded = np.concatenate([np.zeros(1, values.dtype), values])
+    initializers = [
+        numpy_helper.from_array(bits, bits_name),
+        numpy_helper.from_array(padded, values_name),
+    ]
+    shifts = shared.get("shifts", np.arange(8, dtype=np.uint8))
+    seven = shared.get("seven", np.array(7, np.uint8))
+    minus_one = shared.get("minus_one", np.array([-1], np.int64))
+    axis = shared.get("axis0", np.array(0, np.int32))
+    moved, unpacked, bitvector = part("shifted"), part("unpacked"), part("bitvector")
+    nodes = [
+        helper.make_node("BitShift", [bits_name, shifts], [moved], name=moved, direction="LEFT"),
+        helper.make_node("BitShift", [moved, seven], [unpacked], name=unpacked, direction="RIGHT"),
+        helper.make_node("Reshape", [unpacked, minus_one], [bitvector], name=bitvector),
+    ]
+    if size != 8 * packed:
+        start = shared.get("zero_start", np.array([0], np.int64))
+        end, trimmed = part("length"), part("trimmed")
+        initializers.append(_shape_tensor([size], end))
+        nodes.append(helper.make_node("Slice", [bitvector, start, end], [trimmed], name=trimmed))
+        bitvector = trimmed
+    ones, ranks, index = part("mask"), part("ranks"), part("indices")
+    nodes += [
+        helper.make_node("Cast", [bitvector], [ones], name=ones, to=TensorProto.INT32),
+        helper.make_node("CumSum", [ones, axis], [ranks], name=ranks),
+        helper.make_node("Mul", [ranks, ones], [index], name=index),
+        helper.make_node("Gather", [values_name, index], [flat], name=flat, axis=0),
+    ]
+    return initializers, nodes, max(8 * packed, 4 * size, size * values.dtype.itemsize)
 
 
 def compact_weights(
@@ -332,20 +345,7 @@ def compact_weights(
     wanted = list(dict.fromkeys(names))
     if not wanted:
         return out
-    opset = default_opset(out)
-    if opset is None or opset < MIN_OPSET:
-        log.warning(
-            "compact storage needs ai.onnx opset >= %d (the model has %s); weights stay dense",
-            MIN_OPSET,
-            opset,
-        )
-        return out
-    if out.ir_version < 4:
-        log.warning(
-            "compact storage needs IR version >= 4 (the model has %d, so its initializers "
-            "are graph inputs and cannot be folded); weights stay dense",
-            out.ir_version,
-        )
+    if not _supported(out):
         return out
 
     graph = out.graph
@@ -373,28 +373,72 @@ def compact_weights(
         if reason:
             log.info("%s: %s, left dense", name, reason)
             continue
-        array = tensor_array(tensor)
-        if array.size >= 2**31 - 1:
-            log.warning("%s: over 2**31 elements, left dense", name)
-            continue
-        rebuild = _build(name, array, shared, taken, encoding)
-        if rebuild.peak_bytes > FOLD_LIMIT_BYTES:
-            log.warning(
-                "%s: its rebuild needs a %d-byte tensor, over onnxruntime's constant folding "
-                "limit (%d), so it would run at every inference; left dense",
-                name,
-                rebuild.peak_bytes,
-                FOLD_LIMIT_BYTES,
-            )
-            continue
-        if not force and rebuild.byte_size >= tensor.ByteSize():
-            log.info("%s: compact form is not smaller, left dense", name)
+        rebuild = _smaller(name, tensor, shared, taken, encoding, force)
+        if rebuild is None:
             continue
         replaced[main[name]] = rebuild
         entries[name] = rebuild.encoding
     if not replaced:
         return out
 
+    _install(graph, replaced, shared)
+    _write_metadata(out, entries)
+    return out
+
+
+def _supported(model: onnx.ModelProto) -> bool:
+    """Whether the model's opset and IR version allow a compact rebuild (else warned)."""
+    opset = default_opset(model)
+    if opset is None or opset < MIN_OPSET:
+        log.warning(
+            "compact storage needs ai.onnx opset >= %d (the model has %s); weights stay dense",
+            MIN_OPSET,
+            opset,
+        )
+        return False
+    if model.ir_version < 4:
+        log.warning(
+            "compact storage needs IR version >= 4 (the model has %d, so its initializers "
+            "are graph inputs and cannot be folded); weights stay dense",
+            model.ir_version,
+        )
+        return False
+    return True
+
+
+def _smaller(
+    name: str,
+    tensor: onnx.TensorProto,
+    shared: _Shared,
+    taken: set[str],
+    encoding: str | None,
+    force: bool,
+) -> _Rebuild | None:
+    """The rebuild of an eligible weight, or None (logged) when it would not fold at load
+    or (unless ``force``) would not be smaller than the dense initializer."""
+    array = tensor_array(tensor)
+    if array.size >= 2**31 - 1:
+        log.warning("%s: over 2**31 elements, left dense", name)
+        return None
+    rebuild = _build(name, array, shared, taken, encoding)
+    if rebuild.peak_bytes > FOLD_LIMIT_BYTES:
+        log.warning(
+            "%s: its rebuild needs a %d-byte tensor, over onnxruntime's constant folding "
+            "limit (%d), so it would run at every inference; left dense",
+            name,
+            rebuild.peak_bytes,
+            FOLD_LIMIT_BYTES,
+        )
+        return None
+    if not force and rebuild.byte_size >= tensor.ByteSize():
+        log.info("%s: compact form is not smaller, left dense", name)
+        return None
+    return rebuild
+
+
+def _install(graph: onnx.GraphProto, replaced: dict[int, _Rebuild], shared: _Shared) -> None:
+    """Each replaced initializer (by index) becomes its rebuild's initializers, in place;
+    the shared constants the rebuilds read follow, and the rebuild nodes go first."""
     new_inits: list[onnx.TensorProto] = []
     new_nodes: list[onnx.NodeProto] = []
     for index, tensor in enumerate(graph.initializer):
@@ -412,8 +456,6 @@ def compact_weights(
     nodes = new_nodes + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
-    _write_metadata(out, entries)
-    return out
 
 
 def _ineligible(tensor: onnx.TensorProto, is_input: bool, min_size: int) -> str | None:
@@ -607,17 +649,12 @@ def weight_storage_bytes(model: onnx.ModelProto, names: Sequence[str]) -> dict[s
     sizes: dict[str, int] = {}
     for name in names:
         if name in inits:
-            sizes[name] = _data_bytes(inits[name])
+            sizes[name] = nbytes(inits[name])
             continue
         if name not in producers:
             raise ValueError(f"no initializer or rebuild named {name!r}")
         parts = {
             inp for node in _cone(graph, name, producers) for inp in node.input if inp in inits
         }
-        sizes[name] = sum(_data_bytes(inits[p]) for p in parts if p.startswith(name + _SEP))
+        sizes[name] = sum(nbytes(inits[p]) for p in parts if p.startswith(name + _SEP))
     return sizes
-
-
-def _data_bytes(tensor: onnx.TensorProto) -> int:
-    size = int(np.prod(tensor.dims, dtype=np.int64))
-    return size * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize

@@ -48,32 +48,25 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from rdprune_onnx.calibration import batches
-from rdprune_onnx.curves import Curve, LayerCandidates, Reference, infer_types, measure_curves
-from rdprune_onnx.errors import UserError
+from rdprune_onnx.curves import Curve, LayerCandidates, Reference, measure_curves
 from rdprune_onnx.graph.layers import Layer
 from rdprune_onnx.graph.surgery import replace_weights
+from rdprune_onnx.graph.types import infer_types
 from rdprune_onnx.masks import apply_mask, prune_count
-from rdprune_onnx.reconstruct import (
-    DAMPING,
-    SOLVERS,
-    Factors,
-    _damped,
-    _Fetcher,
-    _Graph,
-    _input_rows,
-    _Plan,
-    _plan_layer,
-    _real_rows,
-    _refit_masked,
-    _rows_key,
-    _Stats,
-    _Sums,
-    _target_rows,
-    _warn_few_rows,
+from rdprune_onnx.reconstruct.layout import (
+    Plan,
+    RefitGraph,
+    plan_layer,
+    rows_key,
+)
+from rdprune_onnx.reconstruct.refit import layer_factors, refit_layer
+from rdprune_onnx.reconstruct.solvers import DAMPING, Factors, check_solver
+from rdprune_onnx.reconstruct.statistics import (
+    Stats,
+    Sums,
     dense_stats,
     dense_sums,
-    select_refit,
+    refit_stats,
     token_mask_name,
 )
 from rdprune_onnx.runtime import SessionConfig
@@ -103,6 +96,31 @@ class CurveRefitCost:
     errors: list[tuple[float, float, float]] = field(default_factory=list)
 
 
+@dataclass
+class _Level:
+    """One layer of a refit-aware curve: what every level's solve reads."""
+
+    name: str
+    plan: Plan
+    dense: Array  # the dense weight (the mask is re-selected from it with ``select``)
+    bias: Array | None  # the dense bias refit with the weight, if any
+    stats: Stats
+    factors: Factors | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """The tensors fed for a candidate: the weight, then its bias."""
+        return [self.name] + ([self.plan.bias] if self.plan.bias is not None else [])
+
+    def fed(self, weight: Array, bias: Array | None = None) -> dict[str, Array]:
+        """``weight`` and ``bias`` (the dense bias when None) under their tensor names."""
+        fed = {self.name: weight}
+        if self.plan.bias is not None:
+            assert self.bias is not None
+            fed[self.plan.bias] = bias if bias is not None else self.bias
+        return fed
+
+
 class RefitCandidates:
     """The candidate factory of refit-aware curves (``measure_curves(candidates=...)``).
 
@@ -123,12 +141,9 @@ class RefitCandidates:
         select: bool = False,
         select_refits: bool = True,
     ) -> None:
-        if solver not in SOLVERS:
-            raise UserError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
-        if damping < 0:
-            raise UserError(f"damping must be >= 0, got {damping}", "e.g. 0.01")
+        check_solver(solver, damping)
         self.typed = infer_types(model)
-        self.graph = _Graph(self.typed)
+        self.graph = RefitGraph(self.typed)
         self.data = data
         self.batch_size = batch_size
         self.config = config or SessionConfig()
@@ -139,38 +154,33 @@ class RefitCandidates:
         self.select_refits = select_refits
         self.token_mask = token_mask_name(data)
         self.costs: dict[str, CurveRefitCost] = {}
-        self._last: tuple[tuple[object, ...], _Sums | None] | None = None
+        self._last: tuple[tuple[object, ...], Sums | None] | None = None
         self._lock = threading.Lock()
 
     def __call__(self, layer: Layer, weight: Array) -> LayerCandidates | None:
-        plans = _plan_layer(self.graph, layer, self.refit_bias)
+        plans = plan_layer(self.graph, layer, self.refit_bias)
         if isinstance(plans, str):
             self._plain(layer.name, plans)
             return None
-        plan = plans[0]
-        bias: Array | None = None
-        if plan.bias is not None:
-            found = self.graph.constant(plan.bias)
-            assert found is not None
-            bias = found[1]
+        plan, bias = plans[0], self._bias(plans[0])
         started = time.perf_counter()
-        key = tuple(_rows_key(p) for p in plans)
+        key = tuple(rows_key(p) for p in plans)
         shared = self._last is not None and self._last[0] == key
         sums = self._last[1] if shared and self._last is not None else self._hessian(plans)
         self._last = (key, sums)
         if sums is None:
             self._plain(layer.name, "no calibration rows")
             return None
-        stats = dense_stats(sums, weight, bias, plan)
-        width = stats.hessian.shape[1]
-        d = width - (1 if bias is not None else 0)
-        _warn_few_rows(layer.name, stats.rows, width)
-        factors = Factors(_damped(stats.hessian, self.damping, d), stats.cross)
-        cost = CurveRefitCost(layer.name, True, width=width, rows=stats.rows)
-        cost.hessian_s = 0.0 if shared else time.perf_counter() - started
-        self.costs[layer.name] = cost
-        names = [layer.name] + ([plan.bias] if plan.bias is not None else [])
-
+        level = _Level(layer.name, plan, weight, bias, dense_stats(sums, weight, bias, plan))
+        cost = self._start(level, 0.0 if shared else time.perf_counter() - started)
+        log.info(
+            "%s: refit-aware curve (%d inputs, %d rows, Hessian %.2f s%s)",
+            layer.name,
+            cost.width,
+            cost.rows,
+            cost.hessian_s,
+            ", shared" if shared else "",
+        )
         memo: dict[bytes, dict[str, Array]] = {}
         memo_room = [MEMO_BYTES]
 
@@ -179,10 +189,7 @@ class RefitCandidates:
                 raise ValueError(f"{layer.name}: candidate is not shaped like the weight")
             keep = masked != 0
             if np.array_equal(keep, weight != 0):  # prunes nothing: the dense layer
-                fed = {layer.name: masked}
-                if plan.bias is not None and bias is not None:
-                    fed[plan.bias] = bias
-                return fed
+                return level.fed(masked)
             # One solve at a time: the solver's BLAS thread limit is process-wide, and
             # the curve runs candidates on several threads (their ONNX Runtime runs still
             # overlap the solves). The same mask again (a curve measured over chunks of
@@ -191,60 +198,67 @@ class RefitCandidates:
             with self._lock:
                 if key in memo:
                     return dict(memo[key])
-                t = time.perf_counter()
-                if self.select:
-                    refit = select_refit(
-                        layer.name,
-                        plan,
-                        weight,
-                        masked,
-                        bias,
-                        stats,
-                        self.solver,
-                        factors,
-                        refits=self.select_refits,
-                    )
-                else:
-                    refit = _refit_masked(
-                        layer.name, plan, masked, bias, stats, self.solver, factors
-                    )
-                cost.solve_s += time.perf_counter() - t
-                cost.levels += 1
-                method = refit.info.method
-                cost.methods[method] = cost.methods.get(method, 0) + 1
-                if refit.weight is None:
-                    cost.kept_mask += 1
-                    fed = {layer.name: masked.copy()}
-                else:
-                    fed = {layer.name: refit.weight}
-                    if refit.bias is not None and plan.bias is not None:
-                        fed[plan.bias] = refit.bias
-                if plan.bias is not None and plan.bias not in fed:
-                    assert bias is not None
-                    fed[plan.bias] = bias
-                info = refit.info
-                cost.errors.append((float(ratio), info.error_before, info.error_after))
+                fed = self._solve(level, masked, cost, ratio)
                 size = sum(v.nbytes for v in fed.values())
                 if size <= memo_room[0]:
                     memo[key] = fed
                     memo_room[0] -= size
             return dict(fed)
 
-        log.info(
-            "%s: refit-aware curve (%d inputs, %d rows, Hessian %.2f s%s)",
-            layer.name,
-            width,
-            stats.rows,
-            cost.hessian_s,
-            ", shared" if shared else "",
+        return LayerCandidates(level.names, make)
+
+    def _bias(self, plan: Plan) -> Array | None:
+        """The dense value of the bias refit with the weight (None: no bias)."""
+        if plan.bias is None:
+            return None
+        found = self.graph.constant(plan.bias)
+        assert found is not None
+        return found[1]
+
+    def _start(self, level: _Level, hessian_s: float) -> CurveRefitCost:
+        """The layer's cost record, its factorisations prepared (on first use)."""
+        width = level.stats.hessian.shape[1]
+        level.factors = layer_factors(level.name, level.stats, level.bias is not None, self.damping)
+        cost = CurveRefitCost(level.name, True, width=width, rows=level.stats.rows)
+        cost.hessian_s = hessian_s
+        self.costs[level.name] = cost
+        return cost
+
+    def _solve(
+        self, level: _Level, given: Array, cost: CurveRefitCost, ratio: float
+    ) -> dict[str, Array]:
+        """What to feed for the masked weight ``given``: its refit (or SparseGPT's selection
+        at its count of zeros), or ``given`` itself when that does not lower the error."""
+        assert level.factors is not None
+        t = time.perf_counter()
+        refit = refit_layer(
+            level.name,
+            level.plan,
+            level.dense,
+            given,
+            level.bias,
+            level.stats,
+            self.solver,
+            level.factors,
+            select=self.select,
+            refits=self.select_refits,
         )
-        return LayerCandidates(names, make)
+        cost.solve_s += time.perf_counter() - t
+        cost.levels += 1
+        cost.methods[refit.info.method] = cost.methods.get(refit.info.method, 0) + 1
+        if refit.weight is None:
+            cost.kept_mask += 1
+        info = refit.info
+        cost.errors.append((float(ratio), info.error_before, info.error_after))
+        if refit.weight is None:
+            return level.fed(given.copy())
+        return level.fed(refit.weight, refit.bias)
 
     def _plain(self, name: str, reason: str) -> None:
         log.info("%s: plain-mask curve (%s)", name, reason)
         self.costs[name] = CurveRefitCost(name, False, reason)
 
-    def _hessian(self, plans: list[_Plan]) -> _Sums | None:
+    def _hessian(self, plans: list[Plan]) -> Sums | None:
         """``[X, 1]ᵀ[X, 1]`` over the dense activations of every use, in one data pass."""
         return dense_sums(
             self.typed,
@@ -320,101 +334,47 @@ class SequentialRefitCandidates(RefitCandidates):
         self.base = replace_weights(self.typed, base_weights)
 
     def __call__(self, layer: Layer, weight: Array) -> LayerCandidates | None:
-        plans = _plan_layer(self.graph, layer, self.refit_bias)
+        plans = plan_layer(self.graph, layer, self.refit_bias)
         found = self.graph.constant(layer.name)
         if isinstance(plans, str) or found is None:
-            reason = plans if isinstance(plans, str) else "weight is not a constant"
-            log.info("%s: plain-mask curve (%s)", layer.name, reason)
-            self.costs[layer.name] = CurveRefitCost(layer.name, False, reason)
+            self._plain(layer.name, plans if isinstance(plans, str) else "weight is not a constant")
             return None
         dense = found[1]
-        plan = plans[0]
-        bias: Array | None = None
-        if plan.bias is not None:
-            found_bias = self.graph.constant(plan.bias)
-            assert found_bias is not None
-            bias = found_bias[1]
+        plan, bias = plans[0], self._bias(plans[0])
         started = time.perf_counter()
         stats = self._stats(plans, bias)
         if stats is None:
-            self.costs[layer.name] = CurveRefitCost(layer.name, False, "no calibration rows")
+            self._plain(layer.name, "no calibration rows")
             return None
-        width = stats.hessian.shape[1]
-        d = width - (1 if bias is not None else 0)
-        _warn_few_rows(layer.name, stats.rows, width)
-        factors = Factors(_damped(stats.hessian, self.damping, d), stats.cross)
-        cost = CurveRefitCost(layer.name, True, width=width, rows=stats.rows)
-        cost.hessian_s = time.perf_counter() - started
-        self.costs[layer.name] = cost
-        names = [layer.name] + ([plan.bias] if plan.bias is not None else [])
+        level = _Level(layer.name, plan, dense, bias, stats)
+        cost = self._start(level, time.perf_counter() - started)
         memo: dict[int, dict[str, Array]] = {}
 
         def make(masked: Array, ratio: float) -> dict[str, Array]:
             count = max(prune_count(float(ratio), dense.size), int(np.count_nonzero(dense == 0)))
             with self._lock:
-                if count in memo:
-                    return dict(memo[count])
-                given = apply_mask(dense, count)
-                if np.array_equal(given, dense):  # prunes nothing: the dense layer
-                    memo[count] = {layer.name: dense}
-                    if plan.bias is not None:
-                        assert bias is not None
-                        memo[count][plan.bias] = bias
-                    return dict(memo[count])
-                t = time.perf_counter()
-                if self.select:
-                    refit = select_refit(
-                        layer.name,
-                        plan,
-                        dense,
-                        given,
-                        bias,
-                        stats,
-                        self.solver,
-                        factors,
-                        refits=self.select_refits,
-                    )
-                else:
-                    refit = _refit_masked(
-                        layer.name, plan, given, bias, stats, self.solver, factors
-                    )
-                cost.solve_s += time.perf_counter() - t
-                cost.levels += 1
-                cost.methods[refit.info.method] = cost.methods.get(refit.info.method, 0) + 1
-                fed = {layer.name: refit.weight if refit.weight is not None else given}
-                if plan.bias is not None:
-                    assert bias is not None
-                    fed[plan.bias] = refit.bias if refit.bias is not None else bias
-                if refit.weight is None:
-                    cost.kept_mask += 1
-                info = refit.info
-                cost.errors.append((float(ratio), info.error_before, info.error_after))
-                memo[count] = fed
-            return dict(fed)
+                if count not in memo:
+                    given = apply_mask(dense, count)
+                    if np.array_equal(given, dense):  # prunes nothing: the dense layer
+                        memo[count] = level.fed(dense)
+                    else:
+                        memo[count] = self._solve(level, given, cost, ratio)
+                return dict(memo[count])
 
-        return LayerCandidates(names, make)
+        return LayerCandidates(level.names, make)
 
-    def _stats(self, plans: list[_Plan], bias: Array | None) -> _Stats | None:
+    def _stats(self, plans: list[Plan], bias: Array | None) -> Stats | None:
         """H = X̂ᵀX̂ (base model inputs), G = X̂ᵀY and ΣY² (dense outputs), one pass."""
-        feeds_names = set(self.data)
-        inputs = _Fetcher(self.base, [p.activation for p in plans], feeds_names, self.config)
-        targets = _Fetcher(self.typed, [p.output for p in plans], feeds_names, self.config)
-        sums: _Sums | None = None
-        for feeds in batches(self.data, self.batch_size):
-            acts, outs = inputs.run(feeds), targets.run(feeds)
-            token = feeds.get(self.token_mask) if self.token_mask is not None else None
-            for plan in plans:
-                act = acts[plan.activation]
-                y = _target_rows(plan, outs[plan.output], bias)
-                real = _real_rows(plan, act, token)
-                for rows, x in _input_rows(plan, act):
-                    chunk = y[:, rows]
-                    if real is not None:
-                        x, chunk = x[:, real[rows]], chunk[:, real[rows]]
-                    if sums is None:
-                        sums = _Sums(x.shape[0], x.shape[2], [chunk.shape[2]])
-                    sums.add(x, [chunk])
-        return None if sums is None else sums.stats(0, bias is not None)
+        return refit_stats(
+            self.base,
+            self.typed,
+            plans,
+            bias,
+            self.data,
+            batch_size=self.batch_size,
+            config=self.config,
+            token_mask=self.token_mask,
+        )
 
 
 def remeasure_curves(

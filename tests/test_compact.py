@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from rdprune_onnx.export import (
+from rdprune_onnx.compact import (
     STORAGES,
     compact_weights,
     compacted_weights,
@@ -265,7 +265,7 @@ def test_opsets(opset: int) -> None:
 def test_low_opset_or_ir_left_dense(caplog: pytest.LogCaptureFixture) -> None:
     weight = np.zeros((48, 64), np.float32)
     weight[0, :3] = 1.0
-    with caplog.at_level(logging.WARNING, logger="rdprune_onnx.export"):
+    with caplog.at_level(logging.WARNING, logger="rdprune_onnx.compact"):
         old = compact_weights(_single_matmul(weight, 10), ["w"])
     assert compacted_weights(old) == {}
     assert "opset" in caplog.text

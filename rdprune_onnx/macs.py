@@ -1,4 +1,5 @@
-"""Multiply-accumulates per weight, for a FLOPs budget.
+"""Multiply-accumulates (MACs) per weight, for the ``--budget flops`` budget (which counts
+MACs: one multiply and one add per weight per position).
 
 Every weight of a layer takes part in the same number of multiply-accumulates per sample:
 the output positions of a Conv, the input positions of a ConvTranspose, the rows of the
@@ -15,26 +16,13 @@ import numpy as np
 import onnx
 
 from rdprune_onnx.errors import UserError
+from rdprune_onnx.graph.cut import with_outputs
 from rdprune_onnx.graph.layers import Layer
+from rdprune_onnx.graph.types import static_model
+from rdprune_onnx.graph.walk import node_label
+from rdprune_onnx.runtime import Session
 
 log = logging.getLogger(__name__)
-
-
-def _static_model(
-    model: onnx.ModelProto, sample_shapes: Mapping[str, tuple[int, ...]]
-) -> onnx.ModelProto:
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    for value in fixed.graph.input:
-        if value.name not in sample_shapes:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        shape = sample_shapes[value.name]
-        full = (1, *shape) if len(dims) == len(shape) + 1 else shape
-        for dim, size in zip(dims, full, strict=False):
-            dim.Clear()
-            dim.dim_value = int(size)
-    return onnx.shape_inference.infer_shapes(fixed, data_prop=True)
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
@@ -57,9 +45,6 @@ def _measured_shapes(
     typed: onnx.ModelProto, names: Sequence[str], sample: Mapping[str, np.ndarray]
 ) -> dict[str, tuple[int, ...]]:
     """Shapes of intermediate tensors, from one run of ONNX Runtime on one sample."""
-    from rdprune_onnx.graph.cut import with_outputs
-    from rdprune_onnx.runtime import Session
-
     known = {v.name for v in typed.graph.value_info if v.type.tensor_type.elem_type}
     wanted = [n for n in names if n in known]
     if not wanted:
@@ -78,9 +63,9 @@ def macs_per_weight(
     ``sample`` is one calibration sample per input, with its sample axis (length 1).
     """
     sample_shapes = {k: tuple(v.shape[1:]) for k, v in sample.items() if v.ndim}
-    typed = _static_model(model, sample_shapes)
+    typed = static_model(model, sample_shapes)
     shapes = _shapes(typed)
-    nodes = {n.name or f"{n.op_type}#{i}": n for i, n in enumerate(typed.graph.node)}
+    nodes = {node_label(n, i): n for i, n in enumerate(typed.graph.node)}
     unknown = [
         name
         for layer in layers
@@ -100,7 +85,7 @@ def macs_per_weight(
                 log.warning("%s: used inside a subgraph; counting one pass", layer.name)
                 total += 1
                 continue
-            total += _use_cost(node, use.input_index, shapes, layer.name)
+            total += _use_macs(node, use.input_index, shapes, layer.name)
         costs[layer.name] = max(1, total)
     return costs
 
@@ -114,7 +99,7 @@ def _need(shape: tuple[int, ...] | None, tensor: str, layer: str) -> tuple[int, 
     return shape
 
 
-def _use_cost(
+def _use_macs(
     node: onnx.NodeProto,
     weight_index: int,
     shapes: Mapping[str, tuple[int, ...] | None],
