@@ -24,7 +24,7 @@ case has labels. Wall and CPU seconds, with the load average: the machine is sha
 
 Run with the torch virtualenv and the repository on the path::
 
-    PYTHONPATH=. .venv-torch/bin/python scripts/bench_adaptive.py --out /tmp/adaptive.json
+    PYTHONPATH=. .venv-torch/bin/python scripts/bench_adaptive.py --out results/bench_adaptive.json
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from bench_curves import (
     time_torch,
     torch_inputs,
 )
+from benchlib.records import RESULTS, write_json
 
 from rdprune_onnx.allocate import Allocation, AllocationProblem, Curve, LayerSpec
 from rdprune_onnx.allocate.rd import RateDistortionAllocator
@@ -86,7 +87,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("bench_adaptive.json"))
+    p.add_argument("--out", type=Path, default=RESULTS / "bench_adaptive.json")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.ratios = [float(r) for r in args.ratios.split(",") if r]
@@ -513,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_average_end": list(os.getloadavg()),
         "results": results,
     }
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_json(args.out, record)
     say("\n" + markdown(record))
     say(f"wrote {args.out}; its tables again: {Path(__file__).name} --markdown {args.out}")
     return 0

@@ -30,7 +30,7 @@ JSON record written (``--out``): config, versions, timings, per-layer times, che
 
 Run it with the torch virtualenv (the project installed in it)::
 
-    .venv-torch/bin/python scripts/bench_curves.py --out /tmp/bench_curves.json
+    .venv-torch/bin/python scripts/bench_curves.py --out results/bench_curves.json
 
 The CPU defaults (ResNet-18 at 64x64 on 32 images and a 4-layer MiniLM on 8 x 64 tokens, 11
 levels) took 7 minutes on a busy shared 2-core machine. ``--markdown RECORD.json`` prints the
@@ -50,7 +50,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -64,6 +63,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from benchlib.records import RESULTS, machine, write_json
 
 from rdprune_onnx.allocate import Curve
 from rdprune_onnx.calibration import batches
@@ -155,7 +155,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--tolerance", type=float, default=1e-3, help="max relative difference")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("bench_curves.json"))
+    p.add_argument("--out", type=Path, default=RESULTS / "bench_curves.json")
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
@@ -840,13 +840,14 @@ def print_report(results: Sequence[dict[str, Any]], cpus: int) -> None:
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    host = machine()
     info: dict[str, Any] = {
-        "python": platform.python_version(),
+        "python": host["python"],
         "torch": torch.__version__,
         **versions(),
-        "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "platform": platform.platform(),
+        "cpu_count": host["cpus"],
+        "processor": host["processor"],
+        "platform": host["platform"],
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
         "load_average_start": list(os.getloadavg()),
@@ -903,7 +904,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": env,
         "results": results,
     }
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_json(args.out, record)
     say("\n" + markdown(record))
     say(f"wrote {args.out}; its tables again: {Path(__file__).name} --markdown {args.out}")
     failed = [r["model"] for r in results if not r["checks"]["passed"]]

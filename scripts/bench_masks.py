@@ -20,9 +20,7 @@ writes JSON (configuration, versions, load average, every row with its timings).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,8 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchlib.records import RESULTS, version_record, write_json
+
 from rdprune_onnx import CalibrationSpec, PruneResult, PruneSettings, prune
-from rdprune_onnx.runtime import Session, SessionConfig, versions
+from rdprune_onnx.runtime import Session, SessionConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 MASKS = [("magnitude", "dense"), ("wanda", "dense"), ("wanda", "sequential")]
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--reconstruct", action="store_true", help="Refit after masking.")
     parser.add_argument("--minilm", type=Path, help="Folder of the exported MiniLM model.")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "rdbench"))
-    parser.add_argument("--out", default=str(ROOT / "results" / "bench_masks.json"))
+    parser.add_argument("--out", default=str(RESULTS / "bench_masks.json"))
     args = parser.parse_args()
     model, calib, extra, score = _minilm(args.minilm) if args.minilm else _digits()
     rows = []
@@ -134,11 +134,11 @@ def main() -> None:
                 )
     record = {
         "config": {k: str(v) for k, v in vars(args).items()},
-        "versions": versions() | {"python": platform.python_version()},
+        "versions": version_record(),
         "load_average": os.getloadavg(),
         "rows": rows,
     }
-    Path(args.out).write_text(json.dumps(record, indent=1))
+    write_json(Path(args.out), record)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import platform
 import statistics
 import sys
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from benchlib.records import RESULTS, write_json
 from onnx import helper, numpy_helper
 
 from rdprune_onnx.export import compact_weights, compacted_weights, weight_storage_bytes
@@ -368,7 +368,9 @@ def _format(rows: Sequence[Sequence[str]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench_storage.json", help="JSON results file")
+    parser.add_argument(
+        "--out", default=str(RESULTS / "bench_storage.json"), help="JSON results file"
+    )
     parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     parser.add_argument("--models", nargs="*", help="restrict to these case names")
     parser.add_argument("--runs", type=int, default=50, help="timed inference runs")
@@ -403,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": platform.processor() or platform.machine(),
         },
     }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(Path(args.out), report, indent=2)
     print(f"wrote {args.out}")
     return 0
 
