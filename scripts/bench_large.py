@@ -432,8 +432,7 @@ CURVES_STEPS = ("expose_as_inputs", "Session", "downstream", "with_outputs", "in
 
 def child_phases(method: str, path: Path, output: Path, levels: int) -> None:
     """Run the prune pipeline in-process with its steps wrapped, recording memory."""
-    from rdprune_onnx import curves, pipeline
-    from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings
+    from rdprune_onnx import CalibrationSpec, PruneSettings, curves, pipeline
 
     events: list[dict[str, Any]] = []
     started = time.perf_counter()

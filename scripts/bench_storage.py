@@ -207,6 +207,8 @@ def identical(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> bool:
 
 
 def measure(case: Case, ratio: float, args: argparse.Namespace) -> Result:
+    """One model at one ratio in every storage: sizes, load and inference times, checks (long:
+    one keyword per field of :class:`Result`)."""
     model = onnx.load(str(case.path))
     zeros, names = dense_zeros(model, ratio)
     compact = compact_weights(zeros, names)
@@ -240,22 +242,8 @@ def measure(case: Case, ratio: float, args: argparse.Namespace) -> Result:
     dense_out = dense_session.run(None, case.feeds)
     compact_out = compact_session.run(None, case.feeds)
 
-    load_dense: list[float] = []
-    load_compact: list[float] = []
-    for _ in range(args.loads):  # alternate, so drift hits both alike
-        load_dense.append(load(blobs["d"], args.threads)[1])
-        load_compact.append(load(blobs["c"], args.threads)[1])
-    times_dense: list[float] = []
-    times_compact: list[float] = []
-    for _ in range(args.warmup):
-        dense_session.run(None, case.feeds)
-        compact_session.run(None, case.feeds)
-    for _ in range(args.runs):
-        for session, times in ((dense_session, times_dense), (compact_session, times_compact)):
-            start = time.perf_counter()
-            session.run(None, case.feeds)
-            times.append((time.perf_counter() - start) * 1000)
-
+    load_dense, load_compact = time_loads(blobs["d"], blobs["c"], args)
+    times_dense, times_compact = time_runs(dense_session, compact_session, case, args)
     left, same_graph = folding(zeros, compact, names, args.threads)
     return Result(
         model=case.name,
@@ -288,6 +276,34 @@ def measure(case: Case, ratio: float, args: argparse.Namespace) -> Result:
         same_optimized_graph=same_graph,
         notes=notes,
     )
+
+
+def time_loads(dense: bytes, compact: bytes, args: argparse.Namespace) -> tuple[list[float], ...]:
+    """Session load times (ms) of the dense and the compact file, alternated so that drift
+    hits both alike."""
+    load_dense: list[float] = []
+    load_compact: list[float] = []
+    for _ in range(args.loads):
+        load_dense.append(load(dense, args.threads)[1])
+        load_compact.append(load(compact, args.threads)[1])
+    return load_dense, load_compact
+
+
+def time_runs(
+    dense_session: Any, compact_session: Any, case: Case, args: argparse.Namespace
+) -> tuple[list[float], ...]:
+    """Inference times (ms) of both sessions, after ``--warmup`` untimed runs, alternated."""
+    times_dense: list[float] = []
+    times_compact: list[float] = []
+    for _ in range(args.warmup):
+        dense_session.run(None, case.feeds)
+        compact_session.run(None, case.feeds)
+    for _ in range(args.runs):
+        for session, times in ((dense_session, times_dense), (compact_session, times_compact)):
+            start = time.perf_counter()
+            session.run(None, case.feeds)
+            times.append((time.perf_counter() - start) * 1000)
+    return times_dense, times_compact
 
 
 def _inits(model: onnx.ModelProto, names: Sequence[str]) -> list[onnx.TensorProto]:
