@@ -24,7 +24,7 @@ case has labels. Wall and CPU seconds, with the load average: the machine is sha
 
 Run with the torch virtualenv and the repository on the path::
 
-    PYTHONPATH=. .venv-torch/bin/python scripts/bench_adaptive.py --out /tmp/adaptive.json
+    PYTHONPATH=. .venv-torch/bin/python scripts/bench_adaptive.py --out results/bench_adaptive.json
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from bench_curves import (
     time_torch,
     torch_inputs,
 )
+from benchlib.records import RESULTS, write_json
 
 from rdprune_onnx.allocate import Allocation, AllocationProblem, Curve, LayerSpec
 from rdprune_onnx.allocate.rd import RateDistortionAllocator
@@ -86,7 +87,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("bench_adaptive.json"))
+    p.add_argument("--out", type=Path, default=RESULTS / "bench_adaptive.json")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.ratios = [float(r) for r in args.ratios.split(",") if r]
@@ -251,21 +252,16 @@ class OnnxCase:
     eval_labels: np.ndarray | None = None
 
 
-def bench(case: OnnxCase, args: argparse.Namespace) -> dict[str, Any]:
-    levels = args.levels
-    fine = grid(levels)
-    layers: list[Layer] = find_layers(case.model).layers
-    specs = [LayerSpec(layer.name, layer.shape) for layer in layers]
-    full_points = len(layers) * levels
-    config = SessionConfig(intra_op_threads=args.threads)
-    reference: Reference = run_reference(case.model, case.data, case.batch_size, config)
-    say(f"\n== {case.name}: {len(layers)} layers x {levels} levels = {full_points} points")
-    rows: list[dict[str, Any]] = []
-    torch_curves: dict[str, np.ndarray] | None = None
-    chosen = np.arange(levels)
+class Rows:
+    """The timing rows of one case, each printed as it is added."""
 
-    def row(way: str, points: int, wall: float, cpu: float, load: Any, note: str = "") -> None:
-        rows.append(
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def add(
+        self, way: str, points: int, wall: float, cpu: float, load: Any, note: str = ""
+    ) -> None:
+        self.rows.append(
             {"way": way, "points": points, "wall_s": wall, "cpu_s": cpu, "load": load, "note": note}
         )
         say(
@@ -273,37 +269,17 @@ def bench(case: OnnxCase, args: argparse.Namespace) -> dict[str, Any]:
             f"load {load[0]:.1f}>{load[1]:.1f} {note}"
         )
 
-    if case.torch is not None and {"a", "e"} & set(args.ways):
-        mapping = map_layers(case.model, layers, case.torch.module)
-        chosen = spread(levels, args.torch_levels)
-        # (a) runs every level, (e) every level but 0: scaled from the levels run.
-        scale_a = levels / len(chosen) if len(chosen) < levels else 1.0
-        scale = (levels - 1) / len(chosen) if len(chosen) < levels else 1.0
-        note = f"(scaled from {len(chosen)} levels per layer)" if scale != 1.0 else ""
-        if "a" in args.ways:
-            _, wall, cpu, load = timed(
-                lambda: time_torch(case.torch, mapping, fine[chosen], "cpu", args.threads)
-            )
-            row("(a) torch, whole model", full_points, wall * scale_a, cpu * scale_a, load, note)
-        if "e" in args.ways:
-            import torch
 
-            stages = (resnet_stages if "resnet" in case.name else minilm_stages)(case.torch.module)
-            inputs = torch_inputs(case.torch, "cpu")
-            before = torch.get_num_threads()
-            torch.set_num_threads(args.threads)
-            try:
-                (curves_e, _), wall, cpu, load = timed(
-                    lambda: fair_torch_loop(
-                        case.torch.module, stages, inputs, mapping, fine[chosen]
-                    )
-                )
-            finally:
-                torch.set_num_threads(before)
-            torch_curves = curves_e
-            row(
-                "(e) torch, cached stage inputs", full_points, wall * scale, cpu * scale, load, note
-            )
+def bench(case: OnnxCase, args: argparse.Namespace) -> dict[str, Any]:
+    levels = args.levels
+    layers: list[Layer] = find_layers(case.model).layers
+    specs = [LayerSpec(layer.name, layer.shape) for layer in layers]
+    full_points = len(layers) * levels
+    config = SessionConfig(intra_op_threads=args.threads)
+    reference: Reference = run_reference(case.model, case.data, case.batch_size, config)
+    say(f"\n== {case.name}: {len(layers)} layers x {levels} levels = {full_points} points")
+    rows = Rows()
+    chosen, torch_curves = time_torch_ways(case, args, layers, rows)
 
     def run_grid(kind: str, targets: Sequence[float]) -> GridResult:
         result: GridResult = measure_grid(
@@ -319,41 +295,97 @@ def bench(case: OnnxCase, args: argparse.Namespace) -> dict[str, Any]:
         return result
 
     full, wall, cpu, load = timed(lambda: run_grid("full", []))
-    row("(c) rdprune-onnx, full grid", full.measured, wall, cpu, load)
+    rows.add("(c) rdprune-onnx, full grid", full.measured, wall, cpu, load)
     torch_check = None
     if torch_curves is not None:
-        diffs = []
-        for name, values in torch_curves.items():
-            want = full.curves[name].distortion[chosen]
-            big = np.abs(want) > 1e-6 * max(float(np.max(np.abs(want))), 1e-30)
-            if np.any(big):
-                diffs.append(float(np.max(np.abs(values[big] - want[big]) / np.abs(want[big]))))
-        torch_check = max(diffs) if diffs else 0.0
+        torch_check = torch_curve_check(torch_curves, full, chosen)
         say(f"  (e) curves vs (c): max relative difference {torch_check:.2e}")
     adaptive: dict[str, GridResult] = {}
     for ratio in args.ratios:
         got, wall, cpu, load = timed(lambda r=ratio: run_grid("adaptive", [r]))  # type: ignore[misc]
         adaptive[f"{ratio:g}"] = got
-        row(
-            f"(f) adaptive, refined for {ratio:g}",
-            got.measured,
-            wall,
-            cpu,
-            load,
-            f"rounds {got.rounds}",
-        )
+        note = f"rounds {got.rounds}"
+        rows.add(f"(f) adaptive, refined for {ratio:g}", got.measured, wall, cpu, load, note)
     every, wall, cpu, load = timed(lambda: run_grid("adaptive", args.ratios))
     adaptive["all"] = every
-    row(
-        f"(f) adaptive, refined for all {len(args.ratios)}",
-        every.measured,
-        wall,
-        cpu,
-        load,
-        f"rounds {every.rounds}",
-    )
+    label = f"(f) adaptive, refined for all {len(args.ratios)}"
+    rows.add(label, every.measured, wall, cpu, load, f"rounds {every.rounds}")
+    worst = adaptive_check(adaptive, full, levels)
+    say(f"  adaptive points vs full grid values: max relative difference {worst:.2e}")
+    allocations = [
+        allocation_entry(case, specs, full, adaptive, ratio, label, config, reference, levels)
+        for ratio in args.ratios
+        for label in (f"{ratio:g}", "all")
+    ]
+    return {
+        "model": case.name,
+        "layers": len(layers),
+        "full_points": full_points,
+        "timings": rows.rows,
+        "curve_check_max_rel": worst,
+        "torch_fair_check_max_rel": torch_check,
+        "allocations": allocations,
+    }
 
-    # The full grid's values where the adaptive grid measured: the same runs.
+
+def time_torch_ways(
+    case: OnnxCase, args: argparse.Namespace, layers: list[Layer], rows: Rows
+) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+    """(a) and (e), on ``--torch-levels`` levels scaled to the whole grid; the levels run, and
+    (e)'s curves at them (None when (e) did not run)."""
+    levels = args.levels
+    fine = grid(levels)
+    full_points = len(layers) * levels
+    chosen = np.arange(levels)
+    torch_curves: dict[str, np.ndarray] | None = None
+    if case.torch is None or not {"a", "e"} & set(args.ways):
+        return chosen, torch_curves
+    mapping = map_layers(case.model, layers, case.torch.module)
+    chosen = spread(levels, args.torch_levels)
+    # (a) runs every level, (e) every level but 0: scaled from the levels run.
+    scale_a = levels / len(chosen) if len(chosen) < levels else 1.0
+    scale = (levels - 1) / len(chosen) if len(chosen) < levels else 1.0
+    note = f"(scaled from {len(chosen)} levels per layer)" if scale != 1.0 else ""
+    if "a" in args.ways:
+        _, wall, cpu, load = timed(
+            lambda: time_torch(case.torch, mapping, fine[chosen], "cpu", args.threads)
+        )
+        rows.add("(a) torch, whole model", full_points, wall * scale_a, cpu * scale_a, load, note)
+    if "e" in args.ways:
+        import torch
+
+        stages = (resnet_stages if "resnet" in case.name else minilm_stages)(case.torch.module)
+        inputs = torch_inputs(case.torch, "cpu")
+        before = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        try:
+            (curves_e, _), wall, cpu, load = timed(
+                lambda: fair_torch_loop(case.torch.module, stages, inputs, mapping, fine[chosen])
+            )
+        finally:
+            torch.set_num_threads(before)
+        torch_curves = curves_e
+        label = "(e) torch, cached stage inputs"
+        rows.add(label, full_points, wall * scale, cpu * scale, load, note)
+    return chosen, torch_curves
+
+
+def torch_curve_check(
+    torch_curves: dict[str, np.ndarray], full: GridResult, chosen: np.ndarray
+) -> float:
+    """The largest relative difference of (e)'s curves from (c)'s, where (c)'s are not tiny."""
+    diffs = []
+    for name, values in torch_curves.items():
+        want = full.curves[name].distortion[chosen]
+        big = np.abs(want) > 1e-6 * max(float(np.max(np.abs(want))), 1e-30)
+        if np.any(big):
+            diffs.append(float(np.max(np.abs(values[big] - want[big]) / np.abs(want[big]))))
+    return max(diffs) if diffs else 0.0
+
+
+def adaptive_check(adaptive: dict[str, GridResult], full: GridResult, levels: int) -> float:
+    """The full grid's values where the adaptive grid measured: the same runs, so the largest
+    relative difference should be float noise."""
     worst = 0.0
     for got in adaptive.values():
         for name, curve in got.curves.items():
@@ -361,73 +393,65 @@ def bench(case: OnnxCase, args: argparse.Namespace) -> dict[str, Any]:
             want = full.curves[name].distortion[index]
             scale_d = max(float(np.max(np.abs(want))), 1e-30)
             worst = max(worst, float(np.max(np.abs(curve.distortion - want))) / scale_d)
-    say(f"  adaptive points vs full grid values: max relative difference {worst:.2e}")
+    return worst
 
-    allocations = []
-    for ratio in args.ratios:
-        want = allocate_on(full.curves, specs, ratio)
-        for label in (f"{ratio:g}", "all"):
-            got = allocate_on(adaptive[label].curves, specs, ratio)
-            changed = {
-                s.name: round((got.counts[s.name] - want.counts[s.name]) / s.size, 4)
-                for s in specs
-                if got.counts[s.name] != want.counts[s.name]
-            }
-            truth = {
-                "full": sum(
-                    float(
-                        np.interp(
-                            want.counts[s.name] / s.size, fine, full.curves[s.name].distortion
-                        )
-                    )
-                    for s in specs
-                ),
-                "adaptive": sum(
-                    float(
-                        np.interp(got.counts[s.name] / s.size, fine, full.curves[s.name].distortion)
-                    )
-                    for s in specs
-                ),
-            }
-            measured = {
-                key: measure_distortion(
-                    Session(pruned_model(case.model, dict(a.counts)), config), reference, "mse"
-                )
-                for key, a in (("full", want), ("adaptive", got))
-            }
-            accuracy = None
-            if case.eval_data is not None and case.eval_labels is not None:
-                accuracy = {
-                    key: top1(
-                        pruned_model(case.model, dict(a.counts)), case.eval_data, case.eval_labels
-                    )
-                    for key, a in (("full", want), ("adaptive", got))
-                }
-            entry = {
-                "ratio": ratio,
-                "refined_for": label,
-                "points": adaptive[label].measured,
-                "changed": changed,
-                "predicted": truth,
-                "measured": measured,
-                "accuracy": accuracy,
-            }
-            allocations.append(entry)
-            acc = f" top-1 {accuracy['full']:.4f}/{accuracy['adaptive']:.4f}" if accuracy else ""
-            predicted_x = truth["adaptive"] / truth["full"]
-            measured_x = measured["adaptive"] / measured["full"]
-            say(
-                f"  ratio {ratio:g} (refined for {label}): predicted x{predicted_x:.4f}, "
-                f"measured x{measured_x:.4f}{acc}; changed {changed or 'none'}"
-            )
+
+def allocation_entry(
+    case: OnnxCase,
+    specs: list[LayerSpec],
+    full: GridResult,
+    adaptive: dict[str, GridResult],
+    ratio: float,
+    label: str,
+    config: SessionConfig,
+    reference: Reference,
+    levels: int,
+) -> dict[str, Any]:
+    """The adaptive grid's allocation at ``ratio`` (refined for ``label``) against the full
+    grid's: changed layers, predicted (on the full curves) and measured distortion, top-1."""
+    fine = grid(levels)
+    want = allocate_on(full.curves, specs, ratio)
+    got = allocate_on(adaptive[label].curves, specs, ratio)
+    changed = {
+        s.name: round((got.counts[s.name] - want.counts[s.name]) / s.size, 4)
+        for s in specs
+        if got.counts[s.name] != want.counts[s.name]
+    }
+
+    def on_full(a: Allocation) -> float:
+        return sum(
+            float(np.interp(a.counts[s.name] / s.size, fine, full.curves[s.name].distortion))
+            for s in specs
+        )
+
+    truth = {"full": on_full(want), "adaptive": on_full(got)}
+    measured = {
+        key: measure_distortion(
+            Session(pruned_model(case.model, dict(a.counts)), config), reference, "mse"
+        )
+        for key, a in (("full", want), ("adaptive", got))
+    }
+    accuracy = None
+    if case.eval_data is not None and case.eval_labels is not None:
+        accuracy = {
+            key: top1(pruned_model(case.model, dict(a.counts)), case.eval_data, case.eval_labels)
+            for key, a in (("full", want), ("adaptive", got))
+        }
+    acc = f" top-1 {accuracy['full']:.4f}/{accuracy['adaptive']:.4f}" if accuracy else ""
+    predicted_x = truth["adaptive"] / truth["full"]
+    measured_x = measured["adaptive"] / measured["full"]
+    say(
+        f"  ratio {ratio:g} (refined for {label}): predicted x{predicted_x:.4f}, "
+        f"measured x{measured_x:.4f}{acc}; changed {changed or 'none'}"
+    )
     return {
-        "model": case.name,
-        "layers": len(layers),
-        "full_points": full_points,
-        "timings": rows,
-        "curve_check_max_rel": worst,
-        "torch_fair_check_max_rel": torch_check,
-        "allocations": allocations,
+        "ratio": ratio,
+        "refined_for": label,
+        "points": adaptive[label].measured,
+        "changed": changed,
+        "predicted": truth,
+        "measured": measured,
+        "accuracy": accuracy,
     }
 
 
@@ -513,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_average_end": list(os.getloadavg()),
         "results": results,
     }
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_json(args.out, record)
     say("\n" + markdown(record))
     say(f"wrote {args.out}; its tables again: {Path(__file__).name} --markdown {args.out}")
     return 0

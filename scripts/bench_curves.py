@@ -30,7 +30,7 @@ JSON record written (``--out``): config, versions, timings, per-layer times, che
 
 Run it with the torch virtualenv (the project installed in it)::
 
-    .venv-torch/bin/python scripts/bench_curves.py --out /tmp/bench_curves.json
+    .venv-torch/bin/python scripts/bench_curves.py --out results/bench_curves.json
 
 The CPU defaults (ResNet-18 at 64x64 on 32 images and a 4-layer MiniLM on 8 x 64 tokens, 11
 levels) took 7 minutes on a busy shared 2-core machine. ``--markdown RECORD.json`` prints the
@@ -50,7 +50,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -64,6 +63,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from benchlib.records import RESULTS, machine, write_json
 
 from rdprune_onnx.allocate import Curve
 from rdprune_onnx.calibration import batches
@@ -155,8 +155,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--tolerance", type=float, default=1e-3, help="max relative difference")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("bench_curves.json"))
+    p.add_argument("--out", type=Path, default=RESULTS / "bench_curves.json")
     args = p.parse_args(argv)
+    _normalise(p, args)
+    return args
+
+
+def _normalise(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Device defaults, comma lists to lists, and the checks of models and ways."""
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -174,7 +180,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("on cuda only the ways a, b, c, d are timed")
     if not set(args.ways) & {"b", "c", "d", "c1", "c12", "c2t", "c2p"}:
         p.error("--ways needs at least one ONNX Runtime way (b, c, d, ...)")
-    return args
 
 
 # --------------------------------------------------------------------------- models
@@ -649,71 +654,16 @@ def bench_case(case: Case, args: argparse.Namespace, provider: str) -> dict[str,
     with tempfile.TemporaryDirectory(prefix="bench-curves-") as folder:
         model = export(case, Path(folder), args.device)
     layers = find_layers(model).layers
-    mapping = map_layers(model, layers, case.module)
     points = len(layers) * len(ratios)
     say(f"\n== {case.description}: {len(layers)} layers x {len(ratios)} levels = {points} points")
     params = sum(layer.size for layer in layers)
     say(f"   prunable weights {params:,}; ONNX {model.ByteSize() / 2**20:.1f} MiB")
-
-    timings: dict[str, Timing] = {}
-    threads = args.threads
-    config = SessionConfig(provider=provider, intra_op_threads=threads)
-
-    def run(key: str, fn: Callable[[], Timing]) -> None:
-        say(f"   {WAYS[key]} ...")
-        load = os.getloadavg()[0]
-        cpu = cpu_seconds()
-        timing = fn()
-        timing.cpu_s = cpu_seconds() - cpu
-        timing.load = (load, os.getloadavg()[0])
-        timings[key] = timing
-        note = "" if timing.points == timing.total_points else f" ({timing.points} points)"
-        say(
-            f"      {timing.seconds:.2f} s{note}, {timing.per_point * 1e3:.2f} ms/point, "
-            f"CPU {timing.cpu_s:.2f} s, load {timing.load[0]:.1f} -> {timing.load[1]:.1f}"
-        )
-
-    one = SessionConfig(provider=provider, intra_op_threads=1)
+    config = SessionConfig(provider=provider, intra_op_threads=args.threads)
     start = time.perf_counter()
     reference = run_reference(model, case.data, case.batch_size, config)
     reference_s = time.perf_counter() - start
-    ways: dict[str, Callable[[], Timing]] = {
-        "a": lambda: time_torch(case, mapping, ratios, args.device),
-        "c": lambda: time_engine(model, layers, reference, ratios, config, "downstream"),
-        "d": lambda: time_engine(model, layers, reference, ratios, config, "full"),
-        "b": lambda: time_session_per_point(
-            model, layers, reference, ratios, config, args.session_points
-        ),
-        "a1": lambda: time_torch(case, mapping, ratios, args.device, threads=1),
-        "c1": lambda: time_engine(model, layers, reference, ratios, one, "downstream"),
-        "c12": lambda: time_engine(
-            model, layers, reference, ratios, config, "downstream", workers=1
-        ),
-        "c2t": lambda: time_split_threads(model, layers, reference, ratios, provider, 2),
-        "c2p": lambda: time_split_processes(model, layers, reference, ratios, provider, 2),
-    }
-    for key in ways:  # a fixed order: a, c, d, b, then the 1-thread variants
-        if key in args.ways:
-            run(key, ways[key])
-
-    power = float(np.mean([np.mean(np.square(v[0], dtype=np.float64)) for v in reference.values]))
-    floor = args.tiny * power
-    base = next(k for k in ("d", "c", "c1", "c12", "b", "c2t", "c2p") if k in timings)
-    want = timings[base].curves
-    checks = {key: compare(t.curves, want, floor) for key, t in timings.items() if key != base}
-    worst = max((c["max_rel_diff"] for c in checks.values()), default=0.0)
-    ok = worst <= args.tolerance
-    total = {key: t.total for key, t in timings.items()}
-    ratios_out = {
-        f"{x}/{y}": total[x] / total[y]
-        for x, y in (("c", "a"), ("c", "b"), ("d", "a"), ("d", "b"), ("c", "d"), ("c1", "a1"))
-        if x in total and y in total
-    }
-    targets = {
-        name: bool(ratios_out[key] <= limit)
-        for name, key, limit in (("c <= 0.3 a", "c/a", 0.3), ("c <= 0.1 b", "c/b", 0.1))
-        if key in ratios_out
-    }
+    timings = time_ways(case, args, provider, model, layers, reference, ratios)
+    ratios_out, targets = speed_ratios(timings)
     return {
         "model": case.name,
         "description": case.description,
@@ -742,17 +692,94 @@ def bench_case(case: Case, args: argparse.Namespace, provider: str) -> dict[str,
         },
         "ratios": ratios_out,
         "targets": targets,
-        "checks": {
-            "reference": base,
-            "tiny_floor": floor,
-            "output_mean_square": power,
-            "tolerance": args.tolerance,
-            "max_rel_diff": worst,
-            "passed": ok,
-            "per_way": checks,
-        },
+        "checks": check_ways(timings, reference, args),
         "curves": {key: {n: v.tolist() for n, v in t.curves.items()} for key, t in timings.items()},
         "grid": ratios.tolist(),
+    }
+
+
+def time_ways(
+    case: Case,
+    args: argparse.Namespace,
+    provider: str,
+    model: onnx.ModelProto,
+    layers: list[Layer],
+    reference: Reference,
+    ratios: np.ndarray,
+) -> dict[str, Timing]:
+    """The ways ``--ways`` names, timed in a fixed order (a, c, d, b, then the 1-thread ones)."""
+    mapping = map_layers(model, layers, case.module)
+    timings: dict[str, Timing] = {}
+    threads = args.threads
+    config = SessionConfig(provider=provider, intra_op_threads=threads)
+    one = SessionConfig(provider=provider, intra_op_threads=1)
+    ways: dict[str, Callable[[], Timing]] = {
+        "a": lambda: time_torch(case, mapping, ratios, args.device),
+        "c": lambda: time_engine(model, layers, reference, ratios, config, "downstream"),
+        "d": lambda: time_engine(model, layers, reference, ratios, config, "full"),
+        "b": lambda: time_session_per_point(
+            model, layers, reference, ratios, config, args.session_points
+        ),
+        "a1": lambda: time_torch(case, mapping, ratios, args.device, threads=1),
+        "c1": lambda: time_engine(model, layers, reference, ratios, one, "downstream"),
+        "c12": lambda: time_engine(
+            model, layers, reference, ratios, config, "downstream", workers=1
+        ),
+        "c2t": lambda: time_split_threads(model, layers, reference, ratios, provider, 2),
+        "c2p": lambda: time_split_processes(model, layers, reference, ratios, provider, 2),
+    }
+    for key in ways:
+        if key not in args.ways:
+            continue
+        say(f"   {WAYS[key]} ...")
+        load = os.getloadavg()[0]
+        cpu = cpu_seconds()
+        timing = ways[key]()
+        timing.cpu_s = cpu_seconds() - cpu
+        timing.load = (load, os.getloadavg()[0])
+        timings[key] = timing
+        note = "" if timing.points == timing.total_points else f" ({timing.points} points)"
+        say(
+            f"      {timing.seconds:.2f} s{note}, {timing.per_point * 1e3:.2f} ms/point, "
+            f"CPU {timing.cpu_s:.2f} s, load {timing.load[0]:.1f} -> {timing.load[1]:.1f}"
+        )
+    return timings
+
+
+def speed_ratios(timings: dict[str, Timing]) -> tuple[dict[str, float], dict[str, bool]]:
+    """Whole-grid time ratios between ways, and the speed targets they meet."""
+    total = {key: t.total for key, t in timings.items()}
+    ratios_out = {
+        f"{x}/{y}": total[x] / total[y]
+        for x, y in (("c", "a"), ("c", "b"), ("d", "a"), ("d", "b"), ("c", "d"), ("c1", "a1"))
+        if x in total and y in total
+    }
+    targets = {
+        name: bool(ratios_out[key] <= limit)
+        for name, key, limit in (("c <= 0.3 a", "c/a", 0.3), ("c <= 0.1 b", "c/b", 0.1))
+        if key in ratios_out
+    }
+    return ratios_out, targets
+
+
+def check_ways(
+    timings: dict[str, Timing], reference: Reference, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Every way's curves against the reference way's (d, else the first ORT way timed)."""
+    power = float(np.mean([np.mean(np.square(v[0], dtype=np.float64)) for v in reference.values]))
+    floor = args.tiny * power
+    base = next(k for k in ("d", "c", "c1", "c12", "b", "c2t", "c2p") if k in timings)
+    want = timings[base].curves
+    checks = {key: compare(t.curves, want, floor) for key, t in timings.items() if key != base}
+    worst = max((c["max_rel_diff"] for c in checks.values()), default=0.0)
+    return {
+        "reference": base,
+        "tiny_floor": floor,
+        "output_mean_square": power,
+        "tolerance": args.tolerance,
+        "max_rel_diff": worst,
+        "passed": worst <= args.tolerance,
+        "per_way": checks,
     }
 
 
@@ -840,13 +867,14 @@ def print_report(results: Sequence[dict[str, Any]], cpus: int) -> None:
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    host = machine()
     info: dict[str, Any] = {
-        "python": platform.python_version(),
+        "python": host["python"],
         "torch": torch.__version__,
         **versions(),
-        "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "platform": platform.platform(),
+        "cpu_count": host["cpus"],
+        "processor": host["processor"],
+        "platform": host["platform"],
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
         "load_average_start": list(os.getloadavg()),
@@ -903,7 +931,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": env,
         "results": results,
     }
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_json(args.out, record)
     say("\n" + markdown(record))
     say(f"wrote {args.out}; its tables again: {Path(__file__).name} --markdown {args.out}")
     failed = [r["model"] for r in results if not r["checks"]["passed"]]

@@ -16,7 +16,7 @@ It also runs the authors' per-weight formulation (one DP cell per kept weight: a
 (kept weights + 1) float64 values plus uint8 choices) on a copy of ResNet-50 with every layer
 1000x smaller, checks that its optimum equals ours there, and extrapolates its table to full size.
 
-Run: ``.venv/bin/python scripts/bench_dp.py [--out bench_dp.json] [--repeat 5]``.
+Run: ``.venv/bin/python scripts/bench_dp.py [--out results/bench_dp.json] [--repeat 5]``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -37,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from benchlib.records import RESULTS, machine, write_json
 
 from rdprune_onnx.allocate.base import Allocation, AllocationProblem, Curve, FloatArray, LayerSpec
 from rdprune_onnx.allocate.dp import (
@@ -333,7 +332,7 @@ def _in_subprocess(kind: str, case: str, target: float, repeat: int) -> dict[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", default="bench_dp.json", help="JSON output path")
+    ap.add_argument("--out", default=str(RESULTS / "bench_dp.json"), help="JSON output path")
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per case")
     ap.add_argument("--one", nargs=3, metavar=("KIND", "CASE", "TARGET"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -352,11 +351,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeat = args.repeat if case != "llm7b" else max(1, min(args.repeat, 3))
         results.append(_in_subprocess("case", case, target, repeat))
     per_weight = [_in_subprocess("per-weight", "resnet50", t, 1) for t in (0.2, 0.5, 0.8)]
+    print_cases(results)
+    print()
+    print_per_weight(per_weight)
+    write_json(Path(args.out), record(args.repeat, results, per_weight), indent=2)
+    print(f"\nwrote {args.out}")
+    ok = all(p["match"] for p in per_weight)
+    return 0 if ok else 1
 
-    cpu = platform.processor() or platform.machine()
+
+def print_cases(results: list[dict[str, Any]]) -> None:
+    """The table of the DP cases (one line per case and target)."""
+    host = machine()
     print(
-        f"rd DP benchmark: {LEVELS} levels, seed {SEED}, python {platform.python_version()}, "
-        f"numpy {np.__version__}, {os.cpu_count()} CPUs ({cpu})"
+        f"rd DP benchmark: {LEVELS} levels, seed {SEED}, python {host['python']}, "
+        f"numpy {np.__version__}, {host['cpus']} CPUs ({host['processor']})"
     )
     header = (
         f"{'case':<15}{'L':>4}{'target':>7}{'unit':>6}{'U':>9}{'states':>10}{'work':>11}"
@@ -382,7 +391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(DP optimum - Lagrangian bound) / optimum; ovr bound: worst-case flooring shift of the "
         "target as a ratio; excess: removed - required budget units after the repair."
     )
-    print()
+
+
+def print_per_weight(per_weight: list[dict[str, Any]]) -> None:
+    """The table of the authors' per-weight DP on the scaled-down ResNet-50."""
     header2 = (
         f"{'per-weight DP':<16}{'target':>7}{'kept':>8}{'cells':>11}{'s':>8}{'MB':>8}"
         f"{'ours obj':>13}{'per-weight obj':>16}{'match':>6}"
@@ -405,30 +417,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{PER_WEIGHT_BYTES_PER_CELL} bytes and time linearly in cells to full size."
     )
 
+
+def record(
+    repeat: int, results: list[dict[str, Any]], per_weight: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The JSON record: configuration, versions, every case and the per-weight runs."""
+    host = machine()
     payload = {
         "config": {
             "levels": LEVELS,
             "seed": SEED,
             "scale_down": SCALE_DOWN,
-            "repeat": args.repeat,
+            "repeat": repeat,
             "max_units": DEFAULT_MAX_UNITS,
             "max_work": DEFAULT_MAX_WORK,
             "tolerance": DEFAULT_TOLERANCE,
             "per_weight_bytes_per_cell": PER_WEIGHT_BYTES_PER_CELL,
         },
         "versions": {
-            "python": platform.python_version(),
+            "python": host["python"],
             "numpy": np.__version__,
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
+            "platform": host["platform"],
+            "cpus": host["cpus"],
         },
         "cases": results,
         "per_weight": per_weight,
     }
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
-    ok = all(p["match"] for p in per_weight)
-    return 0 if ok else 1
+    return payload
 
 
 if __name__ == "__main__":

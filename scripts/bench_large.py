@@ -333,9 +333,7 @@ def child_load(kind: str, path: Path, workdir: Path) -> None:
 
 
 def child_session(kind: str, path: Path, hidden: int) -> None:
-    import onnx
     import onnxruntime as ort
-    from onnx import numpy_helper
 
     from rdprune_onnx.graph.load import load_model
     from rdprune_onnx.runtime import Session, write_for_runtime
@@ -363,29 +361,9 @@ def child_session(kind: str, path: Path, hidden: int) -> None:
             shutil.rmtree(folder)
             run = lambda: session.run(None, {"x": x})  # noqa: E731
         elif kind == "add-external":
-            # numpy copies of the weights wrapped (not copied) by OrtValues; the model keeps
-            # placeholders. Measures what ORT adds on top of arrays the caller holds.
-            names, values = [], []
-            small = onnx.ModelProto()
-            small.CopyFrom(model)  # not what a library would do: see the notes
-            del model
-            for tensor in small.graph.initializer:
-                array = numpy_helper.to_array(tensor)
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", "absent.bin"), ("offset", "0")):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, value
-                value = ort.OrtValue.ortvalue_from_numpy(array)
-                keep.append((array, value))
-                names.append(tensor.name)
-                values.append(value)
-            _snap("arrays + placeholders", out)
-            options = ort.SessionOptions()
-            options.add_external_initializers(names, values)
-            session = ort.InferenceSession(
-                small.SerializeToString(), options, providers=["CPUExecutionProvider"]
-            )
+            holder = [model]
+            del model  # the session is measured without the loaded model (see the function)
+            session = _external_initializer_session(holder, out, keep)
             run = lambda: session.run(None, {"x": x})  # noqa: E731
         else:
             raise ValueError(kind)
@@ -401,10 +379,60 @@ def child_session(kind: str, path: Path, hidden: int) -> None:
     _emit(out)
 
 
+def _external_initializer_session(holder: list[Any], out: dict[str, Any], keep: list[Any]) -> Any:
+    """numpy copies of the weights wrapped (not copied) by OrtValues; the model keeps
+    placeholders. Measures what ORT adds on top of arrays the caller holds (``keep`` holds
+    them for the session's life). ``holder`` has the loaded model, dropped once copied."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    names, values = [], []
+    small = onnx.ModelProto()
+    small.CopyFrom(holder[0])  # not what a library would do: see the notes
+    holder.clear()
+    for tensor in small.graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", "absent.bin"), ("offset", "0")):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        keep.append((array, value))
+        names.append(tensor.name)
+        values.append(value)
+    _snap("arrays + placeholders", out)
+    options = ort.SessionOptions()
+    options.add_external_initializers(names, values)
+    return ort.InferenceSession(
+        small.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+# The names child_phases wraps where the pipeline and the curve engine look them up (their
+# module namespaces); a name that moved elsewhere is skipped, so the record only loses a step.
+PIPELINE_STEPS = (
+    "read_model",
+    "find_layers",
+    "model_fingerprint",
+    "run_reference",
+    "read_weight",
+    "get_allocator",
+    "apply_mask",
+    "replace_weights",
+    "Session",
+    "measure_distortion",
+    "measure_curves",
+    "write_external",
+    "save_model",
+)
+CURVES_STEPS = ("expose_as_inputs", "Session", "downstream", "with_outputs", "infer_types")
+
+
 def child_phases(method: str, path: Path, output: Path, levels: int) -> None:
     """Run the prune pipeline in-process with its steps wrapped, recording memory."""
-    from rdprune_onnx import curves, job, pipeline, stages
-    from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings
+    from rdprune_onnx import CalibrationSpec, PruneSettings, curves, job, pipeline, stages
 
     events: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -437,27 +465,15 @@ def child_phases(method: str, path: Path, output: Path, levels: int) -> None:
 
         setattr(module, name, wrapper)
 
-    for name in (
-        "read_model",
-        "find_layers",
-        "model_fingerprint",
-        "run_reference",
-        "read_weight",
-        "get_allocator",
-        "apply_mask",
-        "replace_weights",
-        "Session",
-        "measure_distortion",
-        "measure_curves",
-        "write_external",
-        "save_model",
+    for module, names in (
+        (pipeline, PIPELINE_STEPS),
+        (job, PIPELINE_STEPS),
+        (stages, PIPELINE_STEPS),
+        (curves, CURVES_STEPS),
     ):
-        for module in (pipeline, job, stages):  # the flow's stages live in job and stages
-            if hasattr(module, name):
+        for name in names:
+            if hasattr(module, name):  # the flow's stages live in pipeline, job and stages
                 wrap(module, name)
-    for name in ("expose_as_inputs", "Session", "downstream", "with_outputs", "infer_types"):
-        if hasattr(curves, name):
-            wrap(curves, name)
     reset_peak()
     record("start")
     result = pipeline.prune(
@@ -605,7 +621,7 @@ def _print_steps(rows: list[dict[str, Any]]) -> None:
                 print(f"  ({len(events) - shown} more events in the JSON)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=9)
     parser.add_argument("--hidden", type=int, default=8192)
@@ -620,8 +636,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.child:
         kind, _, sub = args.child.partition("-")
         if kind == "load":
@@ -645,11 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if free < needed:
         print(f"{args.workdir} has {free / GiB:.1f} GiB free; needs {needed / GiB:.1f}")
         return 2
-    with open("/proc/meminfo") as fh:
-        available = next(
-            int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:")
-        )
-    limit = int((args.max_rss_gb * GiB) if args.max_rss_gb else 0.8 * available)
+    limit = memory_limit(args.max_rss_gb)
     generated = args.model is None
     model = (args.model or args.workdir / "big.onnx").resolve()
     try:
@@ -662,29 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"model: {model_bytes / 1e9:.2f} GB ({model_bytes / GiB:.2f} GiB) in {len(files)} files"
         )
-        hashes = {str(p): sha256(p) for p in files}
-        rows: list[dict[str, Any]] = []
-        for name, command, check, fallback in _cases(args, model, model_bytes):
-            attempts = [(name, command)]
-            while attempts:
-                label, argv = attempts.pop(0)
-                print(f"running {label} ...", flush=True)
-                log = args.workdir / f"{label.replace(': ', '_').replace(' ', '_')}.log"
-                row = {"case": label, **run_measured(argv, limit, log)}
-                if check is not None and row["rc"] == 0:
-                    row["check"] = check()
-                    row["input_unchanged"] = all(sha256(Path(p)) == h for p, h in hashes.items())
-                rows.append(row)
-                print(
-                    f"  rc {row['rc']}, peak {gib(row['peak_rss'])} GiB "
-                    f"({row['peak_rss'] / model_bytes:.2f}x), {row['seconds']} s",
-                    flush=True,
-                )
-                if row["rc"] != 0:
-                    print(row.get("tail", ""))
-                    if fallback and "serialize" in row.get("tail", ""):
-                        attempts.append((f"{name} (no checker)", fallback))
-                        fallback = None
+        rows = run_cases(args, model, model_bytes, limit, {str(p): sha256(p) for p in files})
         print()
         print(
             f"model {model_bytes / GiB:.2f} GiB ({args.layers} x {args.hidden}^2 float32); "
@@ -694,27 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_table(rows, model_bytes)
         _print_steps(rows)
         if args.out is not None:
-            import onnx
-            import onnxruntime as ort
-
-            args.out.write_text(
-                json.dumps(
-                    {
-                        "model_bytes": model_bytes,
-                        "layers": args.layers,
-                        "hidden": args.hidden,
-                        "versions": {
-                            "python": platform.python_version(),
-                            "onnx": onnx.__version__,
-                            "onnxruntime": ort.__version__,
-                            "numpy": np.__version__,
-                        },
-                        "cpus": os.cpu_count(),
-                        "rows": rows,
-                    },
-                    indent=1,
-                )
-            )
+            write_record(args, model_bytes, rows)
             print(f"\nwrote {args.out}")
     finally:
         if generated and not args.keep:
@@ -723,6 +696,67 @@ def main(argv: Sequence[str] | None = None) -> int:
         if own_workdir and not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
     return 0
+
+
+def memory_limit(max_rss_gb: float | None) -> int:
+    """Bytes of resident memory a case may reach before it is killed (80% of what is free)."""
+    with open("/proc/meminfo") as fh:
+        available = next(
+            int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:")
+        )
+    return int((max_rss_gb * GiB) if max_rss_gb else 0.8 * available)
+
+
+def run_cases(
+    args: argparse.Namespace, model: Path, model_bytes: int, limit: int, hashes: dict[str, str]
+) -> list[dict[str, Any]]:
+    """Every case in its own measured process (one retry without the checker when the first
+    attempt fails to serialize); checks, and whether the input files stayed unchanged."""
+    rows: list[dict[str, Any]] = []
+    for name, command, check, fallback in _cases(args, model, model_bytes):
+        attempts = [(name, command)]
+        while attempts:
+            label, argv = attempts.pop(0)
+            print(f"running {label} ...", flush=True)
+            log = args.workdir / f"{label.replace(': ', '_').replace(' ', '_')}.log"
+            row = {"case": label, **run_measured(argv, limit, log)}
+            if check is not None and row["rc"] == 0:
+                row["check"] = check()
+                row["input_unchanged"] = all(sha256(Path(p)) == h for p, h in hashes.items())
+            rows.append(row)
+            print(
+                f"  rc {row['rc']}, peak {gib(row['peak_rss'])} GiB "
+                f"({row['peak_rss'] / model_bytes:.2f}x), {row['seconds']} s",
+                flush=True,
+            )
+            if row["rc"] != 0:
+                print(row.get("tail", ""))
+                if fallback and "serialize" in row.get("tail", ""):
+                    attempts.append((f"{name} (no checker)", fallback))
+                    fallback = None
+    return rows
+
+
+def write_record(args: argparse.Namespace, model_bytes: int, rows: list[dict[str, Any]]) -> None:
+    """The JSON record of ``--out``: model size, versions, CPU count, every case's row."""
+    import onnx
+    import onnxruntime as ort
+    from benchlib.records import write_text
+
+    record = {
+        "model_bytes": model_bytes,
+        "layers": args.layers,
+        "hidden": args.hidden,
+        "versions": {
+            "python": platform.python_version(),
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "numpy": np.__version__,
+        },
+        "cpus": os.cpu_count(),
+        "rows": rows,
+    }
+    write_text(args.out, json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ writes JSON (configuration, versions, load average, every row with its timings).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,8 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchlib.records import RESULTS, version_record, write_json
+
 from rdprune_onnx import CalibrationSpec, PruneResult, PruneSettings, prune
-from rdprune_onnx.runtime import Session, SessionConfig, versions
+from rdprune_onnx.runtime import Session, SessionConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 MASKS = [("magnitude", "dense"), ("wanda", "dense"), ("wanda", "sequential")]
@@ -70,6 +70,60 @@ def _minilm(
     return folder / "minilm.onnx", folder / "calib_small.npz", {}, score
 
 
+def run_row(
+    args: argparse.Namespace,
+    method: str,
+    mask: str,
+    inputs: str,
+    ratio: float,
+    model: Path,
+    calib: Path,
+    extra: dict[str, Any],
+    score: Callable[[PruneResult], dict[str, float]],
+) -> dict[str, Any]:
+    """One prune (method, mask and its statistics' inputs, ratio), scored and printed."""
+    settings = PruneSettings(
+        ratio=ratio,
+        method=method,
+        metric=args.metric,
+        levels=args.levels,
+        steps=args.steps if method == "rd" else 1,
+        mask=mask,
+        mask_inputs=inputs,
+        reconstruct=args.reconstruct,
+    )
+    started = time.perf_counter()
+    result = prune(
+        model,
+        settings,
+        CalibrationSpec(data=calib),
+        write=False,
+        cache_dir=args.cache_dir,
+        **extra,
+    )
+    row = {
+        "method": method,
+        "mask": mask,
+        "mask_inputs": inputs,
+        "ratio": ratio,
+        "achieved": result.achieved_ratio,
+        **score(result),
+        "measured_distortion": result.measured_distortion,
+        "seconds": time.perf_counter() - started,
+        "timings": result.timings,
+    }
+    scores = "  ".join(
+        f"{k} {row[k]:.4f}" for k in ("accuracy", "recall_at_1", "cosine") if k in row
+    )
+    print(
+        f"{method:8s} {mask:9s} {inputs:10s} {ratio:4.2f}  {scores}  "
+        f"{args.metric} {row['measured_distortion']:.4g}  "
+        f"stats {result.timings.get('mask_statistics', 0.0):.1f} s",
+        flush=True,
+    )
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="rd,lamp,global,uniform")
@@ -85,60 +139,22 @@ def main() -> None:
     parser.add_argument("--reconstruct", action="store_true", help="Refit after masking.")
     parser.add_argument("--minilm", type=Path, help="Folder of the exported MiniLM model.")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "rdbench"))
-    parser.add_argument("--out", default=str(ROOT / "results" / "bench_masks.json"))
+    parser.add_argument("--out", default=str(RESULTS / "bench_masks.json"))
     args = parser.parse_args()
     model, calib, extra, score = _minilm(args.minilm) if args.minilm else _digits()
-    rows = []
-    for method in args.methods.split(","):
-        for mask, inputs in (item.split(":") for item in args.masks.split(",")):
-            for ratio in (float(r) for r in args.ratios.split(",")):
-                settings = PruneSettings(
-                    ratio=ratio,
-                    method=method,
-                    metric=args.metric,
-                    levels=args.levels,
-                    steps=args.steps if method == "rd" else 1,
-                    mask=mask,
-                    mask_inputs=inputs,
-                    reconstruct=args.reconstruct,
-                )
-                started = time.perf_counter()
-                result = prune(
-                    model,
-                    settings,
-                    CalibrationSpec(data=calib),
-                    write=False,
-                    cache_dir=args.cache_dir,
-                    **extra,
-                )
-                row = {
-                    "method": method,
-                    "mask": mask,
-                    "mask_inputs": inputs,
-                    "ratio": ratio,
-                    "achieved": result.achieved_ratio,
-                    **score(result),
-                    "measured_distortion": result.measured_distortion,
-                    "seconds": time.perf_counter() - started,
-                    "timings": result.timings,
-                }
-                rows.append(row)
-                scores = "  ".join(
-                    f"{k} {row[k]:.4f}" for k in ("accuracy", "recall_at_1", "cosine") if k in row
-                )
-                print(
-                    f"{method:8s} {mask:9s} {inputs:10s} {ratio:4.2f}  {scores}  "
-                    f"{args.metric} {row['measured_distortion']:.4g}  "
-                    f"stats {result.timings.get('mask_statistics', 0.0):.1f} s",
-                    flush=True,
-                )
+    rows = [
+        run_row(args, method, mask, inputs, ratio, model, calib, extra, score)
+        for method in args.methods.split(",")
+        for mask, inputs in (item.split(":") for item in args.masks.split(","))
+        for ratio in (float(r) for r in args.ratios.split(","))
+    ]
     record = {
         "config": {k: str(v) for k, v in vars(args).items()},
-        "versions": versions() | {"python": platform.python_version()},
+        "versions": version_record(),
         "load_average": os.getloadavg(),
         "rows": rows,
     }
-    Path(args.out).write_text(json.dumps(record, indent=1))
+    write_json(Path(args.out), record)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
-import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -49,27 +46,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
+from benchlib.data import calibration_batches
+from benchlib.peers import ONNXSIM_PASSES, run_onnxsim
+from benchlib.records import RESULTS, ROOT, version_record, write_text
+from benchlib.scoring import digits_scorer, minilm_scorer, recognizer_scorer
+from benchlib.tables import ratio_header
 
 from rdprune_onnx import CalibrationSpec, PruneSettings, prune
-from rdprune_onnx.evaluate import accuracy
 from rdprune_onnx.graph.load import load_model
 from rdprune_onnx.pipeline import load_calibration
-from rdprune_onnx.runtime import Session, SessionConfig, versions
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 
 RATIOS = (0.5, 0.7, 0.8, 0.9, 0.95)
 METHODS = ("rd", "uniform", "uniform-plus", "global", "lamp", "erk")
 MASKS = ("magnitude", "wanda", "sparsegpt")
-ONNXSIM = {
-    "magnitude-global": "onnxsim magnitude (global)",
-    "wanda": "onnxsim Wanda (per row)",
-    "wanda-global": "onnxsim Wanda (global)",
-    "sparsegpt": "onnxsim SparseGPT",
-}
+ONNXSIM = {p: ONNXSIM_PASSES[p] for p in ("magnitude-global", "wanda", "wanda-global", "sparsegpt")}
 Scorer = Callable[[onnx.ModelProto], dict[str, float]]
 
 
@@ -88,71 +79,40 @@ class Task:
     refit_inputs: str = "sequential"  # --refit-inputs of every refit row
 
 
-def _session(model: onnx.ModelProto) -> Session:
-    return Session(model, SessionConfig(provider="cpu", intra_op_threads=1))
-
-
 def digits_task(levels: int) -> Task:
-    with np.load(ROOT / "models/digits_test.npz") as f:
-        inputs, labels = np.asarray(f["input"]), np.asarray(f["label"])
-
-    def score(model: onnx.ModelProto) -> dict[str, float]:
-        session = _session(model)
-        logits = np.concatenate(
-            [session.run({"input": inputs[s : s + 256]})[0] for s in range(0, len(inputs), 256)]
-        )
-        return {"accuracy": accuracy(logits, labels)}
-
+    scorer = digits_scorer()
     return Task(
         "digits",
         ROOT / "models/digits_cnn.onnx",
         ROOT / "models/digits_calib.npz",
         "accuracy",
         True,
-        len(labels),
-        score,
+        scorer.items,
+        lambda model: scorer.on_model(model),
         levels,
     )
 
 
 def recognizer_task(levels: int, metric: str) -> Task:
-    import recognizer_cer  # scripts/recognizer_cer.py
-
-    with np.load(ROOT / "models/recognizer_test.npz") as f:
-        inputs, truth = f["input"], recognizer_cer.labels_of(f["label"], f["label_length"])
-    items = len(inputs)
-
-    def score(model: onnx.ModelProto) -> dict[str, float]:
-        session = _session(model)
-        scores = np.concatenate(
-            [session.run({"image": inputs[s : s + 64]})[0] for s in range(0, items, 64)]
-        )
-        decoded = recognizer_cer.greedy_decode(scores)
-        return {"cer": recognizer_cer.cer_of(decoded, truth)}
-
+    scorer = recognizer_scorer()
     return Task(
         "recognizer",
         ROOT / "models/recognizer.onnx",
         ROOT / "models/recognizer_calib.npz",
         "cer",
         False,
-        items,
-        score,
+        scorer.items,
+        lambda model: scorer.on_model(model),
         levels,
         metric,
     )
 
 
 def minilm_task(folder: Path, levels: int) -> Task:
-    import retrieval  # scripts/retrieval.py
-
-    queries, docs = retrieval.load_pairs(folder)
-    dense_session = _session(load_model(folder / "minilm.onnx"))
-    dense = (retrieval.embed(dense_session, queries), retrieval.embed(dense_session, docs))
-    del dense_session
+    scorer = minilm_scorer(folder)
 
     def score(model: onnx.ModelProto) -> dict[str, float]:
-        result: dict[str, float] = retrieval.evaluate(_session(model), queries, docs, dense=dense)
+        result = scorer.on_model(model)
         return {"recall@1": result["recall_at_1"], "cosine": result["cosine"]}
 
     return Task(
@@ -161,7 +121,7 @@ def minilm_task(folder: Path, levels: int) -> Task:
         folder / "calib_small.npz",
         "recall@1",
         True,
-        len(queries["attention_mask"]),
+        scorer.items,
         score,
         levels,
     )
@@ -248,16 +208,13 @@ def run_ours(row: Row, ratio: float, task: Task, cache: Path) -> dict[str, Any]:
     }
 
 
-def run_onnxsim(row: Row, ratio: float, task: Task) -> dict[str, Any]:
-    import benchmark_methods  # scripts/benchmark_methods.py
-
+def run_peer(row: Row, ratio: float, task: Task) -> dict[str, Any]:
+    """onnxsim's pass of ``row`` at ``ratio``, on the task's calibration batches, scored."""
     model = load_model(task.model)
     data, batch = load_calibration(model, CalibrationSpec(data=task.calib))
-    n = len(next(iter(data.values())))
-    batches = [{k: v[s : s + batch] for k, v in data.items()} for s in range(0, n, batch)]
     t = time.perf_counter()
     assert row.onnxsim is not None
-    pruned = benchmark_methods.run_onnxsim(row.onnxsim, model, ratio, batches)
+    pruned = run_onnxsim(row.onnxsim, model, ratio, calibration_batches(data, batch))
     return {"seconds": time.perf_counter() - t, "scores": task.scorer(pruned)}
 
 
@@ -315,8 +272,7 @@ def _verdict(
 
 def table(task: Task, rows: Sequence[dict[str, Any]], ratios: Sequence[float]) -> list[str]:
     labels = list(dict.fromkeys(r["label"] for r in rows))
-    head = "| row | " + " | ".join(f"{r:g}" for r in ratios) + " |"
-    lines = [head, "|---" * (len(ratios) + 1) + "|"]
+    lines = ratio_header("row", ratios, right=False)
     for label in labels:
         cells = []
         for ratio in ratios:
@@ -356,8 +312,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="where the refit rows take their Hessians (labels say 'dense Hessians')",
     )
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "rdbench")
-    p.add_argument("--out", type=Path, default=ROOT / "results/bench_pipelines.json")
-    p.add_argument("--markdown", type=Path, default=ROOT / "results/bench_pipelines.md")
+    p.add_argument("--out", type=Path, default=RESULTS / "bench_pipelines.json")
+    p.add_argument("--markdown", type=Path, default=RESULTS / "bench_pipelines.md")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out")
     return p.parse_args(argv)
 
@@ -376,13 +332,6 @@ def make_task(name: str, args: argparse.Namespace) -> Task:
         task.metric = args.metric
     task.refit_inputs = args.refit_inputs
     return task
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -406,50 +355,76 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.resume and args.out.is_file():
         record = json.loads(args.out.read_text())
     record["config"] = {k: str(v) for k, v in vars(args).items()}
-    record["versions"] = versions() | {"python": platform.python_version()}
+    record["versions"] = version_record()
     for name in args.models.split(","):
-        task = make_task(name, args)
-        saved = record["tasks"].setdefault(name, {"rows": []})
-        done = {(r["label"], r["ratio"]) for r in saved["rows"] if "scores" in r}
-        if "dense" not in saved:
-            saved["dense"] = task.scorer(load_model(task.model))
-        saved["config"] = dataclasses.asdict(task) | {"scorer": None, "model": str(task.model)}
-        saved["config"]["calib"] = str(task.calib)
-        print(f"=== {name}: dense {saved['dense']}", flush=True)
-        for ratio in ratios:
-            for row in ours + sims:
-                label, pipeline = row.label, row.pipeline
-                if row.refit and row.onnxsim is None and task.refit_inputs != "sequential":
-                    label += f" ({task.refit_inputs} Hessians)"
-                    pipeline += f" ({task.refit_inputs} Hessians)"
-                if (label, ratio) in done:
-                    continue
-                t = time.perf_counter()
-                entry: dict[str, Any] = {
-                    "label": label,
-                    "pipeline": pipeline,
-                    "method": row.method,
-                    "mask": row.mask,
-                    "refit": row.refit,
-                    "ratio": ratio,
-                }
-                try:
-                    if row.onnxsim is not None:
-                        entry |= run_onnxsim(row, ratio, task)
-                    else:
-                        entry |= run_ours(row, ratio, task, args.cache_dir)
-                except Exception as exc:  # a row that fails is recorded, the run goes on
-                    entry["error"] = f"{type(exc).__name__}: {exc}"
-                entry["wall_s"] = time.perf_counter() - t
-                saved["rows"] = [
-                    r for r in saved["rows"] if (r["label"], r["ratio"]) != (label, ratio)
-                ] + [entry]
-                print(
-                    f"{name} {ratio:g} {label}: "
-                    f"{entry.get('scores', entry.get('error'))} ({entry['wall_s']:.1f} s)",
-                    flush=True,
-                )
-                _write(args.out, json.dumps(record, indent=1, default=float))
+        run_task(make_task(name, args), record, [*ours, *sims], ratios, args)
+    text = markdown(record, ratios, args)
+    write_text(args.markdown, text)
+    print(text)
+
+
+def run_task(
+    task: Task,
+    record: dict[str, Any],
+    rows: Sequence[Row],
+    ratios: Sequence[float],
+    args: argparse.Namespace,
+) -> None:
+    """Every missing row of ``task`` into ``record``, which is rewritten after each one."""
+    name = task.name
+    saved = record["tasks"].setdefault(name, {"rows": []})
+    done = {(r["label"], r["ratio"]) for r in saved["rows"] if "scores" in r}
+    if "dense" not in saved:
+        saved["dense"] = task.scorer(load_model(task.model))
+    saved["config"] = dataclasses.asdict(task) | {"scorer": None, "model": str(task.model)}
+    saved["config"]["calib"] = str(task.calib)
+    print(f"=== {name}: dense {saved['dense']}", flush=True)
+    for ratio in ratios:
+        for row in rows:
+            label, pipeline = row.label, row.pipeline
+            if row.refit and row.onnxsim is None and task.refit_inputs != "sequential":
+                label += f" ({task.refit_inputs} Hessians)"
+                pipeline += f" ({task.refit_inputs} Hessians)"
+            if (label, ratio) in done:
+                continue
+            entry = run_entry(task, row, ratio, label, pipeline, args.cache_dir)
+            saved["rows"] = [
+                r for r in saved["rows"] if (r["label"], r["ratio"]) != (label, ratio)
+            ] + [entry]
+            print(
+                f"{name} {ratio:g} {label}: "
+                f"{entry.get('scores', entry.get('error'))} ({entry['wall_s']:.1f} s)",
+                flush=True,
+            )
+            write_text(args.out, json.dumps(record, indent=1, default=float))
+
+
+def run_entry(
+    task: Task, row: Row, ratio: float, label: str, pipeline: str, cache: Path
+) -> dict[str, Any]:
+    """One row at one ratio; a row that fails is recorded with its error, the run goes on."""
+    t = time.perf_counter()
+    entry: dict[str, Any] = {
+        "label": label,
+        "pipeline": pipeline,
+        "method": row.method,
+        "mask": row.mask,
+        "refit": row.refit,
+        "ratio": ratio,
+    }
+    try:
+        if row.onnxsim is not None:
+            entry |= run_peer(row, ratio, task)
+        else:
+            entry |= run_ours(row, ratio, task, cache)
+    except Exception as exc:  # a row that fails is recorded, the run goes on
+        entry["error"] = f"{type(exc).__name__}: {exc}"
+    entry["wall_s"] = time.perf_counter() - t
+    return entry
+
+
+def markdown(record: Mapping[str, Any], ratios: Sequence[float], args: argparse.Namespace) -> str:
+    """Per task of this run: the score table and the rd verdicts."""
     lines = []
     for name, saved in record["tasks"].items():
         task = make_task(name, args) if name in args.models.split(",") else None
@@ -462,9 +437,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "|---|---|---|---|---|---|---|",
         ]
         lines += [*summary(task, saved["rows"], ratios), ""]
-    text = "\n".join(lines)
-    _write(args.markdown, text)
-    print(text)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from benchlib.records import write_text
 
 from rdprune_onnx import CalibrationSpec, PruneSettings, prune
 from rdprune_onnx.graph.layers import find_layers, read_weight
@@ -36,6 +37,61 @@ def _outputs(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     session = Session(model)
     name = model.graph.input[0].name
     return np.asarray(session.run({name: x})[0], dtype=np.float64)
+
+
+def run_case(
+    args: argparse.Namespace,
+    model: onnx.ModelProto,
+    layers: list[Any],
+    calib: dict[str, np.ndarray],
+    x_test: np.ndarray,
+    labels: np.ndarray,
+    dense_out: np.ndarray,
+    method: str,
+    ratio: float,
+) -> list[dict[str, Any]]:
+    """``method``'s masks at ``ratio``: as they are, and refit (plain or selecting solver) on
+    sequential or dense inputs; test accuracy and output MSE of each."""
+    result = prune(
+        args.model,
+        PruneSettings(ratio=ratio, method=method),
+        CalibrationSpec(data=args.calib),
+        write=False,
+        cache_dir=args.cache,
+    )
+    counts = {layer.name: layer.pruned for layer in result.layers}
+    masked = {name: apply_mask(read_weight(model, name), count) for name, count in counts.items()}
+    variants: dict[str, dict[str, np.ndarray]] = {"mask only": masked}
+    seconds: dict[str, float] = {"mask only": 0.0}
+    for select in (False, True):
+        for inputs in ("sequential", "dense"):
+            label = f"{'select' if select else 'refit'} {inputs}"
+            t = time.perf_counter()
+            rec = reconstruct(model, masked, layers, calib, select=select, inputs=inputs)
+            seconds[label] = time.perf_counter() - t
+            variants[label] = rec.all_weights()
+    rows = []
+    for label, weights in variants.items():
+        out = _outputs(replace_weights(model, weights), x_test)
+        acc = float(np.mean(out.argmax(1) == labels))
+        mse = float(np.mean((out - dense_out) ** 2))
+        rows.append(
+            {
+                "method": method,
+                "ratio": ratio,
+                "variant": label,
+                "accuracy": acc,
+                "test_mse": mse,
+                "seconds": seconds[label],
+                "ratios": {n: round(c / read_weight(model, n).size, 4) for n, c in counts.items()},
+            }
+        )
+        print(
+            f"{method:8s} {ratio:4.2f} {label:18s} acc={acc:.4f} mse={mse:.4g} "
+            f"({seconds[label]:.1f} s)",
+            flush=True,
+        )
+    return rows
 
 
 def main() -> None:
@@ -57,54 +113,14 @@ def main() -> None:
     dense_acc = float(np.mean(dense_out.argmax(1) == labels))
     print(f"dense accuracy {dense_acc:.4f} ({len(labels)} test images)")
     layers = find_layers(model).layers
-    cache = tempfile.mkdtemp(prefix="bench-select-")
+    args.cache = tempfile.mkdtemp(prefix="bench-select-")
     rows: list[dict[str, Any]] = []
     for method in args.methods.split(","):
         for ratio in (float(r) for r in args.ratios.split(",")):
-            result = prune(
-                args.model,
-                PruneSettings(ratio=ratio, method=method),
-                CalibrationSpec(data=args.calib),
-                write=False,
-                cache_dir=cache,
-            )
-            counts = {layer.name: layer.pruned for layer in result.layers}
-            masked = {
-                name: apply_mask(read_weight(model, name), count) for name, count in counts.items()
-            }
-            variants: dict[str, dict[str, np.ndarray]] = {"mask only": masked}
-            seconds: dict[str, float] = {"mask only": 0.0}
-            for select in (False, True):
-                for inputs in ("sequential", "dense"):
-                    label = f"{'select' if select else 'refit'} {inputs}"
-                    t = time.perf_counter()
-                    rec = reconstruct(model, masked, layers, calib, select=select, inputs=inputs)
-                    seconds[label] = time.perf_counter() - t
-                    variants[label] = rec.all_weights()
-            for label, weights in variants.items():
-                out = _outputs(replace_weights(model, weights), x_test)
-                acc = float(np.mean(out.argmax(1) == labels))
-                mse = float(np.mean((out - dense_out) ** 2))
-                row = {
-                    "method": method,
-                    "ratio": ratio,
-                    "variant": label,
-                    "accuracy": acc,
-                    "test_mse": mse,
-                    "seconds": seconds[label],
-                    "ratios": {
-                        n: round(c / read_weight(model, n).size, 4) for n, c in counts.items()
-                    },
-                }
-                rows.append(row)
-                print(
-                    f"{method:8s} {ratio:4.2f} {label:18s} acc={acc:.4f} mse={mse:.4g} "
-                    f"({seconds[label]:.1f} s)",
-                    flush=True,
-                )
+            rows += run_case(args, model, layers, calib, x_test, labels, dense_out, method, ratio)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"dense_accuracy": dense_acc, "rows": rows}, indent=1)
+        write_text(
+            Path(args.json), json.dumps({"dense_accuracy": dense_acc, "rows": rows}, indent=1)
         )
 
 

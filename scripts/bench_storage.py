@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import platform
 import statistics
 import sys
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from benchlib.records import RESULTS, write_json
 from onnx import helper, numpy_helper
 
 from rdprune_onnx.compact import compact_weights, compacted_weights, weight_storage_bytes
@@ -207,6 +207,8 @@ def identical(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> bool:
 
 
 def measure(case: Case, ratio: float, args: argparse.Namespace) -> Result:
+    """One model at one ratio in every storage: sizes, load and inference times, checks (long:
+    one keyword per field of :class:`Result`)."""
     model = onnx.load(str(case.path))
     zeros, names = dense_zeros(model, ratio)
     compact = compact_weights(zeros, names)
@@ -240,22 +242,8 @@ def measure(case: Case, ratio: float, args: argparse.Namespace) -> Result:
     dense_out = dense_session.run(None, case.feeds)
     compact_out = compact_session.run(None, case.feeds)
 
-    load_dense: list[float] = []
-    load_compact: list[float] = []
-    for _ in range(args.loads):  # alternate, so drift hits both alike
-        load_dense.append(load(blobs["d"], args.threads)[1])
-        load_compact.append(load(blobs["c"], args.threads)[1])
-    times_dense: list[float] = []
-    times_compact: list[float] = []
-    for _ in range(args.warmup):
-        dense_session.run(None, case.feeds)
-        compact_session.run(None, case.feeds)
-    for _ in range(args.runs):
-        for session, times in ((dense_session, times_dense), (compact_session, times_compact)):
-            start = time.perf_counter()
-            session.run(None, case.feeds)
-            times.append((time.perf_counter() - start) * 1000)
-
+    load_dense, load_compact = time_loads(blobs["d"], blobs["c"], args)
+    times_dense, times_compact = time_runs(dense_session, compact_session, case, args)
     left, same_graph = folding(zeros, compact, names, args.threads)
     return Result(
         model=case.name,
@@ -288,6 +276,34 @@ def measure(case: Case, ratio: float, args: argparse.Namespace) -> Result:
         same_optimized_graph=same_graph,
         notes=notes,
     )
+
+
+def time_loads(dense: bytes, compact: bytes, args: argparse.Namespace) -> tuple[list[float], ...]:
+    """Session load times (ms) of the dense and the compact file, alternated so that drift
+    hits both alike."""
+    load_dense: list[float] = []
+    load_compact: list[float] = []
+    for _ in range(args.loads):
+        load_dense.append(load(dense, args.threads)[1])
+        load_compact.append(load(compact, args.threads)[1])
+    return load_dense, load_compact
+
+
+def time_runs(
+    dense_session: Any, compact_session: Any, case: Case, args: argparse.Namespace
+) -> tuple[list[float], ...]:
+    """Inference times (ms) of both sessions, after ``--warmup`` untimed runs, alternated."""
+    times_dense: list[float] = []
+    times_compact: list[float] = []
+    for _ in range(args.warmup):
+        dense_session.run(None, case.feeds)
+        compact_session.run(None, case.feeds)
+    for _ in range(args.runs):
+        for session, times in ((dense_session, times_dense), (compact_session, times_compact)):
+            start = time.perf_counter()
+            session.run(None, case.feeds)
+            times.append((time.perf_counter() - start) * 1000)
+    return times_dense, times_compact
 
 
 def _inits(model: onnx.ModelProto, names: Sequence[str]) -> list[onnx.TensorProto]:
@@ -368,7 +384,9 @@ def _format(rows: Sequence[Sequence[str]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench_storage.json", help="JSON results file")
+    parser.add_argument(
+        "--out", default=str(RESULTS / "bench_storage.json"), help="JSON results file"
+    )
     parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     parser.add_argument("--models", nargs="*", help="restrict to these case names")
     parser.add_argument("--runs", type=int, default=50, help="timed inference runs")
@@ -403,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": platform.processor() or platform.machine(),
         },
     }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(Path(args.out), report, indent=2)
     print(f"wrote {args.out}")
     return 0
 

