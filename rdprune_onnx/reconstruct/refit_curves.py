@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -311,26 +312,11 @@ class SequentialRefitCandidates(RefitCandidates):
         model: onnx.ModelProto,
         base_weights: Mapping[str, Array],
         data: Mapping[str, Array],
-        *,
-        batch_size: int = 32,
-        config: SessionConfig | None = None,
-        solver: str = "auto",
-        damping: float = REFIT_DAMPING,
-        refit_bias: bool = True,
-        select: bool = False,
-        select_refits: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            model,
-            data,
-            batch_size=batch_size,
-            config=config,
-            solver=solver,
-            damping=damping,
-            refit_bias=refit_bias,
-            select=select,
-            select_refits=select_refits,
-        )
+        """``options``: the keyword options of :class:`RefitCandidates` (batch_size,
+        config, solver, damping, refit_bias, select, select_refits), checked there."""
+        super().__init__(model, data, **options)
         self.base = replace_weights(self.typed, base_weights)
 
     def __call__(self, layer: Layer, weight: Array) -> LayerCandidates | None:
