@@ -60,7 +60,7 @@ from rdprune_onnx.reconstruct.layout import (
     plan_layer,
     rows_key,
 )
-from rdprune_onnx.reconstruct.refit import layer_factors, refit_layer
+from rdprune_onnx.reconstruct.refit import LayerSolve, layer_factors, refit_layer
 from rdprune_onnx.reconstruct.solvers import DAMPING, Factors, check_solver
 from rdprune_onnx.reconstruct.statistics import (
     Stats,
@@ -232,18 +232,10 @@ class RefitCandidates:
         at its count of zeros), or ``given`` itself when that does not lower the error."""
         assert level.factors is not None
         t = time.perf_counter()
-        refit = refit_layer(
-            level.name,
-            level.plan,
-            level.dense,
-            given,
-            level.bias,
-            level.stats,
-            self.solver,
-            level.factors,
-            select=self.select,
-            refits=self.select_refits,
+        layer = LayerSolve(
+            level.name, level.plan, level.dense, level.bias, level.stats, self.solver, level.factors
         )
+        refit = refit_layer(layer, given, select=self.select, refits=self.select_refits)
         cost.solve_s += time.perf_counter() - t
         cost.levels += 1
         cost.methods[refit.info.method] = cost.methods.get(refit.info.method, 0) + 1
