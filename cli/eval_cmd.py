@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from rdprune_onnx.evaluate import FileEvaluation, evaluate_files
+from rdprune_onnx.evaluate import Evaluation, FileEvaluation, Latency, evaluate_files
 from rdprune_onnx.files import RunFiles
 from rdprune_onnx.plot import plot_result, read_report
 from rdprune_onnx.report import to_json
@@ -33,9 +33,15 @@ def _files(count: int) -> str:
 
 
 def show_eval(result: FileEvaluation) -> None:
-    # 61 lines: one echo per block of the report, in the order printed (outputs, accuracy,
-    # layers, sparsity, latency); splitting it would only scatter the layout.
-    ev = result.evaluation
+    """Print the comparison in the order: files, outputs, accuracy, layers, latency."""
+    _show_files(result)
+    _show_outputs(result.evaluation)
+    click.echo()
+    _show_layers(result)
+    _show_latency(result.latency)
+
+
+def _show_files(result: FileEvaluation) -> None:
     click.echo(
         f"dense:  {result.dense.path}  ({_bytes(result.dense.bytes)}"
         f"{_files(len(result.dense.files))})"
@@ -44,8 +50,14 @@ def show_eval(result: FileEvaluation) -> None:
         f"pruned: {result.pruned.path}  ({_bytes(result.pruned.bytes)}"
         f"{_files(len(result.pruned.files))}, {result.size_ratio:.2f}x the dense size)"
     )
-    click.echo(f"data:   {result.data}, {ev.samples} samples, batch size {result.batch_size}")
+    click.echo(
+        f"data:   {result.data}, {result.evaluation.samples} samples, "
+        f"batch size {result.batch_size}"
+    )
     click.echo()
+
+
+def _show_outputs(ev: Evaluation) -> None:
     rows = [
         (
             out.name,
@@ -63,7 +75,9 @@ def show_eval(result: FileEvaluation) -> None:
             f"pruned {_pct(ev.pruned_accuracy)} "
             f"({(ev.pruned_accuracy - ev.dense_accuracy) * 100:+.2f} points)"
         )
-    click.echo()
+
+
+def _show_layers(result: FileEvaluation) -> None:
     layer_rows = [
         (
             layer.name,
@@ -83,7 +97,9 @@ def show_eval(result: FileEvaluation) -> None:
         f"sparsity dense {_pct(result.dense_sparsity)}, pruned {_pct(result.pruned_sparsity)}"
         + (" (compact weights expanded)" if result.densified else "")
     )
-    lat = result.latency
+
+
+def _show_latency(lat: Latency) -> None:
     click.echo(
         f"latency ({lat.provider}, batch of {lat.batch_size}, median of {lat.repeats} runs): "
         f"dense {lat.dense_ms:.3f} ms, pruned {lat.pruned_ms:.3f} ms, "

@@ -273,41 +273,10 @@ def check_data(
     count: int | None = None
     for spec in specs:
         array = np.asarray(data[spec.name])
-        if array.dtype != spec.dtype:
-            raise UserError(
-                f"{source}: input {spec.name!r} has dtype {array.dtype.name}, "
-                f"the model expects {spec.dtype.name}",
-                f"convert it (model inputs: {expected})",
-            )
+        _check_input(spec, array, source, expected)
         if spec.shape == ():
-            # A scalar input (a flag, a threshold) has no sample axis: the same value is fed
-            # with every batch.
-            if array.ndim != 0:
-                raise UserError(
-                    f"{source}: input {spec.name!r} is a scalar in the model, got {array.shape}",
-                    f"store a 0-d array (model inputs: {expected})",
-                )
             out[spec.name] = array
             continue
-        if array.ndim == 0:
-            raise UserError(
-                f"{source}: input {spec.name!r} is a scalar; the first axis must be samples",
-                f"model inputs: {expected}",
-            )
-        if spec.shape is not None:
-            sample_dims = array.shape[1:]
-            model_dims = spec.shape[1:]
-            ok = len(sample_dims) == len(model_dims) and all(
-                not isinstance(m, int) or m == 0 or m == d
-                for m, d in zip(model_dims, sample_dims, strict=True)
-            )
-            if not ok:
-                raise UserError(
-                    f"{source}: input {spec.name!r} has samples of shape "
-                    f"{'x'.join(map(str, sample_dims)) or 'scalar'} (array {array.shape}), "
-                    f"the model expects {spec.describe()}",
-                    "the first axis of each array is the sample axis",
-                )
         if count is not None and array.shape[0] != count:
             raise UserError(
                 f"{source}: inputs have different sample counts ({count} vs {array.shape[0]} "
@@ -320,6 +289,46 @@ def check_data(
     if count == 0:
         raise UserError(f"{source} holds no samples", "give at least one sample per input")
     return out
+
+
+def _check_input(spec: InputSpec, array: np.ndarray, source: str, expected: str) -> None:
+    """One array against the model's input ``spec``: dtype, then rank and fixed dimensions
+    (``expected``: all the model's inputs, for the hints)."""
+    if array.dtype != spec.dtype:
+        raise UserError(
+            f"{source}: input {spec.name!r} has dtype {array.dtype.name}, "
+            f"the model expects {spec.dtype.name}",
+            f"convert it (model inputs: {expected})",
+        )
+    if spec.shape == ():
+        # A scalar input (a flag, a threshold) has no sample axis: the same value is fed
+        # with every batch.
+        if array.ndim != 0:
+            raise UserError(
+                f"{source}: input {spec.name!r} is a scalar in the model, got {array.shape}",
+                f"store a 0-d array (model inputs: {expected})",
+            )
+        return
+    if array.ndim == 0:
+        raise UserError(
+            f"{source}: input {spec.name!r} is a scalar; the first axis must be samples",
+            f"model inputs: {expected}",
+        )
+    if spec.shape is None:
+        return
+    sample_dims = array.shape[1:]
+    model_dims = spec.shape[1:]
+    ok = len(sample_dims) == len(model_dims) and all(
+        not isinstance(m, int) or m == 0 or m == d
+        for m, d in zip(model_dims, sample_dims, strict=True)
+    )
+    if not ok:
+        raise UserError(
+            f"{source}: input {spec.name!r} has samples of shape "
+            f"{'x'.join(map(str, sample_dims)) or 'scalar'} (array {array.shape}), "
+            f"the model expects {spec.describe()}",
+            "the first axis of each array is the sample axis",
+        )
 
 
 def synthesize(
@@ -351,50 +360,68 @@ def synthesize(
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for spec in specs:
-        if spec.name in shapes:
-            dims = shapes[spec.name][1:]
-            if spec.shape is not None:
-                given = shapes[spec.name]
-                if len(given) != len(spec.shape) or any(
-                    isinstance(m, int) and m > 0 and m != g
-                    for m, g in zip(spec.shape[1:], given[1:], strict=True)
-                ):
-                    raise UserError(
-                        f"--input-shape {spec.name}:{'x'.join(map(str, given))} does not fit "
-                        f"the model's {spec.describe()}",
-                        "keep the model's fixed dimensions",
-                    )
-        elif spec.shape == ():
-            dims = ()
-        else:
-            if spec.shape is None or any(not isinstance(d, int) or d <= 0 for d in spec.shape[1:]):
-                raise UserError(
-                    f"input {spec.describe()} has dynamic dimensions",
-                    f"give them with --input-shape {spec.name}:1x... or use --data",
-                )
-            dims = tuple(int(d) for d in spec.shape[1:] if isinstance(d, int))
+        dims = _sample_dims(spec, shapes)
         shape = (samples, *dims) if spec.shape != () else ()
-        if spec.name in fixed:  # --input-value: the same value everywhere
-            out[spec.name] = np.full(shape, fixed[spec.name]).astype(spec.dtype)
-        elif spec.dtype.kind == "f":
-            out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.dtype.kind in "iub":
-            if spec.dtype.kind == "b":
-                low, high = ranges.get(spec.name, (0, 2))
-            elif spec.name in ranges:
-                low, high = ranges[spec.name]
-            else:
-                raise UserError(
-                    f"integer input {spec.describe()} cannot be synthesized without a range",
-                    f"pass --input-range {spec.name}:LOW:HIGH or use --data",
-                )
-            drawn = rng.integers(int(low), int(high), size=shape)
-            out[spec.name] = drawn.astype(spec.dtype)
-        else:
-            raise UserError(
-                f"input {spec.describe()} cannot be synthesized", "use --data with real inputs"
-            )
+        out[spec.name] = _draw(spec, shape, rng, ranges, fixed)
     return out
+
+
+def _sample_dims(spec: InputSpec, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """The dimensions after the sample axis of a synthetic ``spec``: from ``shapes``
+    (``--input-shape``, which must keep the model's fixed dimensions) or the model."""
+    if spec.name in shapes:
+        given = shapes[spec.name]
+        if spec.shape is not None and (
+            len(given) != len(spec.shape)
+            or any(
+                isinstance(m, int) and m > 0 and m != g
+                for m, g in zip(spec.shape[1:], given[1:], strict=True)
+            )
+        ):
+            raise UserError(
+                f"--input-shape {spec.name}:{'x'.join(map(str, given))} does not fit "
+                f"the model's {spec.describe()}",
+                "keep the model's fixed dimensions",
+            )
+        return given[1:]
+    if spec.shape == ():
+        return ()
+    if spec.shape is None or any(not isinstance(d, int) or d <= 0 for d in spec.shape[1:]):
+        raise UserError(
+            f"input {spec.describe()} has dynamic dimensions",
+            f"give them with --input-shape {spec.name}:1x... or use --data",
+        )
+    return tuple(int(d) for d in spec.shape[1:] if isinstance(d, int))
+
+
+def _draw(
+    spec: InputSpec,
+    shape: tuple[int, ...],
+    rng: np.random.Generator,
+    ranges: Mapping[str, tuple[float, float]],
+    fixed: Mapping[str, float],
+) -> np.ndarray:
+    """One synthetic input: ``fixed`` value (``--input-value``), standard normal floats, or
+    uniform integers in ``ranges`` (``--input-range``; booleans default to 0/1)."""
+    if spec.name in fixed:  # --input-value: the same value everywhere
+        return np.full(shape, fixed[spec.name]).astype(spec.dtype)
+    if spec.dtype.kind == "f":
+        return rng.standard_normal(shape).astype(spec.dtype)
+    if spec.dtype.kind not in "iub":
+        raise UserError(
+            f"input {spec.describe()} cannot be synthesized", "use --data with real inputs"
+        )
+    if spec.dtype.kind == "b":
+        low, high = ranges.get(spec.name, (0, 2))
+    elif spec.name in ranges:
+        low, high = ranges[spec.name]
+    else:
+        raise UserError(
+            f"integer input {spec.describe()} cannot be synthesized without a range",
+            f"pass --input-range {spec.name}:LOW:HIGH or use --data",
+        )
+    drawn = rng.integers(int(low), int(high), size=shape)
+    return drawn.astype(spec.dtype)
 
 
 def sample_count(data: Mapping[str, np.ndarray]) -> int:

@@ -348,18 +348,32 @@ def compact_weights(
     if not _supported(out):
         return out
 
-    graph = out.graph
-    main = {t.name: i for i, t in enumerate(graph.initializer)}
-    elsewhere: set[str] = set()
-    for sub in list(iter_graphs(graph))[1:]:
-        elsewhere.update(t.name for t in sub.initializer)
-    for sub in iter_graphs(graph):
-        elsewhere.update(n.output[0] for n in sub.node if n.op_type == "Constant" and n.output)
-    inputs = {v.name for v in graph.input}
-    taken = _all_names(out)
-    shared = _Shared({}, [], taken)
-    replaced: dict[int, _Rebuild] = {}
+    shared = _Shared({}, [], _all_names(out))
     entries = _read_metadata(out)
+    replaced = _rebuilds(out.graph, wanted, entries, shared, min_size, encoding, force)
+    if not replaced:
+        return out
+
+    _install(out.graph, replaced, shared)
+    _write_metadata(out, entries)
+    return out
+
+
+def _rebuilds(
+    graph: onnx.GraphProto,
+    wanted: Sequence[str],
+    entries: dict[str, str],
+    shared: _Shared,
+    min_size: int,
+    encoding: str | None,
+    force: bool,
+) -> dict[int, _Rebuild]:
+    """The compact rebuild of each ``wanted`` weight worth one, by initializer index
+    (``entries``, the metadata of compacted weights, gains their encodings)."""
+    main = {t.name: i for i, t in enumerate(graph.initializer)}
+    elsewhere = _other_constants(graph)
+    inputs = {v.name for v in graph.input}
+    replaced: dict[int, _Rebuild] = {}
     for name in wanted:
         if name not in main:
             if name in entries:
@@ -373,17 +387,23 @@ def compact_weights(
         if reason:
             log.info("%s: %s, left dense", name, reason)
             continue
-        rebuild = _smaller(name, tensor, shared, taken, encoding, force)
+        rebuild = _smaller(name, tensor, shared, shared.taken, encoding, force)
         if rebuild is None:
             continue
         replaced[main[name]] = rebuild
         entries[name] = rebuild.encoding
-    if not replaced:
-        return out
+    return replaced
 
-    _install(graph, replaced, shared)
-    _write_metadata(out, entries)
-    return out
+
+def _other_constants(graph: onnx.GraphProto) -> set[str]:
+    """Names of constants that are not main-graph initializers: subgraphs' initializers
+    and every Constant node's output."""
+    elsewhere: set[str] = set()
+    for sub in list(iter_graphs(graph))[1:]:
+        elsewhere.update(t.name for t in sub.initializer)
+    for sub in iter_graphs(graph):
+        elsewhere.update(n.output[0] for n in sub.node if n.op_type == "Constant" and n.output)
+    return elsewhere
 
 
 def _supported(model: onnx.ModelProto) -> bool:

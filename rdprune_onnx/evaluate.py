@@ -414,28 +414,11 @@ def evaluate_files(
     data, label_array, batch_size = _samples(data_path, dense, pruned, labels, batch_size)
 
     config = SessionConfig(provider=resolve_provider(provider))
-    dense_session = Session(dense, config)
-    pruned_session = Session(pruned, config)
-    if dense_session.output_names != pruned_session.output_names:
-        raise UserError(
-            f"the two models have different outputs: dense {dense_session.output_names}, "
-            f"pruned {pruned_session.output_names}",
-            "compare a pruned file with the dense model it was pruned from",
-        )
+    dense_session, pruned_session = _sessions(dense, pruned, config)
     # The sessions hold their own copy of each graph, so densify may rewrite `pruned`.
-    pruned_expanded, densified = _densify(pruned)
-    layers = match_layers(find_layers(dense).layers, find_layers(pruned_expanded).layers)
-    del pruned_expanded, pruned
-
-    dense_out = run_all(dense_session, data, batch_size)
-    pruned_out = run_all(pruned_session, data, batch_size)
-    evaluation = compare_outputs(dense_out, pruned_out, sample_count(data), label_array)
-    if label_array is not None and evaluation.accuracy_output is None:
-        raise UserError(
-            "--labels given, but no output looks like class scores (float, rank >= 2, "
-            "more than one class on the last axis)",
-            "accuracy needs a classifier; leave out --labels",
-        )
+    layers, densified = _layer_sparsity(dense, pruned)
+    del pruned
+    evaluation = _compare_runs(dense_session, pruned_session, data, batch_size, label_array)
 
     feeds = next(batches(data, batch_size))
     latency = _latency(dense_session, pruned_session, feeds, config.provider, repeats, warmup)
@@ -450,6 +433,51 @@ def evaluate_files(
         latency=latency,
         densified=densified,
     )
+
+
+def _sessions(
+    dense: onnx.ModelProto, pruned: onnx.ModelProto, config: SessionConfig
+) -> tuple[Session, Session]:
+    """ONNX Runtime sessions of both models, refused when their outputs differ."""
+    dense_session = Session(dense, config)
+    pruned_session = Session(pruned, config)
+    if dense_session.output_names != pruned_session.output_names:
+        raise UserError(
+            f"the two models have different outputs: dense {dense_session.output_names}, "
+            f"pruned {pruned_session.output_names}",
+            "compare a pruned file with the dense model it was pruned from",
+        )
+    return dense_session, pruned_session
+
+
+def _layer_sparsity(
+    dense: onnx.ModelProto, pruned: onnx.ModelProto
+) -> tuple[list[LayerSparsity], bool]:
+    """Both models' prunable layers matched by name (compact weights of ``pruned``
+    expanded first, which may rewrite it), and whether any were expanded."""
+    pruned_expanded, densified = _densify(pruned)
+    return match_layers(find_layers(dense).layers, find_layers(pruned_expanded).layers), densified
+
+
+def _compare_runs(
+    dense_session: Session,
+    pruned_session: Session,
+    data: Mapping[str, np.ndarray],
+    batch_size: int,
+    labels: np.ndarray | None,
+) -> Evaluation:
+    """Both models run on all of ``data``, their outputs compared (and scored against
+    ``labels``, which then need an output of class scores)."""
+    dense_out = run_all(dense_session, data, batch_size)
+    pruned_out = run_all(pruned_session, data, batch_size)
+    evaluation = compare_outputs(dense_out, pruned_out, sample_count(data), labels)
+    if labels is not None and evaluation.accuracy_output is None:
+        raise UserError(
+            "--labels given, but no output looks like class scores (float, rank >= 2, "
+            "more than one class on the last axis)",
+            "accuracy needs a classifier; leave out --labels",
+        )
+    return evaluation
 
 
 def _check_runs(batch_size: int, repeats: int, warmup: int) -> None:

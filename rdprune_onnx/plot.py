@@ -209,6 +209,26 @@ def _check_output(path: Path, force: bool, formats: Mapping[str, str]) -> str:
     return fmt
 
 
+@dataclass
+class _Look:
+    """What every panel shares: the layers' colours and how their names are shown."""
+
+    colors: Any  # one RGBA row per layer (or a single named colour for one layer)
+    named: bool  # few enough layers for a legend and named bars
+    prefix: str
+    middles: list[str]
+    suffix: str
+
+    @classmethod
+    def of(cls, layers: Sequence[_Layer]) -> _Look:
+        from matplotlib import colormaps
+
+        n = len(layers)
+        prefix, middles, suffix = distinct_parts([layer.name for layer in layers])
+        colors = colormaps["viridis"](np.linspace(0.0, 0.88, n)) if n > 1 else ["tab:blue"]
+        return cls(colors, n <= NAMED_LAYERS, prefix, middles, suffix)
+
+
 def plot_result(
     result: Mapping[str, Any] | _HasToDict,
     path: str | os.PathLike[str],
@@ -227,114 +247,128 @@ def plot_result(
     panel is drawn. The file is written through a temporary file and a rename; an existing
     file is replaced only with ``force``. ``result`` may also be a ``PruneResult``.
     """
-    try:
-        from matplotlib import colormaps
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.cm import ScalarMappable
-        from matplotlib.colors import BoundaryNorm, ListedColormap
-        from matplotlib.figure import Figure
-        from matplotlib.lines import Line2D
-        from matplotlib.patches import Patch
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        raise UserError(
-            "plotting needs matplotlib, which is not installed",
-            "pip install 'rdprune-onnx[plot]'",
-        ) from None
-
+    figure_cls, canvas_cls = matplotlib_canvas()
     report = _parse(result.to_dict() if hasattr(result, "to_dict") else result)
     out = Path(path)
-    fig = Figure(figsize=size, dpi=dpi, layout="constrained")
-    canvas = FigureCanvasAgg(fig)
+    fig = figure_cls(figsize=size, dpi=dpi, layout="constrained")
+    canvas = canvas_cls(fig)
     fmt = _check_output(out, force, canvas.get_supported_filetypes())
 
-    layers = report.layers
-    n = len(layers)
-    prefix, middles, suffix = distinct_parts([layer.name for layer in layers])
-    named = n <= NAMED_LAYERS
-    colors = colormaps["viridis"](np.linspace(0.0, 0.88, n)) if n > 1 else ["tab:blue"]
-    cmap = ListedColormap(colors)
-    with_curves = any(layer.curve is not None for layer in layers)
+    look = _Look.of(report.layers)
+    _title(fig, report)
+    if any(layer.curve is not None for layer in report.layers):
+        ax_curves, ax_bars = fig.subplots(2, 1, height_ratios=[3, 2])
+        _draw_curves(fig, ax_curves, report, look)
+    else:
+        ax_bars = fig.subplots(1, 1)
+    _draw_bars(ax_bars, report, look)
+    write_figure(canvas, out, fmt, dpi, force=force, protect=protect)
+    return out
 
-    total = sum(layer.size for layer in layers)
+
+def _title(fig: Any, report: _Report) -> None:
+    n = len(report.layers)
+    total = sum(layer.size for layer in report.layers)
     fig.suptitle(
         f"{report.method} allocation, metric {report.metric}: "
         f"{_percent(report.achieved)} of {total:,} weights pruned "
         f"(target {_percent(report.target)}) over {n} layer{'s' if n != 1 else ''}",
         fontsize=12,
     )
-    if with_curves:
-        ax_curves, ax_bars = fig.subplots(2, 1, height_ratios=[3, 2])
-    else:
-        ax_bars = fig.subplots(1, 1)
 
-    if with_curves:
-        floor = _floor(layers)
-        many = n > 20
-        clipped = False
-        curve_labels = short_names(middles, 32)
-        for i, layer in enumerate(layers):
-            if layer.curve is None:
-                continue
-            xs, ys = layer.curve
-            clipped = clipped or bool(np.any(ys <= 0))
-            shown = np.where(ys > 0, ys, floor)
-            ax_curves.plot(
-                xs,
-                shown,
-                color=colors[i],
-                lw=0.8 if many else 1.4,
-                alpha=0.75 if many else 0.95,
-                label=curve_labels[i],
-            )
-            point = float(np.interp(layer.ratio, xs, shown))
-            ax_curves.scatter(
-                [layer.ratio],
-                [point],
-                s=22 if many else 40,
-                color=colors[i],
-                edgecolors="black",
-                linewidths=0.6,
-                zorder=3,
-            )
-        ax_curves.set_yscale("log")
-        ax_curves.set_xlim(0.0, 1.0)
-        ax_curves.set_xlabel("pruning ratio of the layer")
-        ylabel = f"output distortion ({report.metric})"
-        if clipped:
-            ylabel += f"\nzero drawn at {floor:.1g}"
-        ax_curves.set_ylabel(ylabel)
-        ax_curves.grid(True, which="major", alpha=0.3)
-        ax_curves.set_title("distortion when pruning one layer alone; dots: chosen ratios")
-        if named:
-            ax_curves.legend(
-                fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0
-            )
-        else:
-            norm = BoundaryNorm(np.arange(-0.5, n + 0.5), n)
-            bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax_curves, pad=0.01)
-            bar.set_label("layer index (as in the bar chart)")
-            bar.locator = MaxNLocator(nbins=10, integer=True)
-            bar.update_ticks()
 
+def _draw_curves(fig: Any, ax: Any, report: _Report, look: _Look) -> None:
+    """The top panel: each layer's curve (zero at a floor) and a dot at its chosen ratio."""
+    layers = report.layers
+    floor = _floor(layers)
+    many = len(layers) > 20
+    clipped = False
+    curve_labels = short_names(look.middles, 32)
+    for i, layer in enumerate(layers):
+        if layer.curve is None:
+            continue
+        xs, ys = layer.curve
+        clipped = clipped or bool(np.any(ys <= 0))
+        shown = np.where(ys > 0, ys, floor)
+        ax.plot(
+            xs,
+            shown,
+            color=look.colors[i],
+            lw=0.8 if many else 1.4,
+            alpha=0.75 if many else 0.95,
+            label=curve_labels[i],
+        )
+        point = float(np.interp(layer.ratio, xs, shown))
+        ax.scatter(
+            [layer.ratio],
+            [point],
+            s=22 if many else 40,
+            color=look.colors[i],
+            edgecolors="black",
+            linewidths=0.6,
+            zorder=3,
+        )
+    _curve_axes(fig, ax, report.metric, floor if clipped else None, look)
+
+
+def _curve_axes(fig: Any, ax: Any, metric: str, floor: float | None, look: _Look) -> None:
+    """Scales, labels and the key of the curves panel (``floor``: where zero is drawn, if
+    any curve reached zero): a legend for a few layers, a colour bar of indices for many."""
+    ax.set_yscale("log")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("pruning ratio of the layer")
+    ylabel = f"output distortion ({metric})"
+    if floor is not None:
+        ylabel += f"\nzero drawn at {floor:.1g}"
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_title("distortion when pruning one layer alone; dots: chosen ratios")
+    if look.named:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        return
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.ticker import MaxNLocator
+
+    n = len(look.middles)
+    norm = BoundaryNorm(np.arange(-0.5, n + 0.5), n)
+    cmap = ListedColormap(look.colors)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.01)
+    bar.set_label("layer index (as in the bar chart)")
+    bar.locator = MaxNLocator(nbins=10, integer=True)
+    bar.update_ticks()
+
+
+def _draw_bars(ax: Any, report: _Report, look: _Look) -> None:
+    """The bottom panel: chosen ratios as bars, the layers' sizes on a twin log axis."""
+    layers = report.layers
+    n = len(layers)
     index = np.arange(n)
     ratios = [layer.ratio for layer in layers]
-    ax_bars.bar(index, ratios, width=0.8, color=colors, edgecolor="none")
+    ax.bar(index, ratios, width=0.8, color=look.colors, edgecolor="none")
     if report.achieved is not None:
-        ax_bars.axhline(report.achieved, color="tab:red", lw=1.0, ls="--")
-    ax_bars.set_ylim(0.0, 1.08)
+        ax.axhline(report.achieved, color="tab:red", lw=1.0, ls="--")
+    ax.set_ylim(0.0, 1.08)
     pad = max(0.0, (4 - n) / 2)  # keep one or two bars from filling the whole width
-    ax_bars.set_xlim(-0.6 - pad, n - 0.4 + pad)
-    ax_bars.set_ylabel("chosen pruning ratio")
-    ax_bars.grid(True, axis="y", alpha=0.3)
+    ax.set_xlim(-0.6 - pad, n - 0.4 + pad)
+    ax.set_ylabel("chosen pruning ratio")
+    ax.grid(True, axis="y", alpha=0.3)
+    _draw_sizes(ax, index, ratios, [max(layer.size, 1) for layer in layers], look.named)
+    _layer_axis(ax, index, look)
+    _bar_legend(ax, look.colors[n // 2], report.achieved is not None)
+
+
+def _draw_sizes(
+    ax_bars: Any, index: np.ndarray, ratios: Sequence[float], sizes: Sequence[int], named: bool
+) -> None:
+    """The layers' sizes as markers on a twin log axis, and (``named``) each bar's ratio."""
     ax_size = ax_bars.twinx()
-    sizes = [max(layer.size, 1) for layer in layers]
     ax_size.plot(
         index,
         sizes,
         ls="none",
         marker="D",
-        ms=3 if n > 20 else 5,
+        ms=3 if len(sizes) > 20 else 5,
         mfc="black",
         mec="white",
         mew=0.5,
@@ -357,27 +391,40 @@ def plot_result(
             )
     ax_size.set_ylim(min(sizes) / 2, max(sizes) * 2)
     ax_size.set_ylabel("weights in the layer (log scale)")
-    if named:
-        labels = short_names(middles, 20)
-        tilt = n * max(len(label) for label in labels) > 100
-        ax_bars.set_xticks(
-            index,
-            labels,
-            rotation=30 if tilt else 0,
-            ha="right" if tilt else "center",
-            fontsize=8,
-        )
-        common = [
-            f"{what} {short_name(part, 40)!r}"
-            for what, part in (("prefix", prefix), ("suffix", suffix))
-            if part
-        ]
-        ax_bars.set_xlabel(f"layer (common {' and '.join(common)} left out)" if common else "layer")
-    else:
-        ax_bars.set_xticks(index[:: max(1, math.ceil(n / MAX_TICKS))])
-        ax_bars.set_xlabel("layer index (order in the report)")
+
+
+def _layer_axis(ax: Any, index: np.ndarray, look: _Look) -> None:
+    """The bars' layer axis: short distinct names (common prefix and suffix said in the
+    axis label) for a few layers, thinned-out indices for many."""
+    n = len(index)
+    if not look.named:
+        ax.set_xticks(index[:: max(1, math.ceil(n / MAX_TICKS))])
+        ax.set_xlabel("layer index (order in the report)")
+        return
+    labels = short_names(look.middles, 20)
+    tilt = n * max(len(label) for label in labels) > 100
+    ax.set_xticks(
+        index,
+        labels,
+        rotation=30 if tilt else 0,
+        ha="right" if tilt else "center",
+        fontsize=8,
+    )
+    common = [
+        f"{what} {short_name(part, 40)!r}"
+        for what, part in (("prefix", look.prefix), ("suffix", look.suffix))
+        if part
+    ]
+    ax.set_xlabel(f"layer (common {' and '.join(common)} left out)" if common else "layer")
+
+
+def _bar_legend(ax: Any, bar_color: Any, overall: bool) -> None:
+    """The key above the bars: bars, size markers and (``overall``) the overall ratio."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     handles = [
-        Patch(color=colors[n // 2], label="pruning ratio (bars)"),
+        Patch(color=bar_color, label="pruning ratio (bars)"),
         Line2D(
             [],
             [],
@@ -389,9 +436,9 @@ def plot_result(
             label="weights in the layer (right axis)",
         ),
     ]
-    if report.achieved is not None:
+    if overall:
         handles.append(Line2D([], [], color="tab:red", ls="--", label="overall ratio"))
-    ax_bars.legend(
+    ax.legend(
         handles=handles,
         loc="lower center",
         bbox_to_anchor=(0.5, 1.0),
@@ -400,6 +447,18 @@ def plot_result(
         fontsize=9,
     )
 
+
+def write_figure(
+    canvas: Any,
+    out: Path,
+    fmt: str,
+    dpi: int,
+    *,
+    force: bool,
+    protect: Sequence[files.Identity],
+) -> None:
+    """Render ``canvas`` as ``fmt`` to ``out`` through :func:`rdprune_onnx.files.write_file`
+    (atomic; an existing file replaced only with ``force``, never one of ``protect``)."""
     files.write_file(
         out,
         lambda fh: canvas.print_figure(fh, format=fmt, dpi=dpi),
@@ -407,12 +466,13 @@ def plot_result(
         label="plot",
         protect=protect,
     )
-    return out
 
 
 def matplotlib_canvas() -> tuple[Any, Any]:
     """matplotlib's ``Figure`` and Agg canvas classes, or one line saying how to get them."""
     try:
+        # The package itself first: its submodules can stay importable (cached) without it.
+        from matplotlib import colormaps  # noqa: F401  (needed by plot_result's panels)
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:

@@ -10,13 +10,13 @@ off the curves (dashed), in the same colour per method. matplotlib is optional
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rdprune_onnx import files
 from rdprune_onnx.errors import UserError
-from rdprune_onnx.plot import matplotlib_canvas
+from rdprune_onnx.plot import matplotlib_canvas, write_figure
 
 FIGSIZE = (9.0, 8.0)
 DPI = 110
@@ -50,7 +50,6 @@ def plot_sweep(
 ) -> Path:
     """Draw a :class:`~rdprune_onnx.sweep.SweepResult` (or its ``to_dict()``) to ``path``
     (written through :func:`rdprune_onnx.files.write_file`, never over ``protect``)."""
-    # About 70 lines: matplotlib calls for two panels, in drawing order; as plot.py's figure.
     raw: dict[str, Any] = result if isinstance(result, dict) else result.to_dict()
     out = Path(path)
     check_plot_format(out)
@@ -61,10 +60,20 @@ def plot_sweep(
     fig = figure_cls(figsize=FIGSIZE, dpi=DPI)
     canvas = canvas_cls(fig)
     ax_q, ax_d = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
-    metric = str(raw["metric"])
+    _draw_methods(ax_q, ax_d, raw)
+    _metric_axes(ax_q, raw)
+    _distortion_axes(ax_d, raw)
+    fig.tight_layout()
+    fmt = out.suffix.lower().lstrip(".")
+    write_figure(canvas, out, fmt, DPI, force=force, protect=protect)
+    return out
+
+
+def _draw_methods(ax_q: Any, ax_d: Any, raw: Mapping[str, Any]) -> None:
+    """One line per method: its held-out metric (top), its measured and predicted
+    distortions (bottom, positive values only), failed points left out."""
     methods = list(raw["settings"].get("methods") or [])
     points = [p for p in raw["points"] if p.get("error") is None]
-    dense = float(raw["dense_metric"])
     for method in methods:
         mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["ratio"])
         if not mine:
@@ -78,22 +87,32 @@ def plot_sweep(
             ax_d.plot(*zip(*measured, strict=True), "o-", color=colour, ms=3, label=method)
         if predicted:
             ax_d.plot(*zip(*predicted, strict=True), "--", color=colour, lw=1.2)
-    ax_q.axhline(dense, color="black", ls="--", lw=1.0, label=f"dense ({dense:.4g})")
-    ax_q.set_ylabel(f"held-out {metric} (pruned model)")
-    ax_q.grid(True, alpha=0.3)
-    ax_q.legend(loc="lower left", fontsize=9)
+
+
+def _metric_axes(ax: Any, raw: Mapping[str, Any]) -> None:
+    """The top panel's dense reference line, labels, legend and title."""
+    metric = str(raw["metric"])
+    dense = float(raw["dense_metric"])
+    ax.axhline(dense, color="black", ls="--", lw=1.0, label=f"dense ({dense:.4g})")
+    ax.set_ylabel(f"held-out {metric} (pruned model)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left", fontsize=9)
     name = Path(str(raw["model"])).name
-    ax_q.set_title(
+    ax.set_title(
         f"{name}: {metric} on {raw['eval_samples']} held-out samples vs pruning ratio",
         fontsize=11,
     )
-    ax_d.set_yscale("log")
-    ax_d.set_ylabel(f"calibration distortion ({raw['distortion_metric']})")
-    ax_d.set_xlabel("target pruning ratio (fraction of prunable weights zeroed)")
-    ax_d.grid(True, which="both", alpha=0.3)
+
+
+def _distortion_axes(ax: Any, raw: Mapping[str, Any]) -> None:
+    """The bottom panel's log scale, labels and the key of its line styles."""
     from matplotlib.lines import Line2D
 
-    ax_d.legend(
+    ax.set_yscale("log")
+    ax.set_ylabel(f"calibration distortion ({raw['distortion_metric']})")
+    ax.set_xlabel("target pruning ratio (fraction of prunable weights zeroed)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(
         handles=[
             Line2D([], [], color="grey", marker="o", ms=3, label="measured"),
             Line2D([], [], color="grey", ls="--", label="predicted (sum of layer curves)"),
@@ -101,16 +120,6 @@ def plot_sweep(
         loc="upper left",
         fontsize=9,
     )
-    fig.tight_layout()
-    fmt = out.suffix.lower().lstrip(".")
-    files.write_file(
-        out,
-        lambda fh: canvas.print_figure(fh, format=fmt, dpi=DPI),
-        force=force,
-        label="plot",
-        protect=protect,
-    )
-    return out
 
 
 def _positive(value: Any) -> bool:

@@ -13,11 +13,12 @@ import pytest
 from click.testing import CliRunner
 
 from rdprune_onnx.curves import grid, measure_curves, run_reference
+from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.layers import find_layers, read_weight
 from rdprune_onnx.graph.surgery import replace_weights
 from rdprune_onnx.masks import prune_count
 from rdprune_onnx.pipeline import CalibrationSpec, PruneSettings, curve_entry, prune
-from rdprune_onnx.reconstruct import RefitCandidates
+from rdprune_onnx.reconstruct import RefitCandidates, SequentialRefitCandidates
 from rdprune_onnx.runtime import SessionConfig
 from rdprune_onnx_cli.main import cli
 from tests import graphs
@@ -297,3 +298,19 @@ def test_cli_refit_curves_errors(tmp_path: Path, extra: list[str], message: str)
         *extra,
     )  # fmt: skip
     assert code == 1 and message in text, text
+
+
+def test_sequential_candidates_take_the_options_of_refit_candidates() -> None:
+    """SequentialRefitCandidates forwards its keyword options to RefitCandidates, which
+    checks them (an unknown one or a bad solver is refused, not ignored)."""
+    model, data = CASES["gemm_bias"][0]()
+    base = {layer.name: read_weight(model, layer.name) for layer in find_layers(model).layers}
+    factory = SequentialRefitCandidates(
+        model, base, data, batch_size=7, solver="exact", damping=0.5, select=True
+    )
+    assert (factory.batch_size, factory.solver, factory.damping) == (7, "exact", 0.5)
+    assert factory.select and factory.select_refits and factory.refit_bias
+    with pytest.raises(TypeError):
+        SequentialRefitCandidates(model, base, data, solvr="exact")
+    with pytest.raises(UserError):
+        SequentialRefitCandidates(model, base, data, solver="nope")

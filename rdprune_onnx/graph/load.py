@@ -319,15 +319,7 @@ def save_model(
     :func:`~rdprune_onnx.graph.external.write_external`).
     """
     out = Path(path)
-    folder = out.parent if str(out.parent) else Path()
-    if not folder.is_dir():
-        raise UserError(
-            f"output folder {str(folder)!r} does not exist", "create it or choose another -o"
-        )
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"output folder {str(folder)!r} is not writable", "choose another -o")
-    if out.suffix.lower() != ".onnx":
-        log.warning("writing an ONNX model (protobuf) to %s, whose name does not end in .onnx", out)
+    folder = _output_folder(out)
     data_name = out.name + ".data"
     if external_data is None:
         external_data = data_bytes(model) >= _PROTOBUF_LIMIT // 2
@@ -338,16 +330,7 @@ def save_model(
     published: list[Path] = []
     try:
         with files.staging(folder) as tmp:
-            tmp_model = tmp / out.name
-            if external_data:
-                # Streams tensor by tensor (lazy ones copied from their files) into one fresh
-                # data file; the caller's model is only read.
-                write_external(model, tmp, weights, name=out.name, durable=True)
-            else:
-                if weights:
-                    model = replace_weights(model, weights)
-                # Protobuf whatever the suffix (onnx would write out.json as JSON text).
-                onnx.save_model(model, str(tmp_model), format="protobuf")
+            _write_staged(model, tmp, out.name, external_data, weights)
             for target in reversed(targets):  # data file first, the model last
                 files.publish(tmp / target.name, target, force=force, protect=guard)
                 published.append(target)
@@ -362,6 +345,41 @@ def save_model(
         raise
     log.info("wrote %s", ", ".join(str(t) for t in targets))
     return targets
+
+
+def _output_folder(out: Path) -> Path:
+    """The folder ``out`` is written to, refused unless it exists and is writable (a name
+    not ending in .onnx is only warned about)."""
+    folder = out.parent if str(out.parent) else Path()
+    if not folder.is_dir():
+        raise UserError(
+            f"output folder {str(folder)!r} does not exist", "create it or choose another -o"
+        )
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"output folder {str(folder)!r} is not writable", "choose another -o")
+    if out.suffix.lower() != ".onnx":
+        log.warning("writing an ONNX model (protobuf) to %s, whose name does not end in .onnx", out)
+    return folder
+
+
+def _write_staged(
+    model: onnx.ModelProto,
+    tmp: Path,
+    name: str,
+    external_data: bool,
+    weights: Mapping[str, np.ndarray] | None,
+) -> None:
+    """Write ``model`` as ``tmp/name`` (and with ``external_data`` its ``name.data``),
+    ``weights`` replacing the named constants; the caller's model is only read."""
+    if external_data:
+        # Streams tensor by tensor (lazy ones copied from their files) into one fresh
+        # data file; the caller's model is only read.
+        write_external(model, tmp, weights, name=name, durable=True)
+        return
+    if weights:
+        model = replace_weights(model, weights)
+    # Protobuf whatever the suffix (onnx would write out.json as JSON text).
+    onnx.save_model(model, str(tmp / name), format="protobuf")
 
 
 def _check_targets(

@@ -102,7 +102,7 @@ The package, from the bottom up (each module imports only those above it):
 """
 
 from rdprune_onnx.reconstruct.layout import conv_pads, im2col
-from rdprune_onnx.reconstruct.refit import LayerRefit, select_refit
+from rdprune_onnx.reconstruct.refit import LayerRefit, LayerSolve, select_refit
 from rdprune_onnx.reconstruct.refit_curves import (
     MEMO_BYTES,
     REFIT_DAMPING,
@@ -151,6 +151,7 @@ __all__ = [
     "CurveRefitCost",
     "Factors",
     "LayerRefit",
+    "LayerSolve",
     "Reconstruction",
     "RefitCandidates",
     "SequentialRefitCandidates",

@@ -66,49 +66,43 @@ def layer_factors(name: str, stats: Stats, bias: bool, damping: float) -> Factor
     return Factors(damped_hessian(stats.hessian, damping, d), stats.cross)
 
 
-def refit_layer(
-    name: str,
-    plan: Plan,
-    dense: Array,
-    masked: Array,
-    bias: Array | None,
-    stats: Stats,
-    solver: str,
-    factors: Factors,
-    *,
-    select: bool,
-    refits: bool,
-) -> Refit:
+@dataclass(frozen=True)
+class LayerSolve:
+    """One layer's refit problem, the same for every mask tried on it: the weight's name
+    and layout, its dense weight and bias, the calibration statistics, the solver and the
+    damped Hessian's factors (:func:`layer_factors`)."""
+
+    name: str
+    plan: Plan
+    dense: Array
+    bias: Array | None
+    stats: Stats
+    solver: str
+    factors: Factors
+
+
+def refit_layer(layer: LayerSolve, masked: Array, *, select: bool, refits: bool) -> Refit:
     """The refit of the masked weight ``masked`` (:func:`refit_masked`), or with ``select``
     SparseGPT's selection at its count of zeros scored against it (:func:`select_refit`)."""
     if select:
-        return select_refit(name, plan, dense, masked, bias, stats, solver, factors, refits)
-    return refit_masked(name, plan, masked, bias, stats, solver, factors)
+        return select_refit(layer, masked, refits)
+    return refit_masked(layer, masked)
 
 
-def select_refit(
-    name: str,
-    plan: Plan,
-    dense: Array,
-    masked: Array,
-    bias: Array | None,
-    stats: Stats,
-    solver: str,
-    factors: Factors,
-    refits: bool = True,
-) -> Refit:
+def select_refit(layer: LayerSolve, masked: Array, refits: bool = True) -> Refit:
     """SparseGPT selection at the zero count of ``masked`` (see :func:`reconstruct`).
 
-    Three candidates are scored on ``stats``: the given mask's refit (``solver``; or the
-    plain given mask when that refit does not help), the selected mask with SparseGPT's
-    own updated weights, and the selected mask refit by ``solver`` (the exact solver is
-    optimal for a fixed mask, SparseGPT's sweep only approximately so). The lowest error
-    wins; ``reason`` says what was kept when it is not SparseGPT's own result.
+    Three candidates are scored on the layer's ``stats``: the given mask's refit (its
+    ``solver``; or the plain given mask when that refit does not help), the selected mask
+    with SparseGPT's own updated weights, and the selected mask refit by ``solver`` (the
+    exact solver is optimal for a fixed mask, SparseGPT's sweep only approximately so). The
+    lowest error wins; ``reason`` says what was kept when it is not SparseGPT's own result.
     ``refits=False`` skips both solves (SparseGPT alone, O(d³ + r d²)): SparseGPT's
     weights are then kept unless worse than the plain given mask.
     """
+    name, plan, dense, bias, stats = layer.name, layer.plan, layer.dense, layer.bias, layer.stats
     if refits:
-        given = refit_masked(name, plan, masked, bias, stats, solver, factors)
+        given = refit_masked(layer, masked)
     else:
         error = stats.error(effective_with_bias(masked, bias, plan))
         given = Refit(LayerRefit(name, "mask", error, error, 0.0))
@@ -117,7 +111,7 @@ def select_refit(
     kept = "the given mask" + (f" ({given.info.method} refit)" if given.weight is not None else "")
     fallback = Refit(info, given.weight, given.bias)
     try:
-        weight, new_bias, keep = _select(plan, dense, masked, bias, stats, factors)
+        weight, new_bias, keep = _select(plan, dense, masked, bias, stats, layer.factors)
     except (np.linalg.LinAlgError, ValueError) as exc:
         info.reason = f"selection failed ({exc}); kept {kept}"
         return fallback
@@ -125,7 +119,7 @@ def select_refit(
     if _finite(weight, new_bias):
         error = stats.error(effective_with_bias(weight, new_bias, plan))
     selected = np.where(keep, dense, np.zeros_like(dense))
-    again = refit_masked(name, plan, selected, bias, stats, solver, factors) if refits else None
+    again = refit_masked(layer, selected) if refits else None
     if again is not None and again.weight is not None and again.info.error_after < error:
         weight, new_bias, error = again.weight, again.bias, again.info.error_after
         info.reason = f"selected mask, weights by the {again.info.method} refit"
@@ -181,17 +175,18 @@ def _finite(weight: Array, bias: Array | None) -> bool:
     return bool(np.all(np.isfinite(weight)) and (bias is None or np.all(np.isfinite(bias))))
 
 
-def refit_masked(
-    name: str,
-    plan: Plan,
-    masked: Array,
-    bias: Array | None,
-    stats: Stats,
-    solver: str,
-    factors: Factors,
-) -> Refit:
-    """Refit ``masked`` (and ``bias``) on ``stats`` with the damped Hessian's ``factors``;
-    the plain mask (and the original bias) when the refit does not lower the error."""
+def refit_masked(layer: LayerSolve, masked: Array) -> Refit:
+    """Refit ``masked`` (and the layer's bias) on its ``stats`` with the damped Hessian's
+    ``factors``; the plain mask (and the original bias) when the refit does not lower the
+    error."""
+    name, plan, bias, stats, factors = (
+        layer.name,
+        layer.plan,
+        layer.bias,
+        layer.stats,
+        layer.factors,
+    )
+    solver = layer.solver
     keep = masked != 0
     mask = keep_mask(masked, plan, bias is not None)
     error_before = stats.error(effective_with_bias(masked, bias, plan))

@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -59,7 +60,7 @@ from rdprune_onnx.reconstruct.layout import (
     plan_layer,
     rows_key,
 )
-from rdprune_onnx.reconstruct.refit import layer_factors, refit_layer
+from rdprune_onnx.reconstruct.refit import LayerSolve, layer_factors, refit_layer
 from rdprune_onnx.reconstruct.solvers import DAMPING, Factors, check_solver
 from rdprune_onnx.reconstruct.statistics import (
     Stats,
@@ -231,18 +232,10 @@ class RefitCandidates:
         at its count of zeros), or ``given`` itself when that does not lower the error."""
         assert level.factors is not None
         t = time.perf_counter()
-        refit = refit_layer(
-            level.name,
-            level.plan,
-            level.dense,
-            given,
-            level.bias,
-            level.stats,
-            self.solver,
-            level.factors,
-            select=self.select,
-            refits=self.select_refits,
+        layer = LayerSolve(
+            level.name, level.plan, level.dense, level.bias, level.stats, self.solver, level.factors
         )
+        refit = refit_layer(layer, given, select=self.select, refits=self.select_refits)
         cost.solve_s += time.perf_counter() - t
         cost.levels += 1
         cost.methods[refit.info.method] = cost.methods.get(refit.info.method, 0) + 1
@@ -311,26 +304,11 @@ class SequentialRefitCandidates(RefitCandidates):
         model: onnx.ModelProto,
         base_weights: Mapping[str, Array],
         data: Mapping[str, Array],
-        *,
-        batch_size: int = 32,
-        config: SessionConfig | None = None,
-        solver: str = "auto",
-        damping: float = REFIT_DAMPING,
-        refit_bias: bool = True,
-        select: bool = False,
-        select_refits: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            model,
-            data,
-            batch_size=batch_size,
-            config=config,
-            solver=solver,
-            damping=damping,
-            refit_bias=refit_bias,
-            select=select,
-            select_refits=select_refits,
-        )
+        """``options``: the keyword options of :class:`RefitCandidates` (batch_size,
+        config, solver, damping, refit_bias, select, select_refits), checked there."""
+        super().__init__(model, data, **options)
         self.base = replace_weights(self.typed, base_weights)
 
     def __call__(self, layer: Layer, weight: Array) -> LayerCandidates | None:

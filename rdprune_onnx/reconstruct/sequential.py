@@ -28,7 +28,14 @@ from rdprune_onnx.reconstruct.layout import (
     target_rows,
     to_effective,
 )
-from rdprune_onnx.reconstruct.refit import LayerRefit, Refit, layer_factors, refit_layer, skipped
+from rdprune_onnx.reconstruct.refit import (
+    LayerRefit,
+    LayerSolve,
+    Refit,
+    layer_factors,
+    refit_layer,
+    skipped,
+)
 from rdprune_onnx.reconstruct.solvers import DAMPING, check_solver
 from rdprune_onnx.reconstruct.statistics import (
     Fetcher,
@@ -407,15 +414,5 @@ def _refit_dense_chunk(
 
 def _solve_layer(ctx: _Context, item: _Todo, stats: Stats) -> Refit:
     factors = layer_factors(item.name, stats, item.bias is not None, ctx.damping)
-    return refit_layer(
-        item.name,
-        item.plans[0],
-        item.dense,
-        item.masked,
-        item.bias,
-        stats,
-        ctx.solver,
-        factors,
-        select=ctx.select,
-        refits=ctx.select_refits,
-    )
+    layer = LayerSolve(item.name, item.plans[0], item.dense, item.bias, stats, ctx.solver, factors)
+    return refit_layer(layer, item.masked, select=ctx.select, refits=ctx.select_refits)
