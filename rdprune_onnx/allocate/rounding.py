@@ -41,22 +41,36 @@ def count_bounds(layer: LayerSpec) -> tuple[int, int]:
     tolerance of 1e-9), so the counts never leave the bounds. Raises
     :class:`~rdprune_onnx.errors.InfeasibleError` when no whole count fits between them.
     """
-    n = layer.size
     if layer.unit_cost < 1:
         raise ValueError(f"layer {layer.name}: unit_cost must be >= 1, got {layer.unit_cost}")
+    lo, hi = count_range(layer)
+    if lo > hi:
+        raise InfeasibleError(
+            f"layer {layer.name}: no whole number of its {layer.size} weights lies between "
+            f"min_ratio {layer.min_ratio:g} and max_ratio {layer.max_ratio:g}",
+            "widen that layer's ratio bounds",
+        )
+    return lo, hi
+
+
+def count_range(layer: LayerSpec) -> tuple[int, int]:
+    """``ceil(min_ratio * size)`` and ``floor(max_ratio * size)``, within 1e-9 and clipped to
+    ``[0, size]``; the first may exceed the second (callers say so in their own words)."""
+    n = layer.size
     lo_x = float(layer.min_ratio) * n
     hi_x = float(layer.max_ratio) * n
     if math.isnan(lo_x) or math.isnan(hi_x):
         raise ValueError(f"layer {layer.name}: ratio bounds must not be NaN")
     lo = min(n, max(0, math.ceil(lo_x - tolerance(lo_x))))
     hi = min(n, max(0, math.floor(hi_x + tolerance(hi_x))))
-    if lo > hi:
-        raise InfeasibleError(
-            f"layer {layer.name}: no whole number of its {n} weights lies between "
-            f"min_ratio {layer.min_ratio:g} and max_ratio {layer.max_ratio:g}",
-            "widen that layer's ratio bounds",
-        )
     return lo, hi
+
+
+def ratio_bounds(layers: Sequence[LayerSpec]) -> tuple[FloatArray, FloatArray]:
+    """Each layer's :func:`count_bounds` as ratios of its size (a size of 0 counts as 1)."""
+    sizes = np.array([max(layer.size, 1) for layer in layers], dtype=np.float64)
+    bounds = np.array([count_bounds(layer) for layer in layers], dtype=np.float64).reshape(-1, 2)
+    return bounds[:, 0] / sizes, bounds[:, 1] / sizes
 
 
 def total_cost(layers: Sequence[LayerSpec]) -> int:
@@ -73,6 +87,13 @@ def achieved_ratio(layers: Sequence[LayerSpec], counts: Mapping[str, int]) -> fl
     """Fraction of the total budget (``sum size * unit_cost``) that ``counts`` removes."""
     total = total_cost(layers)
     return removed_cost(layers, counts) / total if total else 0.0
+
+
+def method_info(
+    method: str, layers: Sequence[LayerSpec], counts: Mapping[str, int], **details: object
+) -> dict[str, object]:
+    """An allocation's info: the method's name, its own ``details``, then the achieved ratio."""
+    return {"method": method, **details, "achieved_ratio": achieved_ratio(layers, counts)}
 
 
 def max_feasible_cost(layers: Sequence[LayerSpec]) -> int:

@@ -18,10 +18,11 @@ import numpy as np
 
 from rdprune_onnx.allocate.base import Allocation, AllocationProblem, LayerSpec
 from rdprune_onnx.allocate.rounding import (
-    achieved_ratio,
     check_feasible,
     count_bounds,
     counts_from_ratios,
+    method_info,
+    ratio_bounds,
     solve_clipped_linear,
     validate_target,
 )
@@ -42,13 +43,10 @@ def uniform_ratios(
     layers = list(layers)
     if not layers:
         return 0.0, {}
-    sizes = np.array([max(layer.size, 1) for layer in layers], dtype=np.float64)
-    bounds = np.array([count_bounds(layer) for layer in layers], dtype=np.float64)
-    lows = bounds[:, 0] / sizes
-    highs = bounds[:, 1] / sizes
+    lows, highs = ratio_bounds(layers)
     weights = np.array([layer.size * layer.unit_cost for layer in layers], dtype=np.float64)
     s = solve_clipped_linear(
-        weights, np.zeros_like(sizes), np.ones_like(sizes), lows, highs, float(required_cost)
+        weights, np.zeros_like(lows), np.ones_like(lows), lows, highs, float(required_cost)
     )
     s = min(max(s, 0.0), 1.0)
     ratios = np.clip(s, lows, highs)
@@ -74,14 +72,7 @@ class UniformAllocator:
         layers = list(problem.layers)
         required = problem.required_cost
         s, counts = _uniform_allocation(layers, required, None)
-        return Allocation(
-            counts=counts,
-            info={
-                "method": self.name,
-                "ratio": s,
-                "achieved_ratio": achieved_ratio(layers, counts),
-            },
-        )
+        return Allocation(counts=counts, info=method_info(self.name, layers, counts, ratio=s))
 
 
 def uniform_plus_layers(layers: Sequence[LayerSpec]) -> list[LayerSpec]:
@@ -119,11 +110,7 @@ class UniformPlusAllocator:
             f"{1 - LAST_LAYER_MAX_RATIO:.0%} of its weights)"
         )
         s, counts = _uniform_allocation(layers, required, rule)
-        info: dict[str, object] = {
-            "method": self.name,
-            "ratio": s,
-            "achieved_ratio": achieved_ratio(layers, counts),
-        }
+        info = method_info(self.name, layers, counts, ratio=s)
         if layers:
             info["first_layer"] = layers[0].name
             info["last_layer"] = layers[-1].name
