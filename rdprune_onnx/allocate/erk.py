@@ -20,8 +20,7 @@ import numpy as np
 
 from rdprune_onnx.allocate.base import Allocation, AllocationProblem, LayerSpec
 from rdprune_onnx.allocate.rounding import (
-    check_feasible,
-    counts_from_ratios,
+    counts_by_ratios,
     method_info,
     ratio_bounds,
     solve_clipped_linear,
@@ -63,10 +62,7 @@ class ErkAllocator:
     def allocate(self, problem: AllocationProblem) -> Allocation:
         validate_target(problem.target_ratio)
         layers = list(problem.layers)
-        required = problem.required_cost
-        check_feasible(layers, required)
-        eps, ratios = erk_ratios(layers, required)
-        counts = counts_from_ratios(layers, ratios, required)
+        eps, counts = counts_by_ratios(layers, problem.required_cost, erk_ratios)
         dense = [layer.name for layer in layers if eps * erk_raw_density(layer.shape) >= 1.0]
         info = method_info(self.name, layers, counts, epsilon=eps, dense_layers=dense)
         return Allocation(counts=counts, info=info)

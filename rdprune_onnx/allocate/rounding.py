@@ -14,7 +14,7 @@ Budget arithmetic is in integers (python ``int``): a removed cost is
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -218,6 +218,20 @@ def counts_from_ratios(
     if cost < required:
         counts = _grow(counts, exact, bounds, costs, required, cost)
     return {layer.name: int(k) for layer, k in zip(layers, counts, strict=True)}
+
+
+def counts_by_ratios(
+    layers: Sequence[LayerSpec],
+    required_cost: int,
+    solve: Callable[[Sequence[LayerSpec], int], tuple[float, dict[str, float]]],
+    rule: str | None = None,
+) -> tuple[float, dict[str, int]]:
+    """A ratio-based allocator's whole run: the budget checked (``rule`` as in
+    :func:`check_feasible`), then ``solve``'s parameter and per-layer ratios, then exact
+    counts (:func:`counts_from_ratios`). Returns the parameter and the counts."""
+    check_feasible(layers, required_cost, rule)
+    value, ratios = solve(layers, required_cost)
+    return value, counts_from_ratios(layers, ratios, required_cost)
 
 
 def _remainder_key(exact: float, count: int) -> int:

@@ -18,9 +18,8 @@ import numpy as np
 
 from rdprune_onnx.allocate.base import Allocation, AllocationProblem, LayerSpec
 from rdprune_onnx.allocate.rounding import (
-    check_feasible,
     count_bounds,
-    counts_from_ratios,
+    counts_by_ratios,
     method_info,
     ratio_bounds,
     solve_clipped_linear,
@@ -53,15 +52,6 @@ def uniform_ratios(
     return s, {layer.name: float(r) for layer, r in zip(layers, ratios, strict=True)}
 
 
-def _uniform_allocation(
-    layers: Sequence[LayerSpec], required_cost: int, rule: str | None
-) -> tuple[float, dict[str, int]]:
-    check_feasible(layers, required_cost, rule)
-    s, ratios = uniform_ratios(layers, required_cost)
-    counts = counts_from_ratios(layers, ratios, required_cost)
-    return s, counts
-
-
 class UniformAllocator:
     """Same pruning ratio in every layer (water-filled around any layer bounds)."""
 
@@ -70,8 +60,7 @@ class UniformAllocator:
     def allocate(self, problem: AllocationProblem) -> Allocation:
         validate_target(problem.target_ratio)
         layers = list(problem.layers)
-        required = problem.required_cost
-        s, counts = _uniform_allocation(layers, required, None)
+        s, counts = counts_by_ratios(layers, problem.required_cost, uniform_ratios)
         return Allocation(counts=counts, info=method_info(self.name, layers, counts, ratio=s))
 
 
@@ -104,12 +93,11 @@ class UniformPlusAllocator:
     def allocate(self, problem: AllocationProblem) -> Allocation:
         validate_target(problem.target_ratio)
         layers = uniform_plus_layers(problem.layers)
-        required = problem.required_cost
         rule = (
             "uniform-plus's rule (first layer dense, last layer keeps at least "
             f"{1 - LAST_LAYER_MAX_RATIO:.0%} of its weights)"
         )
-        s, counts = _uniform_allocation(layers, required, rule)
+        s, counts = counts_by_ratios(layers, problem.required_cost, uniform_ratios, rule)
         info = method_info(self.name, layers, counts, ratio=s)
         if layers:
             info["first_layer"] = layers[0].name
