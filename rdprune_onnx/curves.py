@@ -732,95 +732,182 @@ def measure_curves(
     makes, per layer, what is fed for each level instead of the masked weight (see
     :class:`LayerCandidates`). ``workers``: candidates run at once on the CPU (default from
     :func:`worker_layout`). ``mask_order`` gives each layer's mask order (default: magnitude),
-    e.g. a Wanda order; it must put the weights already zero first.
-    :func:`worker_layout`). ``layer_ratios`` replaces ``ratios`` for the layers it names
-    (the adaptive grid measures a different subset per layer); ``desc`` labels the bar.
-    ``sessions`` keeps the layers' measurers for the next call (see :class:`LayerSessions`).
+    e.g. a Wanda order; it must put the weights already zero first. ``layer_ratios``
+    replaces ``ratios`` for the layers it names (the adaptive grid measures a different
+    subset per layer); ``desc`` labels the bar. ``sessions`` keeps the layers' measurers for
+    the next call (see :class:`LayerSessions`).
     """
     if engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}", f"choose one of {', '.join(ENGINES)}")
-    config = config or SessionConfig()
-    count, run_config = worker_layout(config, workers)
     done = dict(done or {})
-    curves: dict[str, Curve] = {}
     todo = [layer for layer in layers if layer.name not in done]
+    run = _CurveRun(
+        model,
+        reference,
+        todo,
+        levels=_layer_levels(todo, ratios, layer_ratios),
+        engine=engine,
+        metric=metric,
+        config=config or SessionConfig(),
+        workers=workers,
+        memory_budget=memory_budget,
+        progress=progress,
+        desc=desc,
+        sessions=sessions,
+        candidates=candidates,
+        mask_order=mask_order,
+        on_curve=on_curve,
+    )
+    found = done | run.measure()  # disjoint: only the layers not done are measured
+    return {layer.name: found[layer.name] for layer in layers}
+
+
+def _layer_levels(
+    todo: Sequence[Layer], ratios: np.ndarray, layer_ratios: Mapping[str, np.ndarray] | None
+) -> dict[str, np.ndarray]:
+    """The ratios measured for each layer of ``todo``: its own from ``layer_ratios``, else
+    ``ratios``."""
     ratios = np.asarray(ratios, dtype=np.float64)
-    own = {
-        name: np.asarray(values, dtype=np.float64) for name, values in (layer_ratios or {}).items()
-    }
-    total = sum(len(own.get(layer.name, ratios)) for layer in todo)
-    if sessions is not None:
-        sessions.bind(model, reference, engine, metric)
-    if sessions is not None and sessions.typed is not None:
-        typed = sessions.typed
-    else:
-        typed = infer_types(model) if engine != "full" and todo else model
-        if sessions is not None and todo:
+    own = {name: np.asarray(v, dtype=np.float64) for name, v in (layer_ratios or {}).items()}
+    return {layer.name: own.get(layer.name, ratios) for layer in todo}
+
+
+@dataclass
+class _CurveRun:
+    """One :func:`measure_curves` call: its arguments, and the steps that measure ``todo``."""
+
+    model: onnx.ModelProto
+    reference: Reference
+    todo: list[Layer]
+    levels: dict[str, np.ndarray]  # the ratios measured for each layer of ``todo``
+    engine: str
+    metric: str
+    config: SessionConfig
+    workers: int | None
+    memory_budget: int
+    progress: bool
+    desc: str
+    sessions: LayerSessions | None
+    candidates: CandidateFactory | None
+    mask_order: MaskOrder | None
+    on_curve: ProgressHook | None
+
+    def measure(self) -> dict[str, Curve]:
+        """The new curves of ``todo``, each passed to ``on_curve`` as soon as it is measured."""
+        count, run_config = worker_layout(self.config, self.workers)
+        total = sum(len(levels) for levels in self.levels.values())
+        typed = self._typed_model()
+        started = time.perf_counter()
+        pool = ThreadPoolExecutor(count) if count > 1 else None
+        try:
+            with tqdm(
+                total=total,
+                disable=not self.progress,
+                unit="pt",
+                desc=self.desc,
+                leave=False,
+                delay=0.5,
+            ) as bar:
+                context = _Context(
+                    self.model,
+                    typed,
+                    self.reference,
+                    run_config,
+                    self.engine,
+                    self.metric,
+                    self.memory_budget,
+                    count,
+                    pool,
+                    bar,
+                )
+                measured = self._measure_groups(context, _groups(context, self._plans(typed)))
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)  # Ctrl-C: queued points are dropped
+        log.info("measured %d curve points in %.1f s", total, time.perf_counter() - started)
+        return measured
+
+    def _typed_model(self) -> onnx.ModelProto:
+        """The model with inferred value types (the full engine needs none), shared through
+        ``sessions`` by every call on the same model."""
+        sessions = self.sessions
+        if sessions is not None:
+            sessions.bind(self.model, self.reference, self.engine, self.metric)
+        if sessions is not None and sessions.typed is not None:
+            return sessions.typed
+        typed = infer_types(self.model) if self.engine != "full" and self.todo else self.model
+        if sessions is not None and self.todo:
             sessions.typed = typed
-    started = time.perf_counter()
-    pool = ThreadPoolExecutor(count) if count > 1 else None
-    # Builds the next layer's measurer (cut, session, sort) while this one runs; not for
-    # large models, where two layers' sessions at once would cost too much memory.
-    builder = ThreadPoolExecutor(1)
-    prefetch = data_bytes(model) <= PREFETCH_MAX_BYTES
-    measured: dict[str, Curve] = {}
-    try:
-        with tqdm(
-            total=total, disable=not progress, unit="pt", desc=desc, leave=False, delay=0.5
-        ) as bar:
-            context = _Context(
-                model, typed, reference, run_config, engine, metric, memory_budget, count, pool, bar
-            )
-            plans: list[tuple[Layer, Cut | None]] = []
-            for layer in todo:
-                if sessions is not None and layer.name in sessions.plans:
-                    plans.append((layer, sessions.plans[layer.name]))
-                    continue
-                plan = downstream(typed, layer.name, build=False) if engine != "full" else None
-                if sessions is not None:
-                    sessions.plans[layer.name] = plan
-                if plan is None and engine == "downstream":
-                    log.info(
-                        "%s: cannot cut the graph below it; running the whole model", layer.name
-                    )
-                plans.append((layer, plan))
-            groups = _groups(context, plans)
-            queue = [(layer, plan) for group, _ in groups for layer, plan in group]
+        return typed
 
-            def build(index: int) -> _LayerMeasurer:
-                layer, plan = queue[index]
-                kept = sessions.take(layer.name, context) if sessions is not None else None
-                if kept is not None:
-                    return kept
-                weight = read_weight(model, layer.name)
-                return _LayerMeasurer(context, layer, weight, plan, candidates, mask_order)
+    def _plans(self, typed: onnx.ModelProto) -> list[tuple[Layer, Cut | None]]:
+        """Each layer with the plan of its downstream cut (None: the whole model runs)."""
+        plans: list[tuple[Layer, Cut | None]] = []
+        for layer in self.todo:
+            if self.sessions is not None and layer.name in self.sessions.plans:
+                plans.append((layer, self.sessions.plans[layer.name]))
+                continue
+            plan = downstream(typed, layer.name, build=False) if self.engine != "full" else None
+            if self.sessions is not None:
+                self.sessions.plans[layer.name] = plan
+            if plan is None and self.engine == "downstream":
+                log.info("%s: cannot cut the graph below it; running the whole model", layer.name)
+            plans.append((layer, plan))
+        return plans
 
-            index = 0
-            ahead: Future[_LayerMeasurer] | None = None
+    def _measure_groups(
+        self,
+        context: _Context,
+        groups: list[tuple[list[tuple[Layer, Cut | None]], list[list[int]]]],
+    ) -> dict[str, Curve]:
+        """Every layer of ``groups`` in order, one dense pass (or chunk) per group."""
+        queue = [(layer, plan) for group, _ in groups for layer, plan in group]
+        # Builds the next layer's measurer (cut, session, sort) while this one runs; not for
+        # large models, where two layers' sessions at once would cost too much memory.
+        builder = ThreadPoolExecutor(1)
+        prefetch = data_bytes(self.model) <= PREFETCH_MAX_BYTES
+        measured: dict[str, Curve] = {}
+        index = 0
+        ahead: Future[_LayerMeasurer] | None = None
+        try:
             for group, chunks in groups:
                 names = sorted({n for _, cut in group if cut is not None for n in cut.crossing})
-                store = _crossing(context, sessions, names, chunks[0]) if names else None
+                store = _crossing(context, self.sessions, names, chunks[0]) if names else None
                 for layer, _plan in group:
-                    measurer = ahead.result() if ahead is not None else build(index)
+                    measurer = (
+                        ahead.result() if ahead is not None else self._build(context, queue[index])
+                    )
                     ahead = None
                     if prefetch and index + 1 < len(queue):
-                        ahead = builder.submit(build, index + 1)
+                        ahead = builder.submit(self._build, context, queue[index + 1])
                     index += 1
-                    levels = own.get(layer.name, ratios)
-                    distortion = measurer.measure(levels, store, chunks)
-                    if sessions is None or not sessions.keep(layer.name, measurer):
-                        measurer.close()
-                    del measurer
-                    curve = Curve(layer.name, levels.copy(), distortion)
-                    measured[layer.name] = curve
-                    if on_curve is not None:
-                        on_curve(layer.name, curve)
+                    measured[layer.name] = self._measure_layer(measurer, layer, store, chunks)
+                    del measurer  # its weight and session go before the next one is built
                 del store
-    finally:
-        builder.shutdown(cancel_futures=True)
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)  # Ctrl-C: queued points are dropped
-    for layer in layers:
-        curves[layer.name] = done[layer.name] if layer.name in done else measured[layer.name]
-    log.info("measured %d curve points in %.1f s", total, time.perf_counter() - started)
-    return curves
+        finally:
+            builder.shutdown(cancel_futures=True)
+        return measured
+
+    def _build(self, context: _Context, item: tuple[Layer, Cut | None]) -> _LayerMeasurer:
+        layer, plan = item
+        kept = self.sessions.take(layer.name, context) if self.sessions is not None else None
+        if kept is not None:
+            return kept
+        weight = read_weight(self.model, layer.name)
+        return _LayerMeasurer(context, layer, weight, plan, self.candidates, self.mask_order)
+
+    def _measure_layer(
+        self,
+        measurer: _LayerMeasurer,
+        layer: Layer,
+        store: _Store | None,
+        chunks: list[list[int]],
+    ) -> Curve:
+        levels = self.levels[layer.name]
+        distortion = measurer.measure(levels, store, chunks)
+        if self.sessions is None or not self.sessions.keep(layer.name, measurer):
+            measurer.close()
+        curve = Curve(layer.name, levels.copy(), distortion)
+        if self.on_curve is not None:
+            self.on_curve(layer.name, curve)
+        return curve

@@ -23,7 +23,7 @@ import onnx
 
 from rdprune_onnx.allocate import Curve, LayerSpec
 from rdprune_onnx.allocate.dp import IntArray
-from rdprune_onnx.allocate.refine import MARGIN, merge, refine
+from rdprune_onnx.allocate.refine import MARGIN, Refinement, merge, refine
 from rdprune_onnx.curves import LayerSessions, Reference, grid, measure_curves
 from rdprune_onnx.errors import UserError
 from rdprune_onnx.graph.layers import Layer
@@ -105,43 +105,17 @@ def measure_grid(
     started = time.perf_counter()
     wanted = {layer.name for layer in layers}
     current: dict[str, Curve] = {n: c for n, c in (done or {}).items() if n in wanted}
-
-    measure_s: list[float] = []
-
-    def measure(points: Mapping[str, IntArray], number: int) -> Mapping[str, Curve]:
-        planned = int(sum(p.size for p in points.values()))
-        began = time.perf_counter()
-        label = "curves" if kind == "full" else f"curves round {number}"
-        log.info("%s: %d points planned over %d layers", label, planned, len(points))
-
-        def save(name: str, curve: Curve) -> None:
-            current[name] = merge(current.get(name), curve)
-            if on_curve is not None:
-                on_curve(name, current[name])
-
-        got = measure_curves(
-            model,
-            [layer for layer in layers if layer.name in points],
-            reference,
-            ratios=fine,
-            layer_ratios={name: fine[index] for name, index in points.items()},
-            progress=progress,
-            on_curve=save,
-            desc=label,
-            sessions=sessions,
-            **measure_kwargs,
-        )
-        measure_s.append(time.perf_counter() - began)
-        return got
-
     # Each layer's cut, session and sort serve every round (not rebuilt per round).
     sessions = LayerSessions() if kind == "adaptive" else None
+    rounds = _Rounds(
+        model, layers, reference, kind, fine, current, sessions, on_curve, progress, measure_kwargs
+    )
     try:
         result = refine(
             specs,
             levels,
             list(targets),
-            measure,
+            rounds.measure,
             done=current,
             full=kind == "full",
             options=options,
@@ -150,6 +124,19 @@ def measure_grid(
     finally:
         if sessions is not None:
             sessions.close()
+    return _grid_result(result, layers, kind, levels, targets, started, rounds.seconds)
+
+
+def _grid_result(
+    result: Refinement,
+    layers: Sequence[Layer],
+    kind: str,
+    levels: int,
+    targets: Sequence[float],
+    started: float,
+    measure_s: list[float],
+) -> GridResult:
+    """The finished run's :class:`GridResult`, logged (with a warning if it did not settle)."""
     if not result.converged:
         log.warning(
             "the adaptive grid stopped after %d rounds without settling; "
@@ -175,6 +162,49 @@ def measure_grid(
         out.rounds,
     )
     return out
+
+
+@dataclass
+class _Rounds:
+    """Measures one round of points (the ``measure`` callback of :func:`refine`), merging
+    each layer's new points into ``current`` (then ``on_curve``) and timing every round."""
+
+    model: onnx.ModelProto
+    layers: Sequence[Layer]
+    reference: Reference
+    kind: str
+    fine: np.ndarray
+    current: dict[str, Curve]
+    sessions: LayerSessions | None
+    on_curve: Callable[[str, Curve], None] | None
+    progress: bool
+    measure_kwargs: dict[str, Any]  # to measure_curves
+    seconds: list[float] = field(default_factory=list)  # wall seconds of each round
+
+    def save(self, name: str, curve: Curve) -> None:
+        self.current[name] = merge(self.current.get(name), curve)
+        if self.on_curve is not None:
+            self.on_curve(name, self.current[name])
+
+    def measure(self, points: Mapping[str, IntArray], number: int) -> Mapping[str, Curve]:
+        planned = int(sum(p.size for p in points.values()))
+        began = time.perf_counter()
+        label = "curves" if self.kind == "full" else f"curves round {number}"
+        log.info("%s: %d points planned over %d layers", label, planned, len(points))
+        got = measure_curves(
+            self.model,
+            [layer for layer in self.layers if layer.name in points],
+            self.reference,
+            ratios=self.fine,
+            layer_ratios={name: self.fine[index] for name, index in points.items()},
+            progress=self.progress,
+            on_curve=self.save,
+            desc=label,
+            sessions=self.sessions,
+            **self.measure_kwargs,
+        )
+        self.seconds.append(time.perf_counter() - began)
+        return got
 
 
 def on_grid(curves: Mapping[str, Curve], levels: int) -> bool:

@@ -224,6 +224,22 @@ def _relaxation(h: _Hulls, required: int) -> tuple[float, float, list[int], int,
     return bound, lam, pos, upper_r, upper_v
 
 
+def _feasible_layers(
+    removed: Sequence[npt.ArrayLike],
+    values: Sequence[npt.ArrayLike],
+    required: int,
+    total: int | None,
+) -> tuple[list[IntArray], list[FloatArray], int]:
+    """The checked layers and ``required`` (at least 0); raises :class:`InfeasibleError`
+    when even the largest option of every layer falls short."""
+    rs, vs = _as_layers(removed, values)
+    required = max(0, int(required))
+    best = int(sum(int(r.max()) for r in rs))
+    if best < required:
+        raise _infeasible(best, required, total)
+    return rs, vs, required
+
+
 def _infeasible(best: int, required: int, total: int | None) -> InfeasibleError:
     if total:
         return InfeasibleError(
@@ -259,11 +275,7 @@ def lagrangian_bound(
     cost of any off-grid choice on the piecewise-linear interpolation of the points.
     Raises :class:`InfeasibleError` when the budget cannot be met.
     """
-    rs, vs = _as_layers(removed, values)
-    required = max(0, int(required))
-    best = int(sum(int(r.max()) for r in rs))
-    if best < required:
-        raise _infeasible(best, required, total)
+    rs, vs, required = _feasible_layers(removed, values, required, total)
     if not rs:
         return LagrangianBound(0.0, 0.0, 0, 0.0, (), True)
     keeps = [_pareto(r, v) for r, v in zip(rs, vs, strict=True)]
@@ -336,14 +348,7 @@ def _windows(
     removing >= j) exceeds the cost of a feasible solution: no optimal path passes through it.
     """
     n = len(qr)
-    maxs = np.array([int(r[-1]) for r in qr] + [0], dtype=np.int64)
-    mins = np.array([int(r[0]) for r in qr] + [0], dtype=np.int64)
-    pre_max = np.concatenate(([0], np.cumsum(maxs[:n])))
-    pre_min = np.concatenate(([0], np.cumsum(mins[:n])))
-    suf_max = np.concatenate((np.cumsum(maxs[:n][::-1])[::-1], [0]))
-    lo = [max(0, units - int(pre_max[i])) for i in range(n + 1)]
-    hi = [min(max(0, units - int(pre_min[i])), int(suf_max[i])) for i in range(n + 1)]
-    lo[n] = hi[n] = 0
+    lo, hi = _reachable(qr, units)
     h = _hulls(qr, qv)
     lp, _, _, _, upper = _relaxation(h, units)
     if not prune or n == 0:
@@ -354,49 +359,86 @@ def _windows(
     base_v_layer = np.array([float(v[0]) for v in qv], dtype=np.float64)
     pre_base_r = np.concatenate(([0], np.cumsum(base_r_layer)))
     pre_base_v = np.concatenate(([0.0], np.cumsum(base_v_layer)))
-    tot_base_r = int(pre_base_r[-1])
-    tot_base_v = float(pre_base_v[-1])
     for li in range(1, n):
         a, b = lo[li], hi[li]
         if a >= b:
             continue
-        fmask = h.layer < li
-        # Forward layers (before li): relaxation of "remove >= x" as knots (x, cost).
-        f_r = np.concatenate(([0], np.cumsum(h.dr[fmask]))) + int(pre_base_r[li])
-        f_v = np.concatenate(([0.0], np.cumsum(h.dv[fmask]))) + float(pre_base_v[li])
-        bmask = ~fmask
-        b_r = np.concatenate(([0], np.cumsum(h.dr[bmask]))) + (tot_base_r - int(pre_base_r[li]))
-        b_v = np.concatenate(([0.0], np.cumsum(h.dv[bmask]))) + (tot_base_v - float(pre_base_v[li]))
-        knots = np.concatenate((units - f_r, b_r, [a, b]))
-        knots = knots[(knots >= a) & (knots <= b)]
-        # Both relaxations are convex, so g(j) is convex and piecewise linear between knots;
-        # its sublevel set is an interval whose ends lie between a failing and a passing knot
-        # that are neighbours (no knot between them), so no sorting is needed.
-        gf = np.interp((units - knots).astype(np.float64), f_r.astype(np.float64), f_v)
-        gb = np.interp(knots.astype(np.float64), b_r.astype(np.float64), b_v)
-        g = gf + gb
-        ok = g <= threshold
-        if not np.any(ok):  # cannot happen in exact arithmetic; keep everything
-            continue
-        k_ok = knots[ok]
-        first, last = int(k_ok.min()), int(k_ok.max())
-        new_lo, new_hi = first, last
-        left = ~ok & (knots < first)
-        if np.any(left):
-            i = int(np.argmax(np.where(left, knots, -1)))
-            ja, ga = int(knots[i]), float(g[i])
-            gb_ = float(g[ok][int(np.argmin(k_ok))])
-            cross = ja + (ga - threshold) / (ga - gb_) * (first - ja) if ga > gb_ else first
-            new_lo = max(ja + 1, math.floor(cross) - 1)
-        right = ~ok & (knots > last)
-        if np.any(right):
-            i = int(np.argmin(np.where(right, knots, np.iinfo(np.int64).max)))
-            jb, gb_ = int(knots[i]), float(g[i])
-            ga = float(g[ok][int(np.argmax(k_ok))])
-            cross = last + (threshold - ga) / (gb_ - ga) * (jb - last) if gb_ > ga else last
-            new_hi = min(jb - 1, math.ceil(cross) + 1)
-        lo[li], hi[li] = max(a, new_lo), min(b, new_hi)
+        knots, g = _path_bounds(h, li, units, a, b, pre_base_r, pre_base_v)
+        window = _sublevel_window(knots, g, threshold)
+        if window is not None:
+            lo[li], hi[li] = max(a, window[0]), min(b, window[1])
     return lo, hi, upper, lp
+
+
+def _reachable(qr: Sequence[IntArray], units: int) -> tuple[list[int], list[int]]:
+    """Per layer (and after the last), the states reachable from the start and completable."""
+    n = len(qr)
+    maxs = np.array([int(r[-1]) for r in qr] + [0], dtype=np.int64)
+    mins = np.array([int(r[0]) for r in qr] + [0], dtype=np.int64)
+    pre_max = np.concatenate(([0], np.cumsum(maxs[:n])))
+    pre_min = np.concatenate(([0], np.cumsum(mins[:n])))
+    suf_max = np.concatenate((np.cumsum(maxs[:n][::-1])[::-1], [0]))
+    lo = [max(0, units - int(pre_max[i])) for i in range(n + 1)]
+    hi = [min(max(0, units - int(pre_min[i])), int(suf_max[i])) for i in range(n + 1)]
+    lo[n] = hi[n] = 0
+    return lo, hi
+
+
+def _path_bounds(
+    h: _Hulls,
+    li: int,
+    units: int,
+    a: int,
+    b: int,
+    pre_base_r: IntArray,
+    pre_base_v: FloatArray,
+) -> tuple[IntArray, FloatArray]:
+    """Knots j in [a, b] and g(j) there: the relaxation bound on the cost of the best path
+    through state j before layer ``li`` (layers before it removing >= U - j, the rest >= j)."""
+    tot_base_r = int(pre_base_r[-1])
+    tot_base_v = float(pre_base_v[-1])
+    fmask = h.layer < li
+    # Forward layers (before li): relaxation of "remove >= x" as knots (x, cost).
+    f_r = np.concatenate(([0], np.cumsum(h.dr[fmask]))) + int(pre_base_r[li])
+    f_v = np.concatenate(([0.0], np.cumsum(h.dv[fmask]))) + float(pre_base_v[li])
+    bmask = ~fmask
+    b_r = np.concatenate(([0], np.cumsum(h.dr[bmask]))) + (tot_base_r - int(pre_base_r[li]))
+    b_v = np.concatenate(([0.0], np.cumsum(h.dv[bmask]))) + (tot_base_v - float(pre_base_v[li]))
+    knots = np.concatenate((units - f_r, b_r, [a, b]))
+    knots = knots[(knots >= a) & (knots <= b)]
+    gf = np.interp((units - knots).astype(np.float64), f_r.astype(np.float64), f_v)
+    gb = np.interp(knots.astype(np.float64), b_r.astype(np.float64), b_v)
+    return knots, gf + gb
+
+
+def _sublevel_window(knots: IntArray, g: FloatArray, threshold: float) -> tuple[int, int] | None:
+    """The states where the convex piecewise-linear g (given at ``knots``) may be <= threshold.
+
+    Its sublevel set is an interval whose ends lie between a failing and a passing knot that
+    are neighbours (no knot between them), so no sorting is needed. None when no knot passes
+    (cannot happen in exact arithmetic; the caller then keeps the window).
+    """
+    ok = g <= threshold
+    if not np.any(ok):
+        return None
+    k_ok = knots[ok]
+    first, last = int(k_ok.min()), int(k_ok.max())
+    new_lo, new_hi = first, last
+    left = ~ok & (knots < first)
+    if np.any(left):
+        i = int(np.argmax(np.where(left, knots, -1)))
+        ja, ga = int(knots[i]), float(g[i])
+        gb_ = float(g[ok][int(np.argmin(k_ok))])
+        cross = ja + (ga - threshold) / (ga - gb_) * (first - ja) if ga > gb_ else first
+        new_lo = max(ja + 1, math.floor(cross) - 1)
+    right = ~ok & (knots > last)
+    if np.any(right):
+        i = int(np.argmin(np.where(right, knots, np.iinfo(np.int64).max)))
+        jb, gb_ = int(knots[i]), float(g[i])
+        ga = float(g[ok][int(np.argmax(k_ok))])
+        cross = last + (threshold - ga) / (gb_ - ga) * (jb - last) if gb_ > ga else last
+        new_hi = min(jb - 1, math.ceil(cross) + 1)
+    return new_lo, new_hi
 
 
 def _segment(r: int, lo: int, hi: int, nlo: int, nhi: int, clamp: bool) -> tuple[int, int] | None:
@@ -431,21 +473,42 @@ def _plan(
     return _Plan(unit, units, keeps, qr, qv, lo, hi, _work(qr, lo, hi), upper, lp, flooring)
 
 
+@dataclass(frozen=True)
+class _Limits:
+    """How :func:`solve_mckp` may size its DP (its keyword arguments, resolved)."""
+
+    max_units: int
+    auto: bool  # max_units was left at its default: u = 1 may be tried above it
+    reference: int  # the budget the tolerance is a fraction of
+    tolerance: float
+    max_work: int
+    prune: bool
+
+    @classmethod
+    def resolve(
+        cls,
+        max_units: int | None,
+        total: int | None,
+        required: int,
+        tolerance: float,
+        max_work: int,
+        prune: bool,
+    ) -> _Limits:
+        units = DEFAULT_MAX_UNITS if max_units is None else max_units
+        if units < 1:
+            raise ValueError("max_units must be >= 1")
+        reference = int(total) if total else max(required, 1)
+        return cls(units, max_units is None, reference, tolerance, max_work, prune)
+
+
 def _choose_plan(
-    rs: Sequence[IntArray],
-    vs: Sequence[FloatArray],
-    required: int,
-    *,
-    max_units: int,
-    auto: bool,
-    reference: int,
-    tolerance: float,
-    max_work: int,
-    prune: bool,
+    rs: Sequence[IntArray], vs: Sequence[FloatArray], required: int, limits: _Limits
 ) -> tuple[_Plan, list[str]]:
+    max_units, reference, tolerance = limits.max_units, limits.reference, limits.tolerance
+    max_work, prune = limits.max_work, limits.prune
     notes: list[str] = []
     n = len(rs)
-    if auto and max_units < required <= EXACT_MAX_REQUIRED:
+    if limits.auto and max_units < required <= EXACT_MAX_REQUIRED:
         # Planning is cheap (it never builds a row of U states): see whether u = 1 is affordable.
         exact = _plan(rs, vs, required, 1, prune)
         if exact is not None:
@@ -575,69 +638,46 @@ def solve_mckp(
     Raises :class:`InfeasibleError` when even the largest option of every layer falls short.
     """
     t0 = time.perf_counter()
-    rs, vs = _as_layers(removed, values)
-    required = max(0, int(required))
-    best_removal = int(sum(int(r.max()) for r in rs))
-    if best_removal < required:
-        raise _infeasible(best_removal, required, total)
-    auto = max_units is None
-    if max_units is None:
-        max_units = DEFAULT_MAX_UNITS
-    if max_units < 1:
-        raise ValueError("max_units must be >= 1")
-    reference = int(total) if total else max(required, 1)
-    plan, notes = _choose_plan(
-        rs,
-        vs,
-        required,
-        max_units=max_units,
-        auto=auto,
-        reference=reference,
-        tolerance=tolerance,
-        max_work=max_work,
-        prune=prune,
-    )
+    rs, vs, required = _feasible_layers(removed, values, required, total)
+    limits = _Limits.resolve(max_units, total, required, tolerance, max_work, prune)
+    plan, notes = _choose_plan(rs, vs, required, limits)
     t_plan = time.perf_counter()
-    pos, dp_objective = _run_dp(plan) if rs else ([], 0.0)
-    t_dp = time.perf_counter()
+    pos, dp_value = _run_dp(plan) if rs else ([], 0.0)
+    times = {"plan_s": t_plan - t0, "dp_s": time.perf_counter() - t_plan}
     choices = tuple(int(k[p]) for k, p in zip(plan.keeps, pos, strict=True))
     removal = int(sum(int(r[c]) for r, c in zip(rs, choices, strict=True)))
     objective = float(sum(float(v[c]) for v, c in zip(vs, choices, strict=True)))
     if removal < required:
         raise AssertionError("DP answer misses the budget; this is a bug")
-    states = sum(plan.hi[i] - plan.lo[i] + 1 for i in range(len(rs)))
+    info = _dp_info(plan, limits) | {"dp_value": dp_value, "pruned": prune, **times}
+    info["notes"] = notes
+    return DPResult(choices, objective, removal, plan.unit, plan.units, info)
+
+
+def _dp_info(plan: _Plan, limits: _Limits) -> dict[str, object]:
+    """What :func:`solve_mckp` reports about its plan (before the DP's value and timings)."""
+    n = len(plan.r)
+    states = sum(plan.hi[i] - plan.lo[i] + 1 for i in range(n))
     pointer_bytes = sum(
-        (plan.hi[i] - plan.lo[i] + 1) * (1 if plan.r[i].size <= 256 else 2) for i in range(len(rs))
+        (plan.hi[i] - plan.lo[i] + 1) * (1 if plan.r[i].size <= 256 else 2) for i in range(n)
     )
-    info: dict[str, object] = {
+    options = int(sum(k.size for k in plan.keeps))
+    return {
         "unit_size": plan.unit,
         "units": plan.units,
-        "max_units": max_units,
+        "max_units": limits.max_units,
         "flooring_bound": plan.flooring,
-        "max_overshoot_ratio": plan.flooring / reference,
-        "tolerance": tolerance,
-        "tolerance_met": plan.flooring <= tolerance * reference,
-        "options": int(sum(k.size for k in plan.keeps)),
+        "max_overshoot_ratio": plan.flooring / limits.reference,
+        "tolerance": limits.tolerance,
+        "tolerance_met": plan.flooring <= limits.tolerance * limits.reference,
+        "options": options,
         "states": int(states),
         "work": int(plan.work),
-        "full_work": int(sum(k.size for k in plan.keeps)) * (plan.units + 1),
+        "full_work": options * (plan.units + 1),
         "pointer_bytes": int(pointer_bytes),
         "upper_bound_before_dp": plan.upper,
         "relaxation_bound": plan.lp,
-        "dp_value": dp_objective,
-        "pruned": prune,
-        "plan_s": t_plan - t0,
-        "dp_s": t_dp - t_plan,
-        "notes": notes,
     }
-    return DPResult(
-        choices=choices,
-        objective=objective,
-        removed=removal,
-        unit_size=plan.unit,
-        units=plan.units,
-        info=info,
-    )
 
 
 __all__ = [

@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from rdprune_onnx.allocate.base import Allocation, Curve, FloatArray, LayerSpec
-from rdprune_onnx.allocate.rd import build_options
+from rdprune_onnx.allocate.rd import layer_options
 from rdprune_onnx.errors import InfeasibleError, UserError
 
 IntArray = npt.NDArray[np.int64]
@@ -67,13 +67,7 @@ def max_removal(
         raise ValueError("removed and values must be non-empty and of the same length")
     if max_units < 1:
         raise ValueError("max_units must be positive")
-    r_arrays = [np.asarray(r, dtype=np.int64) for r in removed]
-    v_arrays = [np.asarray(v, dtype=np.float64) for v in values]
-    for r, v in zip(r_arrays, v_arrays, strict=True):
-        if r.shape != v.shape or r.ndim != 1 or r.size == 0:
-            raise ValueError("every layer needs one value per option, at least one option")
-        if np.any(r < 0):
-            raise ValueError("removed units must be non-negative")
+    r_arrays, v_arrays = _checked_options(removed, values)
     cheapest = sum(float(v.min()) for v in v_arrays)
     limit = budget + _REL_TOL * max(1.0, abs(budget))
     if cheapest > limit:
@@ -86,6 +80,46 @@ def max_removal(
     unit = max(1, math.ceil(top / max_units))
     q_arrays = [r // unit for r in r_arrays]
     states = int(sum(int(q.max()) for q in q_arrays)) + 1
+    best, back = _least_distortion(q_arrays, v_arrays, states)
+    within = np.flatnonzero(best <= limit)
+    state = int(within[-1])  # the cheapest choice is within the budget, so `within` is not empty
+    choices = _walk_back(back, q_arrays, state)
+    total_removed = sum(int(r[g]) for r, g in zip(r_arrays, choices, strict=True))
+    distortion = float(sum(float(v[g]) for v, g in zip(v_arrays, choices, strict=True)))
+    return DualResult(
+        choices=choices,
+        removed=total_removed,
+        distortion=distortion,
+        unit_size=unit,
+        info={
+            "states": states,
+            "unit_size": unit,
+            "exact": unit == 1,
+            # Flooring each option to whole units can cost at most one unit per layer.
+            "max_shortfall_units": 0 if unit == 1 else len(q_arrays) * unit,
+            "dual_s": time.perf_counter() - t0,
+        },
+    )
+
+
+def _checked_options(
+    removed: Sequence[IntArray], values: Sequence[FloatArray]
+) -> tuple[list[IntArray], list[FloatArray]]:
+    r_arrays = [np.asarray(r, dtype=np.int64) for r in removed]
+    v_arrays = [np.asarray(v, dtype=np.float64) for v in values]
+    for r, v in zip(r_arrays, v_arrays, strict=True):
+        if r.shape != v.shape or r.ndim != 1 or r.size == 0:
+            raise ValueError("every layer needs one value per option, at least one option")
+        if np.any(r < 0):
+            raise ValueError("removed units must be non-negative")
+    return r_arrays, v_arrays
+
+
+def _least_distortion(
+    q_arrays: Sequence[IntArray], v_arrays: Sequence[FloatArray], states: int
+) -> tuple[FloatArray, list[npt.NDArray[np.int32]]]:
+    """Forward DP: the smallest distortion reaching each removed state after all layers, and
+    per layer the option that reached each state (-1: unreachable)."""
     best = np.full(states, np.inf)
     best[0] = 0.0
     reach = 0  # highest state reachable so far
@@ -103,30 +137,20 @@ def max_removal(
         reach += int(q.max())
         best = new
         back.append(arg)
-    within = np.flatnonzero(best <= limit)
-    state = int(within[-1])  # the cheapest choice is within the budget, so `within` is not empty
+    return best, back
+
+
+def _walk_back(
+    back: Sequence[npt.NDArray[np.int32]], q_arrays: Sequence[IntArray], state: int
+) -> list[int]:
+    """The option of each layer on the path that ends in ``state``."""
     choices = [0] * len(q_arrays)
     s = state
     for layer in range(len(q_arrays) - 1, -1, -1):
         g = int(back[layer][s])
         choices[layer] = g
         s -= int(q_arrays[layer][g])
-    total_removed = sum(int(r[g]) for r, g in zip(r_arrays, choices, strict=True))
-    distortion = float(sum(float(v[g]) for v, g in zip(v_arrays, choices, strict=True)))
-    return DualResult(
-        choices=choices,
-        removed=total_removed,
-        distortion=distortion,
-        unit_size=unit,
-        info={
-            "states": states,
-            "unit_size": unit,
-            "exact": unit == 1,
-            # Flooring each option to whole units can cost at most one unit per layer.
-            "max_shortfall_units": 0 if unit == 1 else len(q_arrays) * unit,
-            "dual_s": time.perf_counter() - t0,
-        },
-    )
+    return choices
 
 
 def allocate_within(
@@ -147,12 +171,7 @@ def allocate_within(
             f"--max-distortion must be a non-negative number, got {max_distortion}",
             "e.g. --max-distortion 0.01 (in the units of --metric)",
         )
-    options = []
-    for layer in layers:
-        curve = curves.get(layer.name)
-        if curve is None:
-            raise UserError(f"layer {layer.name} has no rate-distortion curve")
-        options.append(build_options(layer, curve, allow_layer_removal=allow_layer_removal))
+    options = layer_options(layers, curves, allow_layer_removal=allow_layer_removal)
     result = max_removal(
         [o.counts * o.unit_cost for o in options],
         [o.values for o in options],

@@ -20,10 +20,9 @@ import numpy as np
 
 from rdprune_onnx.allocate.base import Allocation, AllocationProblem, LayerSpec
 from rdprune_onnx.allocate.rounding import (
-    achieved_ratio,
-    check_feasible,
-    count_bounds,
-    counts_from_ratios,
+    counts_by_ratios,
+    method_info,
+    ratio_bounds,
     solve_clipped_linear,
     validate_target,
 )
@@ -45,10 +44,7 @@ def erk_ratios(layers: Sequence[LayerSpec], required_cost: int) -> tuple[float, 
     layers = list(layers)
     if not layers:
         return 0.0, {}
-    sizes = np.array([max(layer.size, 1) for layer in layers], dtype=np.float64)
-    bounds = np.array([count_bounds(layer) for layer in layers], dtype=np.float64)
-    lows = bounds[:, 0] / sizes
-    highs = bounds[:, 1] / sizes
+    lows, highs = ratio_bounds(layers)
     raw = np.array([erk_raw_density(layer.shape) for layer in layers], dtype=np.float64)
     weights = np.array([layer.size * layer.unit_cost for layer in layers], dtype=np.float64)
     # ratio_l = 1 - eps * raw_l = 1 + raw_l * t with t = -eps: non-decreasing in t.
@@ -66,17 +62,7 @@ class ErkAllocator:
     def allocate(self, problem: AllocationProblem) -> Allocation:
         validate_target(problem.target_ratio)
         layers = list(problem.layers)
-        required = problem.required_cost
-        check_feasible(layers, required)
-        eps, ratios = erk_ratios(layers, required)
-        counts = counts_from_ratios(layers, ratios, required)
+        eps, counts = counts_by_ratios(layers, problem.required_cost, erk_ratios)
         dense = [layer.name for layer in layers if eps * erk_raw_density(layer.shape) >= 1.0]
-        return Allocation(
-            counts=counts,
-            info={
-                "method": self.name,
-                "epsilon": eps,
-                "dense_layers": dense,
-                "achieved_ratio": achieved_ratio(layers, counts),
-            },
-        )
+        info = method_info(self.name, layers, counts, epsilon=eps, dense_layers=dense)
+        return Allocation(counts=counts, info=info)

@@ -14,16 +14,17 @@ taking weights once it reaches ``floor(max_ratio * size)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from rdprune_onnx.allocate.base import Allocation, AllocationProblem, FloatArray, LayerSpec
 from rdprune_onnx.allocate.rounding import (
-    achieved_ratio,
     check_feasible,
     count_bounds,
+    method_info,
     validate_target,
 )
 
@@ -77,70 +78,112 @@ def counts_from_scores(
     required = max(0, int(required_cost))
     check_feasible(layers, required)
     bounds = np.array([count_bounds(layer) for layer in layers], dtype=np.int64).reshape(-1, 2)
-    lo, hi = bounds[:, 0], bounds[:, 1]
     costs = [int(layer.unit_cost) for layer in layers]
+    _check_scores(layers, sorted_scores)
+    ranking = _Ranking(sorted_scores, bounds[:, 0], bounds[:, 1], costs)
+    counts = ranking.lo.copy()
+    if ranking.cost_of(counts) >= required:
+        return _named(layers, counts), math.nan
+    tau = ranking.threshold(required)
+    return _named(layers, ranking.take(tau, required)), float(tau)
+
+
+def _check_scores(layers: Sequence[LayerSpec], sorted_scores: Sequence[FloatArray]) -> None:
     for layer, scores in zip(layers, sorted_scores, strict=True):
         if scores.size != layer.size:
             raise ValueError(f"layer {layer.name}: {scores.size} scores for {layer.size} weights")
         if scores.size and (np.isnan(scores).any() or scores[0] < 0):
             raise ValueError(f"layer {layer.name}: scores must be non-negative numbers")
 
-    def cost_of(counts: np.ndarray) -> int:
-        return sum(int(k) * c for k, c in zip(counts.tolist(), costs, strict=True))
 
-    # All scores compared in one floating type (float32 models stay float32: no copies).
-    dtype = np.result_type(*[s.dtype for s in sorted_scores]) if sorted_scores else np.float64
-    if not np.issubdtype(dtype, np.floating):
-        dtype = np.dtype(np.float64)
-    sorted_scores = [s if s.dtype == dtype else s.astype(dtype) for s in sorted_scores]
-    bits = np.dtype(f"i{dtype.itemsize}")  # same-width integers: the values' bit patterns
+class _Ranking:
+    """Every layer's ascending scores in one floating type, with the layers' count bounds
+    (``lo``, ``hi``) and unit costs: what one global threshold over them prunes."""
 
-    def clipped(tau: np.floating, side: Literal["left", "right"]) -> np.ndarray:
-        found = [int(np.searchsorted(s, tau, side=side)) for s in sorted_scores]
-        return np.clip(np.array(found, dtype=np.int64), lo, hi)
+    def __init__(
+        self,
+        sorted_scores: Sequence[FloatArray],
+        lo: npt.NDArray[np.int64],
+        hi: npt.NDArray[np.int64],
+        costs: list[int],
+    ) -> None:
+        # All scores compared in one floating type (float32 models stay float32: no copies).
+        found = np.result_type(*[s.dtype for s in sorted_scores]) if sorted_scores else None
+        dtype = found if found is not None and np.issubdtype(found, np.floating) else None
+        self.dtype = np.dtype(np.float64) if dtype is None else dtype
+        self.scores = [s if s.dtype == self.dtype else s.astype(self.dtype) for s in sorted_scores]
+        self.bits = np.dtype(f"i{self.dtype.itemsize}")  # same-width integers: bit patterns
+        self.lo, self.hi, self.costs = lo, hi, costs
 
-    def from_bits(pattern: int) -> np.floating:
-        value: np.floating = np.array(pattern, dtype=bits).view(dtype).reshape(-1)[0]
+    def cost_of(self, counts: npt.NDArray[np.int64]) -> int:
+        return sum(int(k) * c for k, c in zip(counts.tolist(), self.costs, strict=True))
+
+    def clipped(self, tau: np.floating, side: Literal["left", "right"]) -> npt.NDArray[np.int64]:
+        """Per layer, the weights scored below ``tau`` (``left``) or up to it (``right``)."""
+        found = [int(np.searchsorted(s, tau, side=side)) for s in self.scores]
+        return np.clip(np.array(found, dtype=np.int64), self.lo, self.hi)
+
+    def from_bits(self, pattern: int) -> np.floating:
+        value: np.floating = np.array(pattern, dtype=self.bits).view(self.dtype).reshape(-1)[0]
         return value
 
-    counts = lo.copy()
-    if cost_of(counts) >= required:
-        return _named(layers, counts), math.nan
-
-    # Smallest threshold tau (a score value) with cost(scores <= tau) >= required: bisection
-    # on the bit patterns of non-negative floats, which order like the values themselves.
-    zero = from_bits(0)
-    if cost_of(clipped(zero, "right")) >= required:
-        tau = zero
-    else:
-        top = max((s[-1] for s in sorted_scores if s.size), default=zero)
+    def threshold(self, required: int) -> np.floating:
+        """Smallest threshold tau (a score value) with cost(scores <= tau) >= required:
+        bisection on the bit patterns of non-negative floats, which order like the values."""
+        zero = self.from_bits(0)
+        if self.cost_of(self.clipped(zero, "right")) >= required:
+            return zero
+        top = max((s[-1] for s in self.scores if s.size), default=zero)
         low_bits = 0
-        high_bits = int(np.array(top, dtype=dtype).view(bits))
+        high_bits = int(np.array(top, dtype=self.dtype).view(self.bits))
         while high_bits - low_bits > 1:
             mid = (low_bits + high_bits) // 2
-            if cost_of(clipped(from_bits(mid), "right")) >= required:
+            if self.cost_of(self.clipped(self.from_bits(mid), "right")) >= required:
                 high_bits = mid
             else:
                 low_bits = mid
-        tau = from_bits(high_bits)
+        return self.from_bits(high_bits)
 
-    # Everything scored below tau goes; weights scored exactly tau go in layer order.
-    counts = clipped(tau, "left")
-    upper = clipped(tau, "right")
-    left = required - cost_of(counts)
-    for i, c in enumerate(costs):
-        if left <= 0:
-            break
-        avail = int(upper[i] - counts[i])
-        if avail > 0:
-            take = min(avail, -(-left // c))
-            counts[i] += take
-            left -= take * c
-    return _named(layers, counts), float(tau)
+    def take(self, tau: np.floating, required: int) -> npt.NDArray[np.int64]:
+        """Everything scored below ``tau`` goes; weights scored exactly ``tau`` go in layer
+        order until the removed cost reaches ``required``."""
+        counts = self.clipped(tau, "left")
+        upper = self.clipped(tau, "right")
+        left = required - self.cost_of(counts)
+        for i, c in enumerate(self.costs):
+            if left <= 0:
+                break
+            avail = int(upper[i] - counts[i])
+            if avail > 0:
+                take = min(avail, -(-left // c))
+                counts[i] += take
+                left -= take * c
+        return counts
 
 
 def _named(layers: Sequence[LayerSpec], counts: np.ndarray) -> dict[str, int]:
     return {layer.name: int(k) for layer, k in zip(layers, counts.tolist(), strict=True)}
+
+
+def threshold_allocation(
+    problem: AllocationProblem,
+    method: str,
+    to_scores: Callable[[list[FloatArray]], list[FloatArray]],
+) -> Allocation:
+    """One global threshold over ``to_scores(magnitudes)``: each layer's scores in ascending
+    order, made from its flattened |w| (fresh arrays the function may sort or drop)."""
+    validate_target(problem.target_ratio)
+    layers = list(problem.layers)
+    scores = to_scores(layer_magnitudes(layers, problem.magnitudes, method))
+    counts, threshold = counts_from_scores(layers, scores, problem.required_cost)
+    info = method_info(method, layers, counts, threshold=threshold)
+    return Allocation(counts=counts, info=info)
+
+
+def _sorted_in_place(magnitudes: list[FloatArray]) -> list[FloatArray]:
+    for m in magnitudes:
+        m.sort()  # fresh arrays from layer_magnitudes: sort in place
+    return magnitudes
 
 
 class GlobalMagnitudeAllocator:
@@ -149,17 +192,4 @@ class GlobalMagnitudeAllocator:
     name: str = "global"
 
     def allocate(self, problem: AllocationProblem) -> Allocation:
-        validate_target(problem.target_ratio)
-        layers = list(problem.layers)
-        mags = layer_magnitudes(layers, problem.magnitudes, self.name)
-        for m in mags:
-            m.sort()  # fresh arrays from layer_magnitudes: sort in place
-        counts, threshold = counts_from_scores(layers, mags, problem.required_cost)
-        return Allocation(
-            counts=counts,
-            info={
-                "method": self.name,
-                "threshold": threshold,
-                "achieved_ratio": achieved_ratio(layers, counts),
-            },
-        )
+        return threshold_allocation(problem, self.name, _sorted_in_place)

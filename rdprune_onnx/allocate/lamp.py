@@ -14,8 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from rdprune_onnx.allocate.base import Allocation, AllocationProblem, FloatArray
-from rdprune_onnx.allocate.global_magnitude import counts_from_scores, layer_magnitudes
-from rdprune_onnx.allocate.rounding import achieved_ratio, validate_target
+from rdprune_onnx.allocate.global_magnitude import threshold_allocation
 
 
 def lamp_scores(magnitudes: FloatArray) -> FloatArray:
@@ -30,23 +29,14 @@ def lamp_scores(magnitudes: FloatArray) -> FloatArray:
     return out
 
 
+def _lamp_scores_of(magnitudes: list[FloatArray]) -> list[FloatArray]:
+    return [lamp_scores(m) for m in magnitudes]
+
+
 class LampAllocator:
     """One global threshold on LAMP scores."""
 
     name: str = "lamp"
 
     def allocate(self, problem: AllocationProblem) -> Allocation:
-        validate_target(problem.target_ratio)
-        layers = list(problem.layers)
-        mags = layer_magnitudes(layers, problem.magnitudes, self.name)
-        scores = [lamp_scores(m) for m in mags]
-        del mags
-        counts, threshold = counts_from_scores(layers, scores, problem.required_cost)
-        return Allocation(
-            counts=counts,
-            info={
-                "method": self.name,
-                "threshold": threshold,
-                "achieved_ratio": achieved_ratio(layers, counts),
-            },
-        )
+        return threshold_allocation(problem, self.name, _lamp_scores_of)

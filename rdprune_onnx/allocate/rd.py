@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +30,7 @@ from rdprune_onnx.allocate.base import (
     LayerSpec,
 )
 from rdprune_onnx.allocate.dp import IntArray, lagrangian_bound, solve_mckp
-from rdprune_onnx.allocate.rounding import tolerance
+from rdprune_onnx.allocate.rounding import count_range
 from rdprune_onnx.errors import InfeasibleError, UserError
 
 _EPS = 1e-9
@@ -84,51 +84,20 @@ def build_options(
     cannot reach the target) n - 1 is added as the top option, interpolated.
     """
     n = layer.size
-    s = np.asarray(curve.ratios, dtype=np.float64)
-    d = np.asarray(curve.distortion, dtype=np.float64)
-    if s.size == 0:
-        raise UserError(f"layer {layer.name}: its curve is empty", "measure the curves again")
-    if not (np.all(np.isfinite(s)) and np.all(np.isfinite(d))):
-        raise UserError(f"layer {layer.name}: its curve has non-finite values")
-    if np.any(s < 0.0) or np.any(s > 1.0) or np.any(np.diff(s) <= 0.0):
-        raise UserError(f"layer {layer.name}: curve ratios must be strictly ascending in [0, 1]")
-    if not 0.0 <= layer.min_ratio <= layer.max_ratio <= 1.0:
-        raise UserError(
-            f"layer {layer.name}: bounds [{layer.min_ratio}, {layer.max_ratio}] are invalid",
-            "use 0 <= min_ratio <= max_ratio <= 1",
-        )
-    k = np.clip(_round_half_up(s * n), 0, n)
-    # Deduplicate counts: keep, per count, the level closest to it.
-    err = np.abs(s * n - k)
-    order = np.lexsort((err, k))
-    first = np.ones(order.size, dtype=bool)
-    first[1:] = k[order][1:] != k[order][:-1]
-    pick = np.sort(order[first])
-    knot_k = k[pick]
-    knot_d = d[pick]
-    lo_x, hi_x = layer.min_ratio * n, layer.max_ratio * n
-    lo_k = min(n, max(0, math.ceil(lo_x - tolerance(lo_x))))
-    hi_k = min(n, max(0, math.floor(hi_x + tolerance(hi_x))))
+    s, d = _checked_curve(layer, curve)
+    knot_k, knot_d = _grid_counts(s, d, n)
+    lo_k, hi_k = count_range(layer)
     if lo_k > hi_k:
         raise InfeasibleError(
             f"layer {layer.name}: no whole-weight count lies within its bounds "
             f"[{layer.min_ratio}, {layer.max_ratio}] ({n} weights)",
             "widen the bounds",
         )
-    inside = (knot_k >= lo_k) & (knot_k <= hi_k)
-    counts = list(knot_k[inside])
-    values = list(knot_d[inside])
-    knot_set = {int(c) for c in knot_k}
     # keep_one: a layer may go down to a single weight (interpolated between the last grid
     # level below 1 and the measured 1.0). That is a layer removed in all but name, so it
     # is offered only when the grid cannot meet the target otherwise.
     top = min(hi_k, n - 1) if keep_one and not allow_layer_removal else hi_k
-    for bound in (lo_k, top):
-        if knot_k[0] < bound < knot_k[-1] and bound not in knot_set:
-            counts.append(bound)
-            values.append(float(np.interp(float(bound), knot_k.astype(np.float64), knot_d)))
-    c_arr = np.asarray(counts, dtype=np.int64)
-    v_arr = np.asarray(values, dtype=np.float64)
+    c_arr, v_arr = _options_within(knot_k, knot_d, lo_k, hi_k, top)
     if not allow_layer_removal:
         keep = c_arr < n
         c_arr, v_arr = c_arr[keep], v_arr[keep]
@@ -143,8 +112,8 @@ def build_options(
             f"bounds [{layer.min_ratio}, {layer.max_ratio}]",
             hint,
         )
-    order2 = np.argsort(c_arr, kind="stable")
-    c_arr, v_arr = c_arr[order2], v_arr[order2]
+    order = np.argsort(c_arr, kind="stable")
+    c_arr, v_arr = c_arr[order], v_arr[order]
     uniq = np.ones(c_arr.size, dtype=bool)
     uniq[1:] = c_arr[1:] != c_arr[:-1]
     return LayerOptions(
@@ -156,6 +125,52 @@ def build_options(
         knot_counts=knot_k,
         knot_values=knot_d,
     )
+
+
+def _checked_curve(layer: LayerSpec, curve: Curve) -> tuple[FloatArray, FloatArray]:
+    """The curve's ratios and distortions as float64, after checking them and the bounds."""
+    s = np.asarray(curve.ratios, dtype=np.float64)
+    d = np.asarray(curve.distortion, dtype=np.float64)
+    if s.size == 0:
+        raise UserError(f"layer {layer.name}: its curve is empty", "measure the curves again")
+    if not (np.all(np.isfinite(s)) and np.all(np.isfinite(d))):
+        raise UserError(f"layer {layer.name}: its curve has non-finite values")
+    if np.any(s < 0.0) or np.any(s > 1.0) or np.any(np.diff(s) <= 0.0):
+        raise UserError(f"layer {layer.name}: curve ratios must be strictly ascending in [0, 1]")
+    if not 0.0 <= layer.min_ratio <= layer.max_ratio <= 1.0:
+        raise UserError(
+            f"layer {layer.name}: bounds [{layer.min_ratio}, {layer.max_ratio}] are invalid",
+            "use 0 <= min_ratio <= max_ratio <= 1",
+        )
+    return s, d
+
+
+def _grid_counts(s: FloatArray, d: FloatArray, n: int) -> tuple[IntArray, FloatArray]:
+    """Grid levels as whole-weight counts round(s * n), ascending; of the levels that round
+    to the same count, the one closest to it."""
+    k = np.clip(_round_half_up(s * n), 0, n)
+    err = np.abs(s * n - k)
+    order = np.lexsort((err, k))
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = k[order][1:] != k[order][:-1]
+    pick = np.sort(order[first])
+    return k[pick], d[pick]
+
+
+def _options_within(
+    knot_k: IntArray, knot_d: FloatArray, lo_k: int, hi_k: int, top: int
+) -> tuple[IntArray, FloatArray]:
+    """Grid counts within [lo_k, hi_k], then the bounds ``lo_k`` and ``top`` where they fall
+    strictly between grid counts (distortion interpolated); unsorted, may repeat."""
+    inside = (knot_k >= lo_k) & (knot_k <= hi_k)
+    counts = list(knot_k[inside])
+    values = list(knot_d[inside])
+    knot_set = {int(c) for c in knot_k}
+    for bound in (lo_k, top):
+        if knot_k[0] < bound < knot_k[-1] and bound not in knot_set:
+            counts.append(bound)
+            values.append(float(np.interp(float(bound), knot_k.astype(np.float64), knot_d)))
+    return np.asarray(counts, dtype=np.int64), np.asarray(values, dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,6 +313,57 @@ def _max_units(problem: AllocationProblem) -> int | None:
     return int(raw)
 
 
+def layer_options(
+    layers: Sequence[LayerSpec],
+    curves: Mapping[str, Curve],
+    *,
+    allow_layer_removal: bool,
+    check_costs: bool = False,
+) -> list[LayerOptions]:
+    """:func:`build_options` of every layer (``check_costs``: refuse negative unit costs)."""
+    options: list[LayerOptions] = []
+    for layer in layers:
+        curve = curves.get(layer.name)
+        if curve is None:
+            raise UserError(f"layer {layer.name} has no rate-distortion curve")
+        if check_costs and layer.unit_cost < 0:
+            raise UserError(f"layer {layer.name}: unit cost must be >= 0")
+        options.append(build_options(layer, curve, allow_layer_removal=allow_layer_removal))
+    return options
+
+
+def _reachable_options(
+    problem: AllocationProblem, curves: Mapping[str, Curve], allow: bool
+) -> tuple[list[LayerOptions], bool]:
+    """Every layer's options, and whether they go beyond the grid (``keep_one``) to reach
+    the budget. Raises :class:`InfeasibleError` when even then it cannot be met."""
+    options = layer_options(problem.layers, curves, allow_layer_removal=allow, check_costs=True)
+    required = problem.required_cost
+    reachable = sum(o.upper * o.unit_cost for o in options)
+    keep_one = False
+    if reachable < required and not allow:
+        # The grid's top levels fall short (a coarse grid, or rounding): let layers go
+        # down to one weight, and say so.
+        keep_one = True
+        options = [
+            build_options(layer, curves[layer.name], allow_layer_removal=False, keep_one=True)
+            for layer in problem.layers
+        ]
+        reachable = sum(o.upper * o.unit_cost for o in options)
+    if reachable < required:
+        total = problem.total_cost
+        hint = "lower the target ratio, relax the per-layer bounds or use more --levels"
+        if not allow:
+            hint += " (whole layers are kept: allow_layer_removal is off)"
+        raise InfeasibleError(
+            f"target ratio {problem.target_ratio:g} cannot be met: the layers' bounds and "
+            f"curves allow removing at most {reachable} of {total} budget units "
+            f"(largest feasible ratio {reachable / max(total, 1):.6g})",
+            hint,
+        )
+    return options, keep_one
+
+
 class RateDistortionAllocator:
     """Minimise the summed per-layer distortion over the measured curves (exact DP)."""
 
@@ -310,39 +376,9 @@ class RateDistortionAllocator:
         if not 0.0 <= problem.target_ratio <= 1.0:
             raise UserError(f"target ratio {problem.target_ratio} is outside [0, 1]")
         allow = bool(problem.options.get("allow_layer_removal", False))
-        options: list[LayerOptions] = []
-        for layer in problem.layers:
-            curve = problem.curves.get(layer.name)
-            if curve is None:
-                raise UserError(f"layer {layer.name} has no rate-distortion curve")
-            if layer.unit_cost < 0:
-                raise UserError(f"layer {layer.name}: unit cost must be >= 0")
-            options.append(build_options(layer, curve, allow_layer_removal=allow))
+        options, keep_one = _reachable_options(problem, problem.curves, allow)
         total = problem.total_cost
         required = problem.required_cost
-        reachable = sum(o.upper * o.unit_cost for o in options)
-        keep_one = False
-        if reachable < required and not allow:
-            # The grid's top levels fall short (a coarse grid, or rounding): let layers go
-            # down to one weight, and say so.
-            keep_one = True
-            options = [
-                build_options(
-                    layer, problem.curves[layer.name], allow_layer_removal=False, keep_one=True
-                )
-                for layer in problem.layers
-            ]
-            reachable = sum(o.upper * o.unit_cost for o in options)
-        if reachable < required:
-            hint = "lower the target ratio, relax the per-layer bounds or use more --levels"
-            if not allow:
-                hint += " (whole layers are kept: allow_layer_removal is off)"
-            raise InfeasibleError(
-                f"target ratio {problem.target_ratio:g} cannot be met: the layers' bounds and "
-                f"curves allow removing at most {reachable} of {total} budget units "
-                f"(largest feasible ratio {reachable / max(total, 1):.6g})",
-                hint,
-            )
         removed = [o.counts * o.unit_cost for o in options]
         values = [o.values for o in options]
         dp = solve_mckp(removed, values, required, max_units=_max_units(problem), total=total)
@@ -381,4 +417,10 @@ class RateDistortionAllocator:
         )
 
 
-__all__ = ["LayerOptions", "RateDistortionAllocator", "build_options", "repair_counts"]
+__all__ = [
+    "LayerOptions",
+    "RateDistortionAllocator",
+    "build_options",
+    "layer_options",
+    "repair_counts",
+]

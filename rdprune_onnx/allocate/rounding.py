@@ -14,7 +14,7 @@ Budget arithmetic is in integers (python ``int``): a removed cost is
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -41,22 +41,36 @@ def count_bounds(layer: LayerSpec) -> tuple[int, int]:
     tolerance of 1e-9), so the counts never leave the bounds. Raises
     :class:`~rdprune_onnx.errors.InfeasibleError` when no whole count fits between them.
     """
-    n = layer.size
     if layer.unit_cost < 1:
         raise ValueError(f"layer {layer.name}: unit_cost must be >= 1, got {layer.unit_cost}")
+    lo, hi = count_range(layer)
+    if lo > hi:
+        raise InfeasibleError(
+            f"layer {layer.name}: no whole number of its {layer.size} weights lies between "
+            f"min_ratio {layer.min_ratio:g} and max_ratio {layer.max_ratio:g}",
+            "widen that layer's ratio bounds",
+        )
+    return lo, hi
+
+
+def count_range(layer: LayerSpec) -> tuple[int, int]:
+    """``ceil(min_ratio * size)`` and ``floor(max_ratio * size)``, within 1e-9 and clipped to
+    ``[0, size]``; the first may exceed the second (callers say so in their own words)."""
+    n = layer.size
     lo_x = float(layer.min_ratio) * n
     hi_x = float(layer.max_ratio) * n
     if math.isnan(lo_x) or math.isnan(hi_x):
         raise ValueError(f"layer {layer.name}: ratio bounds must not be NaN")
     lo = min(n, max(0, math.ceil(lo_x - tolerance(lo_x))))
     hi = min(n, max(0, math.floor(hi_x + tolerance(hi_x))))
-    if lo > hi:
-        raise InfeasibleError(
-            f"layer {layer.name}: no whole number of its {n} weights lies between "
-            f"min_ratio {layer.min_ratio:g} and max_ratio {layer.max_ratio:g}",
-            "widen that layer's ratio bounds",
-        )
     return lo, hi
+
+
+def ratio_bounds(layers: Sequence[LayerSpec]) -> tuple[FloatArray, FloatArray]:
+    """Each layer's :func:`count_bounds` as ratios of its size (a size of 0 counts as 1)."""
+    sizes = np.array([max(layer.size, 1) for layer in layers], dtype=np.float64)
+    bounds = np.array([count_bounds(layer) for layer in layers], dtype=np.float64).reshape(-1, 2)
+    return bounds[:, 0] / sizes, bounds[:, 1] / sizes
 
 
 def total_cost(layers: Sequence[LayerSpec]) -> int:
@@ -73,6 +87,13 @@ def achieved_ratio(layers: Sequence[LayerSpec], counts: Mapping[str, int]) -> fl
     """Fraction of the total budget (``sum size * unit_cost``) that ``counts`` removes."""
     total = total_cost(layers)
     return removed_cost(layers, counts) / total if total else 0.0
+
+
+def method_info(
+    method: str, layers: Sequence[LayerSpec], counts: Mapping[str, int], **details: object
+) -> dict[str, object]:
+    """An allocation's info: the method's name, its own ``details``, then the achieved ratio."""
+    return {"method": method, **details, "achieved_ratio": achieved_ratio(layers, counts)}
 
 
 def max_feasible_cost(layers: Sequence[LayerSpec]) -> int:
@@ -197,6 +218,20 @@ def counts_from_ratios(
     if cost < required:
         counts = _grow(counts, exact, bounds, costs, required, cost)
     return {layer.name: int(k) for layer, k in zip(layers, counts, strict=True)}
+
+
+def counts_by_ratios(
+    layers: Sequence[LayerSpec],
+    required_cost: int,
+    solve: Callable[[Sequence[LayerSpec], int], tuple[float, dict[str, float]]],
+    rule: str | None = None,
+) -> tuple[float, dict[str, int]]:
+    """A ratio-based allocator's whole run: the budget checked (``rule`` as in
+    :func:`check_feasible`), then ``solve``'s parameter and per-layer ratios, then exact
+    counts (:func:`counts_from_ratios`). Returns the parameter and the counts."""
+    check_feasible(layers, required_cost, rule)
+    value, ratios = solve(layers, required_cost)
+    return value, counts_from_ratios(layers, ratios, required_cost)
 
 
 def _remainder_key(exact: float, count: int) -> int:

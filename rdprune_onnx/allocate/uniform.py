@@ -18,10 +18,10 @@ import numpy as np
 
 from rdprune_onnx.allocate.base import Allocation, AllocationProblem, LayerSpec
 from rdprune_onnx.allocate.rounding import (
-    achieved_ratio,
-    check_feasible,
     count_bounds,
-    counts_from_ratios,
+    counts_by_ratios,
+    method_info,
+    ratio_bounds,
     solve_clipped_linear,
     validate_target,
 )
@@ -42,26 +42,14 @@ def uniform_ratios(
     layers = list(layers)
     if not layers:
         return 0.0, {}
-    sizes = np.array([max(layer.size, 1) for layer in layers], dtype=np.float64)
-    bounds = np.array([count_bounds(layer) for layer in layers], dtype=np.float64)
-    lows = bounds[:, 0] / sizes
-    highs = bounds[:, 1] / sizes
+    lows, highs = ratio_bounds(layers)
     weights = np.array([layer.size * layer.unit_cost for layer in layers], dtype=np.float64)
     s = solve_clipped_linear(
-        weights, np.zeros_like(sizes), np.ones_like(sizes), lows, highs, float(required_cost)
+        weights, np.zeros_like(lows), np.ones_like(lows), lows, highs, float(required_cost)
     )
     s = min(max(s, 0.0), 1.0)
     ratios = np.clip(s, lows, highs)
     return s, {layer.name: float(r) for layer, r in zip(layers, ratios, strict=True)}
-
-
-def _uniform_allocation(
-    layers: Sequence[LayerSpec], required_cost: int, rule: str | None
-) -> tuple[float, dict[str, int]]:
-    check_feasible(layers, required_cost, rule)
-    s, ratios = uniform_ratios(layers, required_cost)
-    counts = counts_from_ratios(layers, ratios, required_cost)
-    return s, counts
 
 
 class UniformAllocator:
@@ -72,16 +60,8 @@ class UniformAllocator:
     def allocate(self, problem: AllocationProblem) -> Allocation:
         validate_target(problem.target_ratio)
         layers = list(problem.layers)
-        required = problem.required_cost
-        s, counts = _uniform_allocation(layers, required, None)
-        return Allocation(
-            counts=counts,
-            info={
-                "method": self.name,
-                "ratio": s,
-                "achieved_ratio": achieved_ratio(layers, counts),
-            },
-        )
+        s, counts = counts_by_ratios(layers, problem.required_cost, uniform_ratios)
+        return Allocation(counts=counts, info=method_info(self.name, layers, counts, ratio=s))
 
 
 def uniform_plus_layers(layers: Sequence[LayerSpec]) -> list[LayerSpec]:
@@ -113,17 +93,12 @@ class UniformPlusAllocator:
     def allocate(self, problem: AllocationProblem) -> Allocation:
         validate_target(problem.target_ratio)
         layers = uniform_plus_layers(problem.layers)
-        required = problem.required_cost
         rule = (
             "uniform-plus's rule (first layer dense, last layer keeps at least "
             f"{1 - LAST_LAYER_MAX_RATIO:.0%} of its weights)"
         )
-        s, counts = _uniform_allocation(layers, required, rule)
-        info: dict[str, object] = {
-            "method": self.name,
-            "ratio": s,
-            "achieved_ratio": achieved_ratio(layers, counts),
-        }
+        s, counts = counts_by_ratios(layers, problem.required_cost, uniform_ratios, rule)
+        info = method_info(self.name, layers, counts, ratio=s)
         if layers:
             info["first_layer"] = layers[0].name
             info["last_layer"] = layers[-1].name

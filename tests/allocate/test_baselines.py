@@ -152,6 +152,14 @@ def test_global_needs_matching_magnitudes() -> None:
         get_allocator("lamp").allocate(AllocationProblem(layers, 0.5, magnitudes={"a": np.ones(2)}))
 
 
+@pytest.mark.parametrize("method", ["global", "lamp"])
+def test_threshold_methods_with_no_layers(method: str) -> None:
+    # No layers: nothing to prune, no threshold (this used to fail building the score type).
+    allocation = get_allocator(method).allocate(AllocationProblem([], 0.5, magnitudes={}))
+    assert dict(allocation.counts) == {}
+    assert math.isnan(float(allocation.info["threshold"]))  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------- uniform specifics
 
 
