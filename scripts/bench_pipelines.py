@@ -315,6 +315,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS / "bench_pipelines.json")
     p.add_argument("--markdown", type=Path, default=RESULTS / "bench_pipelines.md")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="run nothing: merge the rows of these JSON files (by label and ratio, later files "
+        "win) into --out and write the tables of --ratios to --markdown",
+    )
     return p.parse_args(argv)
 
 
@@ -351,6 +359,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         import onnxsim  # noqa: F401
     except ImportError:
         sims = []
+    if args.merge:
+        record = merged(args.merge)
+        write_text(args.out, json.dumps(record, indent=1, default=float))
+        text = markdown(record, ratios, args)
+        write_text(args.markdown, text)
+        print(text)
+        return
     record: dict[str, Any] = {"tasks": {}}
     if args.resume and args.out.is_file():
         record = json.loads(args.out.read_text())
@@ -361,6 +376,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     text = markdown(record, ratios, args)
     write_text(args.markdown, text)
     print(text)
+
+
+def merged(paths: Sequence[Path]) -> dict[str, Any]:
+    """The rows of several runs in one record (by task, label and ratio; later files win),
+    with each run's configuration and versions kept under ``runs``."""
+    record: dict[str, Any] = {"tasks": {}, "runs": []}
+    for path in paths:
+        run = json.loads(path.read_text())
+        record["runs"].append({"file": path.name} | {k: run.get(k) for k in ("config", "versions")})
+        for name, saved in run["tasks"].items():
+            into = record["tasks"].setdefault(name, {"rows": []})
+            into.setdefault("dense", saved.get("dense"))
+            into["config"] = saved.get("config")
+            rows = {(r["label"], r["ratio"]): r for r in into["rows"]}
+            rows |= {(r["label"], r["ratio"]): r for r in saved["rows"]}
+            into["rows"] = sorted(rows.values(), key=lambda r: (r["ratio"], r["label"]))
+    return record
 
 
 def run_task(
