@@ -237,3 +237,20 @@ def test_steps_and_refit_curves_go_through_the_scheduler(cnn_file: Path) -> None
         got, want = result.curves[layer.name], full.curves[layer.name]  # type: ignore[index]
         index = np.rint(got.ratios * 20).astype(int)
         np.testing.assert_allclose(got.distortion, want.distortion[index], rtol=1e-5, atol=1e-9)
+
+
+def test_a_lazy_model_keeps_no_sessions_between_rounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adaptive grid keeps each layer's session and the dense crossing tensors between
+    rounds, except for a model whose weights stay on disk: there the kept sessions (each
+    holding its weight) took the 2.25 GiB model of tests/test_large.py from 1.5x to 2.7x."""
+    from rdprune_onnx.graph.load import read_model
+    from rdprune_onnx.memory import DEFAULT_MEMORY_BUDGET
+    from tests.graphs_external import all_lazy, save_in
+
+    model = graphs.cnn()
+    assert grid_module.round_sessions(model).max_bytes == DEFAULT_MEMORY_BUDGET
+    all_lazy(monkeypatch)
+    lazy, _ = read_model(save_in(model, tmp_path))
+    assert grid_module.round_sessions(lazy).max_bytes == 0
