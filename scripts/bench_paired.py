@@ -54,34 +54,18 @@ def parse_row(spec: str) -> bp.Row:
     return bp.Row(method, mask, refit or mask == "sparsegpt", refit_curves=curves)
 
 
-def per_item(emb: np.ndarray, dense: np.ndarray) -> np.ndarray:
-    """Cosine of each row of ``emb`` to the same row of ``dense`` (0 for a zero row)."""
-    a, b = emb.astype(np.float64), dense.astype(np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.where(norms > 0, (a * b).sum(axis=1) / np.maximum(norms, 1e-300), 0.0)
-
-
-def hits_at_1(q: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Per query: is its own document the nearest (ties count against it, as retrieval.py)?"""
-    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-    d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
-    sim = np.nan_to_num(q.astype(np.float64) @ d.astype(np.float64).T, nan=-np.inf)
-    rank = 1 + ((sim >= np.diag(sim)[:, None]) & ~np.eye(len(sim), dtype=bool)).sum(axis=1)
-    return np.asarray(rank == 1)
-
-
 Outcomes = Callable[[onnx.ModelProto], tuple[np.ndarray, np.ndarray]]
 
 
 def minilm_outcomes(folder: Path) -> Outcomes:
     queries, docs = retrieval.load_pairs(folder)
     dense = cpu_session(load_model(folder / "minilm.onnx"))
-    dq, dd = retrieval.embed(dense, queries), retrieval.embed(dense, docs)
+    reference = np.concatenate([retrieval.embed(dense, queries), retrieval.embed(dense, docs)])
 
     def outcomes(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray]:
         session = cpu_session(model)
         q, d = retrieval.embed(session, queries), retrieval.embed(session, docs)
-        return hits_at_1(q, d), np.concatenate([per_item(q, dq), per_item(d, dd)])
+        return retrieval.ranks(q, d) == 1, retrieval.cosines(np.concatenate([q, d]), reference)
 
     return outcomes
 

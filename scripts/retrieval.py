@@ -61,14 +61,9 @@ def retrieval_metrics(q_emb: np.ndarray, d_emb: np.ndarray) -> dict[str, float]:
     text onto one vector, or outputs NaN, must score 1/n, not 1. ``distinct_docs`` is the number
     of distinct document embeddings (rounded to 1e-6), to spot such a collapse.
     """
-    q = q_emb.astype(np.float64)
+    rank = ranks(q_emb, d_emb)
     d = d_emb.astype(np.float64)
-    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
     d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
-    sim = np.nan_to_num(q @ d.T, nan=-np.inf)
-    correct = np.diag(sim)[:, None]
-    others = ~np.eye(len(sim), dtype=bool)
-    rank = 1 + ((sim >= correct) & others).sum(axis=1)
     distinct = len(np.unique(np.round(d, 6), axis=0))
     return {
         "recall_at_1": float((rank == 1).mean()),
@@ -83,11 +78,29 @@ def mean_cosine(emb: np.ndarray, reference: np.ndarray) -> float:
 
     A row that is NaN or zero counts as cosine 0 (no similarity), not as NaN.
     """
+    return float(cosines(emb, reference).mean())
+
+
+def cosines(emb: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Cosine of each row of ``emb`` to the same row of ``reference`` (0 for a NaN or zero
+    row)."""
     a = emb.astype(np.float64)
     b = reference.astype(np.float64)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     cos = np.where(norms > 0, (a * b).sum(axis=1) / np.maximum(norms, 1e-300), 0.0)
-    return float(np.nan_to_num(cos, nan=0.0).mean())
+    return np.asarray(np.nan_to_num(cos, nan=0.0))
+
+
+def ranks(q_emb: np.ndarray, d_emb: np.ndarray) -> np.ndarray:
+    """Per query, the rank of its own document among all documents by cosine similarity
+    (1 = nearest; ties count against the query)."""
+    q = q_emb.astype(np.float64)
+    d = d_emb.astype(np.float64)
+    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+    sim = np.nan_to_num(q @ d.T, nan=-np.inf)
+    others = ~np.eye(len(sim), dtype=bool)
+    return np.asarray(1 + ((sim >= np.diag(sim)[:, None]) & others).sum(axis=1))
 
 
 def evaluate(
